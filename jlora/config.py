@@ -1,0 +1,159 @@
+"""Frozen configuration: the model's geometry, the engine's limits, named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jlora.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rope frequency scaling: 'default', 'linear' or 'llama3'."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Geometry of a Llama-family decoder. Field names follow Hugging Face's config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear projection of one decoder layer, by its PEFT name."""
+        d, f = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (d, self.q_dim),
+            "k_proj": (d, self.kv_dim),
+            "v_proj": (d, self.kv_dim),
+            "o_proj": (self.q_dim, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """A config from a Hugging Face config.json dictionary."""
+        arch = cfg.get("model_type", "llama")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"unsupported model_type {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        heads = int(cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // heads
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if kind not in ("default", "linear", "llama3"):
+            raise ModelLoadError(f"unsupported rope scaling {kind!r}")
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = RopeScaling(
+            kind=kind,
+            factor=float(rope.get("factor", 1.0)),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+        )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        window = cfg.get("sliding_window")
+        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            sliding_window=int(window) if window else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The inverse of from_hf_dict (what an orbax checkpoint stores beside the weights)."""
+        out = dataclasses.asdict(self)
+        out["model_type"] = out.pop("architecture")
+        rs = out.pop("rope_scaling")
+        out["rope_scaling"] = {"rope_type": rs.pop("kind"), **rs}
+        out["eos_token_id"] = list(out.pop("eos_token_ids"))
+        if self.sliding_window and self.architecture == "qwen2":
+            out["use_sliding_window"] = True
+        return out
+
+
+def _preset(**kw: Any) -> ModelConfig:
+    base = dict(
+        architecture="llama",
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# Geometries for random-weight benchmarks (weights of real checkpoints come from their files).
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": _preset(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+    ),
+    "llama2-70b": _preset(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+    ),
+    "llama3-8b": _preset(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+        rope_theta=500000.0, bos_token_id=128000, eos_token_ids=(128001, 128009),
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    ),
+    "tiny": _preset(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    ),
+}

@@ -1,0 +1,121 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with explicit state.
+
+forward(params, cache, batch) -> (cache, logits). Layers are stacked on a leading axis and run
+under lax.scan, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora.config import ModelConfig
+from jlora.metadata import ContiguousBatch, KVCache
+from jlora.model.attention import contiguous_attention
+from jlora.model.layers import RMSNorm, apply_rope, rms_norm, rope_inverse_frequencies
+from jlora.model.lora import LoraPairs, LoraWeights, lora_delta
+
+LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: attention with GQA and rope, then a SwiGLU MLP. LoRA adds to any projection."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    lora_impl: str = "reference"
+
+    def _proj(self, name: str, x: jax.Array, features: int, bias: bool, lora: Any) -> jax.Array:
+        y = nn.Dense(features, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
+        if lora is not None and name in lora[0]:
+            weights, pairs = lora
+            y = y + lora_delta(x, weights[name], pairs[name], self.lora_impl)
+        return y
+
+    @nn.compact
+    def __call__(self, h, cache_k, cache_v, positions, lora=None):
+        # h [B, T, D]; cache_k/v [B, S, Hkv, Dh]; positions [B, T]
+        c = self.config
+        b, t, _ = h.shape
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        bias = c.attention_bias
+        q = self._proj("q_proj", x, c.q_dim, bias, lora).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self._proj("k_proj", x, c.kv_dim, bias, lora).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self._proj("v_proj", x, c.kv_dim, bias, lora).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        inv_freq = rope_inverse_frequencies(c)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        attn, cache_k, cache_v = contiguous_attention(q, k, v, cache_k, cache_v, positions, c.sliding_window)
+        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora)
+
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
+        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora)
+        up = self._proj("up_proj", x, c.intermediate_size, False, lora)
+        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora)
+        return h, cache_k, cache_v
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def lm_head(params: dict[str, Any], config: ModelConfig, h: jax.Array) -> jax.Array:
+    """Final norm and logits in float32. h: [..., D] -> [..., V]."""
+    h = rms_norm(h, params["norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: dict[str, Any],
+    cache: KVCache,
+    batch: ContiguousBatch,
+    *,
+    config: ModelConfig,
+    lora: LoraState | None = None,
+    logits_at: jax.Array | None = None,  # [B] index into T; None: logits for every token
+    lora_impl: str = "reference",
+) -> tuple[KVCache, jax.Array]:  # cache, logits [B, V] or [B, T, V] (float32)
+    dtype = params["embed"].dtype
+    layer = DecoderLayer(config, dtype, lora_impl)
+    h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
+    lora_weights = lora[0] if lora is not None else None
+    pairs = lora[1] if lora is not None else None
+
+    def body(h, xs):
+        layer_params, ck, cv, layer_lora = xs
+        layer_state = (layer_lora, pairs) if layer_lora is not None else None
+        h, ck, cv = layer.apply({"params": layer_params}, h, ck, cv, batch.positions, layer_state)
+        return h, (ck, cv)
+
+    h, (k, v) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v, lora_weights))
+    if logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
+    return KVCache(k=k, v=v), lm_head(params, config, h)
+
+
+def random_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Random weights of the right geometry (for benchmarks), created directly in `dtype`."""
+    layer = DecoderLayer(config, dtype)
+    k_embed, k_head, k_layers = jax.random.split(key, 3)
+    d = config.hidden_size
+    h0 = jnp.zeros((1, 1, d), dtype)
+    cache0 = jnp.zeros((1, 1, config.num_key_value_heads, config.head_dim), dtype)
+    pos0 = jnp.zeros((1, 1), jnp.int32)
+
+    def init_one(k):
+        return layer.init(k, h0, cache0, cache0, pos0)["params"]
+
+    layers = jax.vmap(init_one)(jax.random.split(k_layers, config.num_hidden_layers))
+    params = {
+        "embed": (jax.random.normal(k_embed, (config.vocab_size, d), jnp.float32) * 0.02).astype(dtype),
+        "layers": layers,
+        "norm": jnp.ones((d,), dtype),
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = (jax.random.normal(k_head, (d, config.vocab_size), jnp.float32) * 0.02).astype(dtype)
+    return params

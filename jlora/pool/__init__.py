@@ -1,0 +1,1 @@
+"""Device pools and their host-side managers."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: the embedded SmolLM2 through jlora and through transformers (the peer)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    skip = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> str:
+    from jlora.loader import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol_engine():
+    import jlora
+
+    return jlora.Engine.from_pretrained("smollm2-135m", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smol_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.dirname(smol_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOL_FILE, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
+    return model, tok
