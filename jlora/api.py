@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from checkpoints.peft import PeftFormatError, load_peft_adapter
 from jlora import loader
+from jlora.config import EngineConfig
+from jlora.engine import PagedEngine
 from jlora.errors import AdapterInUseError, AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from jlora.generate import ReferenceGenerator, SequenceState
 from jlora.pool.adapters import AdapterPool
 from jlora.request import RequestOutput, SamplingParams, validate_prompt_ids
+from jlora.runner import Runner
+from jlora.scheduler import SchedulerConfig
 
 Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    token_id: int | None
+    text: str  # the new text since the previous chunk
+    logprob: float | None
+    finish_reason: str | None
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -30,16 +44,40 @@ def check_adapter_name(name: Any) -> str:
 class Engine:
     """One base model plus any number of LoRA adapters, served together in mixed batches."""
 
-    def __init__(self, model: loader.LoadedModel, max_model_len: int | None = None, lora_impl: str = "reference"):
+    def __init__(
+        self,
+        model: loader.LoadedModel,
+        engine_config: EngineConfig | None = None,
+        *,
+        max_model_len: int | None = None,
+        reference: bool = False,
+        scheduler_config: SchedulerConfig | None = None,
+    ):
+        """reference=True runs the contiguous-cache reference path (the oracle); the default is the
+        paged engine: one device pool for KV and adapters, continuous batching, AOT-compiled buckets."""
         self.model = model
         self.config = model.config
         self.tokenizer = model.tokenizer
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        self._generator = ReferenceGenerator(self.config, self.tokenizer, lora_impl)
-        self._adapters = AdapterPool(self.config, model.params["embed"].dtype)
+        engine_config = engine_config or EngineConfig()
+        limit = min(max_model_len or engine_config.max_model_len, self.config.max_position_embeddings)
+        self.max_model_len = limit
+        self.engine_config = dataclasses.replace(engine_config, max_model_len=limit)
+        self.reference = reference
         self._adapter_info: dict[str, dict[str, Any]] = {}
         self._in_use: dict[str, int] = {}
-        self._lock = threading.RLock()  # one batch at a time; adapter changes wait for it
+        self._lock = threading.RLock()  # one caller drives the engine at a time
+        if reference:
+            self._generator = ReferenceGenerator(self.config, self.tokenizer)
+            self._adapters = AdapterPool(self.config, model.params["embed"].dtype)
+        else:
+            self.paged = PagedEngine(self.config, model.params, self.engine_config)
+            sched = scheduler_config or SchedulerConfig(
+                max_batch=self.engine_config.max_batch,
+                max_prefill_tokens=self.engine_config.max_prefill_tokens,
+                max_prefill_seqs=max(self.engine_config.prefill_batch_buckets),
+                max_model_len=limit,
+            )
+            self.runner = Runner(self.paged, self.tokenizer, sched)
 
     @classmethod
     def from_pretrained(
@@ -48,6 +86,9 @@ class Engine:
     ) -> Engine:
         """A model by name ('smollm2-135m') or path: a .gguf file, an HF folder, or an orbax folder."""
         return cls(loader.load(name_or_path, dtype, progress=progress), max_model_len=max_model_len, **kwargs)
+
+    def compile_count(self) -> int:
+        return 0 if self.reference else len(self.paged.compiled)
 
     def save_checkpoint(self, folder: str) -> None:
         """Save converted params (orbax), config and tokenizer: from_pretrained(folder) skips conversion."""
@@ -63,23 +104,47 @@ class Engine:
             )
         except PeftFormatError as e:
             raise AdapterLoadError(str(e)) from e
+        ranks = {m: adapter.module_rank(m) for m in self.config.module_shapes() if adapter.module_rank(m)}
+        if not self.reference:
+            ec = self.engine_config
+            outside = sorted(set(ranks) - set(ec.lora_modules))
+            if outside:
+                raise AdapterLoadError(f"adapter targets {outside}; this engine serves LoRA on {list(ec.lora_modules)}")
+            if max(ranks.values()) > ec.max_lora_rank:
+                raise AdapterLoadError(f"adapter rank {max(ranks.values())} exceeds the engine's max {ec.max_lora_rank}")
+            if self.paged.memory.adapter_pages_needed(ranks) > ec.num_pages // 2:
+                raise AdapterLoadError("adapter is too large for the device pool")
         with self._lock:
             if name in self._adapter_info:
                 raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
-            self._adapters.add(name, adapter)
-            ranks = {m: adapter.module_rank(m) for m in self._adapters.shapes if adapter.module_rank(m)}
+            if self.reference:
+                self._adapters.add(name, adapter)
+            else:
+                self.runner.add_adapter(name, adapter, ranks)
             self._adapter_info[name] = {"path": str(path), "ranks": ranks, "bytes": adapter.nbytes}
 
     def unload_adapter(self, name: str, wait: bool = True) -> None:
         """Unload an adapter. With wait=True a running batch that uses it finishes first; with
         wait=False an adapter in use raises AdapterInUseError."""
-        if not wait and self._in_use.get(name):
+        if not wait and self._users(name):
             raise AdapterInUseError(f"adapter {name!r} is in use by a running request")
-        with self._lock:
-            if name not in self._adapter_info:
-                raise AdapterNotFoundError(f"unknown adapter {name!r}")
-            self._adapters.remove(name)
-            del self._adapter_info[name]
+        while True:
+            with self._lock:
+                if name not in self._adapter_info:
+                    raise AdapterNotFoundError(f"unknown adapter {name!r}")
+                if not self._users(name):
+                    if self.reference:
+                        self._adapters.remove(name)
+                    else:
+                        self.runner.remove_adapter(name)
+                    del self._adapter_info[name]
+                    return
+                if not wait:
+                    raise AdapterInUseError(f"adapter {name!r} is in use by a running request")
+            time.sleep(0.005)  # requests driven by another thread (AsyncEngine) finish first
+
+    def _users(self, name: str) -> int:
+        return self._in_use.get(name, 0) + (0 if self.reference else self.runner.adapter_users(name))
 
     def list_adapters(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -122,7 +187,7 @@ class Engine:
             if adapter not in self._adapter_info:
                 raise AdapterNotFoundError(f"unknown adapter {adapter!r}; loaded: {sorted(self._adapter_info)}")
         seed = p.seed if p.seed is not None else secrets.randbits(63)
-        rows = dict(self._adapters.rows[adapter]) if adapter is not None else {}
+        rows = dict(self._adapters.rows[adapter]) if adapter is not None and self.reference else {}
         return SequenceState(prompt=ids, params=p, seed=seed, stop_ids=self._stop_ids(p), lora_rows=rows)
 
     def generate(
@@ -148,7 +213,10 @@ class Engine:
             for a in used:
                 self._in_use[a] = self._in_use.get(a, 0) + 1
             try:
-                self._generator.run(self.model.params, seqs, self._adapters.weights)
+                if self.reference:
+                    self._generator.run(self.model.params, seqs, self._adapters.weights)
+                else:
+                    self._run_paged(seqs, adapter_list)
             finally:
                 for a in used:
                     self._in_use[a] -= 1
@@ -163,6 +231,43 @@ class Engine:
             )
             for s, a in zip(seqs, adapter_list)
         ]
+
+    def _run_paged(self, seqs: list[SequenceState], adapters: list[str | None]) -> None:
+        ids = [self.runner.add(s, a) for s, a in zip(seqs, adapters)]
+        pending = set(ids)
+        try:
+            while pending:
+                for event in self.runner.step():
+                    if event.finish_reason is not None:
+                        pending.discard(event.request_id)
+        finally:
+            for rid in pending:  # an error mid-way: free what this call still holds
+                self.runner.cancel(rid)
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None
+    ) -> Iterator[StreamChunk]:
+        """Yield tokens as they come (other requests in the engine progress too). Closing the
+        generator early cancels the request and frees its pages."""
+        if self.reference:
+            raise InvalidRequestError("stream needs the paged engine")
+        with self._lock:
+            state = self._prepare(prompt, params or SamplingParams(), adapter)
+            rid = self.runner.add(state, adapter)
+        done, emitted = False, ""
+        try:
+            while not done:
+                with self._lock:
+                    events = [e for e in self.runner.step() if e.request_id == rid]
+                for e in events:
+                    done = e.finish_reason is not None
+                    text = state.text if done else (self.tokenizer.decode(state.generated) if self.tokenizer else "")
+                    delta, emitted = text[len(emitted):], text
+                    yield StreamChunk(e.token, delta, e.logprob, e.finish_reason)
+        finally:
+            if not done:
+                with self._lock:
+                    self.runner.cancel(rid)
 
     def chat(
         self,

@@ -157,3 +157,55 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
     ),
 }
+
+
+ALL_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Limits and buckets of the paged engine. Every traced shape comes from these lists."""
+
+    page_size: int = 16  # tokens per KV page
+    num_pages: int = 512  # the unified pool (KV + adapters), page 0 reserved
+    max_model_len: int = 2048
+    max_batch: int = 8  # running sequences
+    decode_batch_buckets: tuple[int, ...] = (1, 4, 8)
+    prefill_batch_buckets: tuple[int, ...] = (1, 4)
+    prefill_chunk_buckets: tuple[int, ...] = (32, 128)  # the largest is the per-step prefill budget
+    page_buckets: tuple[int, ...] | None = None  # pages per sequence; None: powers of 4 up to the max
+    lora_rank_buckets: tuple[int, ...] = (16, 64)  # the largest is the largest rank accepted
+    lora_modules: tuple[str, ...] = ALL_LORA_MODULES  # projections adapters may target
+    host_adapter_bytes: int = 8 << 30  # host registry budget (LRU by bytes)
+    compilation_cache_dir: str | None = None
+    implementation: str = "reference"  # "reference" everywhere; "auto" picks kernels on GPU
+
+    @property
+    def max_lora_rank(self) -> int:
+        return max(self.lora_rank_buckets)
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        return max(self.prefill_chunk_buckets)
+
+    def pages_per_sequence(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    def resolved_page_buckets(self) -> tuple[int, ...]:
+        top = self.pages_per_sequence()
+        if self.page_buckets is not None:
+            return tuple(sorted({min(p, top) for p in self.page_buckets} | {top}))
+        buckets, p = [], 4
+        while p < top:
+            buckets.append(p)
+            p *= 4
+        return (*buckets, top)
+
+    def validate(self) -> None:
+        if max(self.decode_batch_buckets) < self.max_batch:
+            raise ValueError("the largest decode batch bucket must hold max_batch")
+        if self.num_pages < 2:
+            raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
+        unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
+        if unknown:
+            raise ValueError(f"unknown lora_modules {sorted(unknown)}")

@@ -20,3 +20,32 @@ class ContiguousBatch:
 
     tokens: jax.Array  # [B, T] int32
     positions: jax.Array  # [B, T] int32; >= S marks padding
+
+
+@flax.struct.dataclass
+class PagedBatch:
+    """One step of the paged engine: B sequences, T tokens each (a decode has T = 1)."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32
+    write_units: jax.Array  # [B, T] int32 pool unit of each token's K; >= U for padding (dropped)
+    page_tables: jax.Array  # [B, P] int32; unused entries 0 (the zero page)
+    context_lens: jax.Array  # [B] int32 cache length after this step; 0 for padding rows
+    logits_at: jax.Array  # [B] int32 index into T of the token whose logits are sampled
+
+
+@flax.struct.dataclass
+class DecodeLora:
+    """BGMV metadata of one projection: one pair per (token, rank row)."""
+
+    token_index: jax.Array  # [K] int32 flat token index b*T + t
+    a_start: jax.Array  # [K] int32 first pool unit of the A^T row; 0 for padding
+    b_start: jax.Array  # [K] int32 first pool unit of the B row
+
+
+@flax.struct.dataclass
+class PrefillLora:
+    """SGMV metadata of one projection: each sequence's adapter rows, padded to the rank bucket R."""
+
+    a_start: jax.Array  # [B, R] int32; 0 (zero page) for padding rows
+    b_start: jax.Array  # [B, R] int32

@@ -1,11 +1,14 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with explicit state.
 
 forward(params, cache, batch) -> (cache, logits). Layers are stacked on a leading axis and run
-under lax.scan, so compile time does not grow with depth.
+under lax.scan, so compile time does not grow with depth. The decoder layer does not know how K/V
+are stored: it calls `attend(q, k, v, state) -> (out, state)`; LoRA enters through
+`lora_fn(module, x) -> delta`. The contiguous cache (reference path) and the paged pool both plug in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +22,8 @@ from jlora.model.layers import RMSNorm, apply_rope, rms_norm, rope_inverse_frequ
 from jlora.model.lora import LoraPairs, LoraWeights, lora_delta
 
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
+Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+LoraFn = Callable[[str, jax.Array], jax.Array | None]
 
 
 class DecoderLayer(nn.Module):
@@ -26,35 +31,35 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
-    lora_impl: str = "reference"
 
-    def _proj(self, name: str, x: jax.Array, features: int, bias: bool, lora: Any) -> jax.Array:
+    def _proj(self, name: str, x: jax.Array, features: int, bias: bool, lora_fn: LoraFn | None) -> jax.Array:
         y = nn.Dense(features, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
-        if lora is not None and name in lora[0]:
-            weights, pairs = lora
-            y = y + lora_delta(x, weights[name], pairs[name], self.lora_impl)
+        if lora_fn is not None:
+            delta = lora_fn(name, x)
+            if delta is not None:
+                y = y + delta
         return y
 
     @nn.compact
-    def __call__(self, h, cache_k, cache_v, positions, lora=None):
-        # h [B, T, D]; cache_k/v [B, S, Hkv, Dh]; positions [B, T]
+    def __call__(self, h, positions, attn_state, attend: Attend, lora_fn: LoraFn | None = None):
+        # h [B, T, D]; positions [B, T]
         c = self.config
         b, t, _ = h.shape
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
-        q = self._proj("q_proj", x, c.q_dim, bias, lora).reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = self._proj("k_proj", x, c.kv_dim, bias, lora).reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = self._proj("v_proj", x, c.kv_dim, bias, lora).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn).reshape(b, t, c.num_key_value_heads, c.head_dim)
         inv_freq = rope_inverse_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        attn, cache_k, cache_v = contiguous_attention(q, k, v, cache_k, cache_v, positions, c.sliding_window)
-        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora)
+        attn, attn_state = attend(q, k, v, attn_state)
+        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora_fn)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora)
-        up = self._proj("up_proj", x, c.intermediate_size, False, lora)
-        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora)
-        return h, cache_k, cache_v
+        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn)
+        up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn)
+        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn)
+        return h, attn_state
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
@@ -70,6 +75,12 @@ def lm_head(params: dict[str, Any], config: ModelConfig, h: jax.Array) -> jax.Ar
     return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
+def take_logits(params: dict[str, Any], config: ModelConfig, h: jax.Array, logits_at: jax.Array | None) -> jax.Array:
+    if logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
+    return lm_head(params, config, h)
+
+
 def forward(
     params: dict[str, Any],
     cache: KVCache,
@@ -80,22 +91,27 @@ def forward(
     logits_at: jax.Array | None = None,  # [B] index into T; None: logits for every token
     lora_impl: str = "reference",
 ) -> tuple[KVCache, jax.Array]:  # cache, logits [B, V] or [B, T, V] (float32)
-    dtype = params["embed"].dtype
-    layer = DecoderLayer(config, dtype, lora_impl)
+    """The reference path: a contiguous cache [L, B, S, Hkv, Dh]."""
+    layer = DecoderLayer(config, params["embed"].dtype)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
-    lora_weights = lora[0] if lora is not None else None
     pairs = lora[1] if lora is not None else None
+
+    def attend(q, k, v, state):
+        out, ck, cv = contiguous_attention(q, k, v, state[0], state[1], batch.positions, config.sliding_window)
+        return out, (ck, cv)
 
     def body(h, xs):
         layer_params, ck, cv, layer_lora = xs
-        layer_state = (layer_lora, pairs) if layer_lora is not None else None
-        h, ck, cv = layer.apply({"params": layer_params}, h, ck, cv, batch.positions, layer_state)
+        lora_fn = None
+        if layer_lora is not None:
+            def lora_fn(name, x):
+                return lora_delta(x, layer_lora[name], pairs[name], lora_impl) if name in layer_lora else None
+        h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)
 
+    lora_weights = lora[0] if lora is not None else None
     h, (k, v) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v, lora_weights))
-    if logits_at is not None:
-        h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
-    return KVCache(k=k, v=v), lm_head(params, config, h)
+    return KVCache(k=k, v=v), take_logits(params, config, h, logits_at)
 
 
 def random_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
@@ -104,11 +120,13 @@ def random_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32)
     k_embed, k_head, k_layers = jax.random.split(key, 3)
     d = config.hidden_size
     h0 = jnp.zeros((1, 1, d), dtype)
-    cache0 = jnp.zeros((1, 1, config.num_key_value_heads, config.head_dim), dtype)
     pos0 = jnp.zeros((1, 1), jnp.int32)
 
+    def attend(q, k, v, state):
+        return q.reshape(*q.shape[:2], -1), state
+
     def init_one(k):
-        return layer.init(k, h0, cache0, cache0, pos0)["params"]
+        return layer.init(k, h0, pos0, None, attend)["params"]
 
     layers = jax.vmap(init_one)(jax.random.split(k_layers, config.num_hidden_layers))
     params = {

@@ -26,3 +26,45 @@ def lora_rows_reference(
     b_rows = jnp.take(b_pool, row_index, axis=0, mode="clip").astype(jnp.float32)  # [K, H_out]
     delta = jax.ops.segment_sum(shrunk[:, None] * b_rows, token_index, num_segments=x.shape[0])
     return delta.astype(x.dtype)
+
+
+def _rows_from_pool(pool: jax.Array, layer: jax.Array, starts: jax.Array, width: int) -> jax.Array:
+    """Rows of `width` elements that start at unit `starts` of the pool's layer: [*starts.shape, width]."""
+    dh = pool.shape[2]
+    n_units = -(-width // dh)
+    units = starts[..., None] + jnp.arange(n_units, dtype=starts.dtype)  # [..., n_units]
+    rows = pool[layer, units]  # [..., n_units, Dh]
+    return rows.reshape(*starts.shape, n_units * dh)[..., :width]
+
+
+def lora_decode_reference(
+    x: jax.Array,  # [N, H_in] one row per token
+    pool: jax.Array,  # [L, U, Dh] the unified pool
+    layer: jax.Array,  # [] int32
+    token_index: jax.Array,  # [K] int32 token of each (token, rank row) pair
+    a_start: jax.Array,  # [K] int32 first unit of the pair's A^T row; 0 (zero page) for padding
+    b_start: jax.Array,  # [K] int32 first unit of the pair's B row (scaling folded in)
+    h_out: int,
+) -> jax.Array:  # [N, H_out]
+    """BGMV: every token its own adapter; the work is the sum of the ranks used, read from the pool."""
+    a_rows = _rows_from_pool(pool, layer, a_start, x.shape[1])  # [K, H_in]
+    x_rows = jnp.take(x, token_index, axis=0, mode="clip")
+    shrunk = jnp.einsum("KH,KH->K", x_rows, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    b_rows = _rows_from_pool(pool, layer, b_start, h_out).astype(jnp.float32)  # [K, H_out]
+    delta = jax.ops.segment_sum(shrunk[:, None] * b_rows, token_index, num_segments=x.shape[0])
+    return delta.astype(x.dtype)
+
+
+def lora_prefill_reference(
+    x: jax.Array,  # [B, T, H_in] each sequence's chunk uses one adapter
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    a_start: jax.Array,  # [B, R] int32 first unit of each A^T row of the sequence's adapter (0: padding)
+    b_start: jax.Array,  # [B, R] int32
+    h_out: int,
+) -> jax.Array:  # [B, T, H_out]
+    """SGMV: tokens grouped by sequence (one adapter each); rows padded to the step's rank bucket R."""
+    a = _rows_from_pool(pool, layer, a_start, x.shape[2]).astype(x.dtype)  # [B, R, H_in]
+    b = _rows_from_pool(pool, layer, b_start, h_out).astype(x.dtype)  # [B, R, H_out]
+    shrunk = jnp.einsum("BTH,BRH->BTR", x, a, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTR,BRO->BTO", shrunk, b.astype(jnp.float32)).astype(x.dtype)

@@ -1,0 +1,249 @@
+"""The paged engine: owns params and the unified pool, compiles one step per bucket ahead of time,
+and executes the scheduler's Schedules. It never decides anything itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.peft import PeftAdapter
+from jlora.buckets import next_power_of_two
+from jlora.config import EngineConfig, ModelConfig
+from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
+from jlora.model.paged import forward_paged
+from jlora.pool.device import adapter_page_data, new_pool, warm_up_writer, write_adapter
+from jlora.pool.layout import PoolLayout
+from jlora.pool.memory import PoolManager
+from jlora.sampling import SamplingArrays, sample
+from jlora.scheduler import Schedule, ScheduledChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    kind: str  # "decode" | "prefill"
+    batch: int
+    tokens: int
+    pages: int
+    lora: int  # 0: no LoRA; else the rank bucket (decode: K = batch * tokens * lora pairs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_b{self.batch}_t{self.tokens}_p{self.pages}_r{self.lora}"
+
+
+@dataclasses.dataclass
+class SamplingRow:
+    temperature: float
+    top_k: int
+    top_p: float
+    seed_key: np.ndarray  # [2] uint32
+
+
+def _smallest(options: tuple[int, ...], n: int) -> int:
+    for o in sorted(options):
+        if o >= n:
+            return o
+    raise ValueError(f"{n} exceeds the largest bucket {max(options)}")
+
+
+def enable_compilation_cache(folder: str | None) -> None:
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class PagedEngine:
+    def __init__(self, model_config: ModelConfig, params: dict[str, Any], config: EngineConfig, compile_now: bool = True):
+        config.validate()
+        enable_compilation_cache(config.compilation_cache_dir)
+        self.model_config = model_config
+        self.config = config
+        self.params = params
+        self.dtype = params["embed"].dtype
+        shapes = model_config.module_shapes()
+        self.layout = PoolLayout(
+            num_layers=model_config.num_hidden_layers, num_pages=config.num_pages, page_size=config.page_size,
+            num_kv_heads=model_config.num_key_value_heads, head_dim=model_config.head_dim,
+            module_shapes=tuple((m, *shapes[m]) for m in config.lora_modules),
+        )
+        self.layout.check()
+        self.memory = PoolManager(self.layout)
+        self.pool = new_pool(self.layout, self.dtype)
+        self._step_fn = jax.jit(
+            functools.partial(self._step, config=model_config, page_size=config.page_size), donate_argnums=(1,)
+        )
+        self.compiled: dict[str, Any] = {}
+        self.compile_seconds = 0.0
+        if compile_now:
+            self.compile_all()
+
+    # ---- compiled steps ---------------------------------------------------------------------------
+    @staticmethod
+    def _step(params, pool, batch, lora, sampling, counters, *, config, page_size):
+        pool, logits = forward_paged(params, pool, batch, lora, config=config, page_size=page_size)
+        keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
+        tokens, logprobs = sample(logits, sampling.replace(keys=keys))
+        return pool, tokens, logprobs
+
+    def buckets(self) -> list[Bucket]:
+        c = self.config
+        out = []
+        for p in c.resolved_page_buckets():
+            for r in (0, *c.lora_rank_buckets):
+                out += [Bucket("decode", b, 1, p, r) for b in c.decode_batch_buckets]
+                out += [Bucket("prefill", b, t, p, r) for b in c.prefill_batch_buckets for t in c.prefill_chunk_buckets]
+        return out
+
+    def _abstract_args(self, bucket: Bucket) -> tuple:
+        b, t, p = bucket.batch, bucket.tokens, bucket.pages
+        i32 = jnp.int32
+
+        def s(*shape, dtype=i32):
+            return jax.ShapeDtypeStruct(shape, dtype)
+
+        batch = PagedBatch(tokens=s(b, t), positions=s(b, t), write_units=s(b, t), page_tables=s(b, p),
+                           context_lens=s(b), logits_at=s(b))
+        lora = None
+        if bucket.lora:
+            if bucket.kind == "decode":
+                k = b * t * bucket.lora
+                lora = {m: DecodeLora(s(k), s(k), s(k)) for m in self.config.lora_modules}
+            else:
+                lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
+        sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
+                                  keys=s(b, 2, dtype=jnp.uint32))
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+        pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype)
+        return params, pool, batch, lora, sampling, s(b, dtype=jnp.uint32)
+
+    def compile_all(self) -> None:
+        """Compile every bucket ahead of time (and the adapter page writer)."""
+        start = time.perf_counter()
+        self.pool = warm_up_writer(self.pool, self.layout)
+        for bucket in self.buckets():
+            if bucket.name not in self.compiled:
+                self.compiled[bucket.name] = self._step_fn.lower(*self._abstract_args(bucket)).compile()
+        self.compile_seconds = time.perf_counter() - start
+        log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def copy_adapter(self, name: str, adapter: PeftAdapter) -> None:
+        """Copy a placed adapter's rows into its pages (host -> device, queued before the next step)."""
+        placement = self.memory.adapters[name].placement
+        data = adapter_page_data(self.layout, adapter, placement.ranks)
+        self.pool = write_adapter(self.pool, self.layout, placement, data)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
+        """Run the schedule's decode and prefill batches; (token, logprob) for each chunk that samples."""
+        out: dict[int, tuple[int, float]] = {}
+        if schedule.decodes:
+            out.update(self._run("decode", schedule.decodes, sampling))
+        if schedule.prefills:
+            out.update(self._run("prefill", schedule.prefills, sampling))
+        return out
+
+    def _run(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
+        c = self.config
+        n = len(chunks)
+        b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
+        t = 1 if kind == "decode" else _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
+        p = _smallest(c.resolved_page_buckets(), max(len(ch.page_table) for ch in chunks))
+        ranks = [self.memory.adapters[ch.adapter].placement.ranks for ch in chunks if ch.adapter]
+        max_rank = max((r for rk in ranks for r in rk.values()), default=0)
+        r_bucket = 0
+        if ranks:
+            if kind == "decode":
+                pairs = max(sum(rk.get(m, 0) for rk in ranks) for m in c.lora_modules)
+                r_bucket = _smallest(c.lora_rank_buckets, max(max_rank, -(-pairs // (b * t))))
+            else:
+                r_bucket = _smallest(c.lora_rank_buckets, max_rank)
+        bucket = Bucket(kind, b, t, p, r_bucket)
+
+        layout = self.layout
+        oob = layout.total_units
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        write_units = np.full((b, t), oob, np.int32)
+        page_tables = np.zeros((b, p), np.int32)
+        context_lens = np.zeros(b, np.int32)
+        logits_at = np.zeros(b, np.int32)
+        temperature = np.zeros(b, np.float32)
+        top_k = np.zeros(b, np.int32)
+        top_p = np.ones(b, np.float32)
+        keys = np.zeros((b, 2), np.uint32)
+        counters = np.zeros(b, np.uint32)
+        for i, ch in enumerate(chunks):
+            m = len(ch.tokens)
+            pos = np.arange(ch.start, ch.start + m)
+            tokens[i, :m] = ch.tokens
+            positions[i, :m] = pos
+            table = np.asarray(ch.page_table, np.int32)
+            write_units[i, :m] = table[pos // layout.page_size] * layout.page_units + (pos % layout.page_size) * 2 * layout.num_kv_heads
+            page_tables[i, : len(table)] = table
+            context_lens[i] = ch.start + m
+            logits_at[i] = m - 1
+            row = sampling[ch.request_id]
+            temperature[i], top_k[i], top_p[i], keys[i] = row.temperature, row.top_k, row.top_p, row.seed_key
+            counters[i] = ch.num_generated
+
+        lora = None
+        if r_bucket:
+            lora = self._decode_lora(chunks, b * t * r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
+        batch = PagedBatch(*(jnp.asarray(x) for x in (tokens, positions, write_units, page_tables, context_lens, logits_at)))
+        samp = SamplingArrays(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(keys))
+        step = self.compiled.get(bucket.name)
+        if step is None:
+            raise RuntimeError(f"no compiled step for bucket {bucket.name}")
+        self.pool, new_tokens, new_logprobs = step(self.params, self.pool, batch, lora, samp, jnp.asarray(counters))
+        new_tokens, new_logprobs = np.asarray(new_tokens), np.asarray(new_logprobs)
+        return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
+
+    def _decode_lora(self, chunks: list[ScheduledChunk], k: int) -> dict[str, DecodeLora]:
+        out = {}
+        for m in self.config.lora_modules:
+            tok, a, bb = np.zeros(k, np.int32), np.zeros(k, np.int32), np.zeros(k, np.int32)
+            n = 0
+            for i, ch in enumerate(chunks):
+                if not ch.adapter:
+                    continue
+                pl = self.memory.adapters[ch.adapter].placement
+                rows = pl.a_start.get(m)
+                if not rows:
+                    continue
+                r = len(rows)
+                tok[n : n + r] = i
+                a[n : n + r] = rows
+                bb[n : n + r] = pl.b_start[m]
+                n += r
+            out[m] = DecodeLora(jnp.asarray(tok), jnp.asarray(a), jnp.asarray(bb))
+        return out
+
+    def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:
+        out = {}
+        for m in self.config.lora_modules:
+            a, bb = np.zeros((b, r), np.int32), np.zeros((b, r), np.int32)
+            for i, ch in enumerate(chunks):
+                if ch.adapter:
+                    pl = self.memory.adapters[ch.adapter].placement
+                    rows = pl.a_start.get(m, [])
+                    a[i, : len(rows)] = rows
+                    bb[i, : len(rows)] = pl.b_start.get(m, [])
+            out[m] = PrefillLora(jnp.asarray(a), jnp.asarray(bb))
+        return out
+
+
+__all__ = ["Bucket", "PagedEngine", "SamplingRow", "next_power_of_two"]
