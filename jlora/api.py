@@ -112,8 +112,8 @@ class Engine:
                 raise AdapterLoadError(f"adapter targets {outside}; this engine serves LoRA on {list(ec.lora_modules)}")
             if max(ranks.values()) > ec.max_lora_rank:
                 raise AdapterLoadError(f"adapter rank {max(ranks.values())} exceeds the engine's max {ec.max_lora_rank}")
-            if self.paged.memory.adapter_pages_needed(ranks) > ec.num_pages // 2:
-                raise AdapterLoadError("adapter is too large for the device pool")
+            if self.paged.memory.adapter_pages_needed(ranks) > ec.num_pages - 1 - ec.pages_per_sequence():
+                raise AdapterLoadError("adapter is too large for the device pool (it must fit beside one sequence)")
         with self._lock:
             if name in self._adapter_info:
                 raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")

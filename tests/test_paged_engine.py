@@ -1,0 +1,192 @@
+"""The paged engine equals the reference path: mixed adapters, staggered arrivals, chunked prefill,
+preemption forced by a small pool; serving never recompiles; streams and cancellation."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jlora
+from jlora import loader
+from jlora.config import EngineConfig
+from tests.helpers import tiny_hf_model
+from tests.test_multi_lora import adapter_specs, build_peft
+
+PARAMS = jlora.SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True)
+
+
+def small_config(**kw) -> EngineConfig:
+    base = dict(page_size=8, num_pages=400, max_model_len=96, max_batch=4, decode_batch_buckets=(4,),
+                prefill_batch_buckets=(2,), prefill_chunk_buckets=(8,), page_buckets=(12,),
+                lora_rank_buckets=(16, 64))
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("paged")
+    model = tiny_hf_model("llama", num_hidden_layers=3)
+    model.save_pretrained(tmp / "base", safe_serialization=True)
+    _, paths = build_peft(model, adapter_specs(3), tmp / "adapters")
+    loaded = loader.load(str(tmp / "base"), progress=False)
+    reference = jlora.Engine(loaded, reference=True)
+    for name, path in paths.items():
+        reference.load_adapter(name, path)
+    return loaded, paths, reference
+
+
+def requests(n: int, seed: int, long_decodes: bool = False):
+    rng = np.random.default_rng(seed)
+    names = [None, "qv_r4", "all_r8_rslora", "attn_r16_patterns", "mlp_r64", "regex_r12", "layers_r8"]
+    out = []
+    for i in range(n):
+        prompt = rng.integers(0, 384, int(rng.integers(1, 10 if long_decodes else 30))).tolist()
+        max_tokens = int(rng.integers(40, 60) if long_decodes else rng.integers(1, 14))
+        p = jlora.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True, ignore_eos=True)
+        if i % 3 == 2:  # seeded sampling must agree too
+            p = jlora.SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=i, logprobs=True,
+                                     ignore_eos=True)
+        out.append((prompt, p, names[i % len(names)]))
+    return out
+
+
+def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
+    """Submit a few requests between steps (continuous batching); collect finished states."""
+    runner = engine.runner
+    pending = list(reqs)
+    ids, results = [], {}
+    states = {}
+    while pending or runner.has_work():
+        for prompt, p, adapter in pending[:per_step]:
+            state = engine._prepare(prompt, p, adapter)
+            rid = runner.add(state, adapter)
+            ids.append(rid)
+            states[rid] = state
+        pending = pending[per_step:]
+        for e in runner.step():
+            if e.finish_reason is not None:
+                results[e.request_id] = states[e.request_id]
+    return [results[i] for i in ids]
+
+
+@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts"])
+def test_paged_equals_reference(tiny, variant):
+    loaded, paths, reference = tiny
+    config = small_config(num_pages=400 if variant == "roomy" else 128)
+    engine = jlora.Engine(loaded, config)
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    reqs = requests(14, seed=3, long_decodes=variant != "roomy")
+    got = run_staggered(engine, reqs)
+    for (prompt, p, adapter), state in zip(reqs, got):
+        want = reference.generate([prompt], p, adapters=[adapter])[0]
+        assert state.generated == want.token_ids, (adapter, len(prompt))
+        assert np.abs(np.array(state.logprobs) - np.array(want.logprobs)).max() < 1e-4
+    stats = engine.runner.scheduler.stats
+    if variant == "small_pool_preempts":
+        assert stats["preemptions"] > 0 and stats["adapter_evictions"] > 0
+    memory = engine.paged.memory
+    assert not memory.page_tables
+    memory.check_invariants()
+
+
+def test_serving_never_recompiles(tiny):
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if "backend_compile" in event or "compile_time" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for name, path in paths.items():
+            engine.load_adapter(name, path)
+        run_staggered(engine, requests(20, seed=5), per_step=3)
+        engine.generate([[5, 6, 7]] * 4, PARAMS, adapters=[None, "mlp_r64", "qv_r4", None])
+        chunks = list(engine.stream([1, 2, 3, 4, 5], PARAMS, adapter="regex_r12"))
+        assert chunks[-1].finish_reason == "length"
+        engine.unload_adapter("qv_r4")
+        engine.generate([list(range(40))], PARAMS)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener) if hasattr(
+            jax.monitoring, "unregister_event_duration_listener") else None
+    assert compiles == [], f"recompiled while serving: {compiles}"
+    assert engine.compile_count() == len(engine.paged.buckets())
+
+
+def test_stream_matches_generate_and_cancel_frees_pages(tiny):
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    engine.load_adapter("all_r8_rslora", paths["all_r8_rslora"])
+    prompt = list(range(3, 25))
+    want = engine.generate([prompt], PARAMS, adapters=["all_r8_rslora"])[0]
+    chunks = list(engine.stream(prompt, PARAMS, adapter="all_r8_rslora"))
+    assert [c.token_id for c in chunks] == want.token_ids
+    assert [c.logprob for c in chunks] == pytest.approx(want.logprobs, abs=1e-6)
+    stream = engine.stream(prompt, jlora.SamplingParams(max_tokens=40, temperature=0.0), adapter="all_r8_rslora")
+    next(stream)
+    next(stream)
+    assert engine.paged.memory.page_tables  # the stream holds pages while it runs
+    stream.close()  # the caller goes away: cancel
+    assert not engine.paged.memory.page_tables
+    assert engine.runner.adapter_users("all_r8_rslora") == 0
+    engine.paged.memory.check_invariants()
+
+
+def test_unknown_adapter_and_bad_input_leave_paged_engine_serving(tiny):
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    engine.load_adapter("qv_r4", paths["qv_r4"])
+    want = engine.generate([[1, 2, 3]], PARAMS, adapters=["qv_r4"])[0].token_ids
+    with pytest.raises(jlora.AdapterNotFoundError):
+        engine.generate([[1, 2, 3]], PARAMS, adapters=["nope"])
+    with pytest.raises(jlora.InvalidRequestError, match="context length"):
+        engine.generate([[1] * 90], PARAMS)
+    assert engine.generate([[1, 2, 3]], PARAMS, adapters=["qv_r4"])[0].token_ids == want
+
+
+def test_smollm_paged_equals_reference():
+    loaded = loader.load("smollm2-135m", progress=False)
+    config = EngineConfig(max_model_len=256, num_pages=64, max_batch=4, decode_batch_buckets=(4,), prefill_batch_buckets=(1,),
+                          prefill_chunk_buckets=(64,), page_buckets=(16,), lora_rank_buckets=(16,))
+    paged = jlora.Engine(loaded, config)
+    reference = jlora.Engine(loaded, reference=True)
+    convos = [[{"role": "user", "content": q}] for q in ["What is the capital of France?", "Name a color.", "Hi!"]]
+    p = jlora.SamplingParams(max_tokens=20, temperature=0.0, logprobs=True)
+    for a, b in zip(paged.chat(convos, p), reference.chat(convos, p)):
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() < 1e-4
+
+
+def test_async_engine_concurrent_streams_and_cancel(tiny):
+    import asyncio
+
+    from jlora.async_engine import AsyncEngine
+
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    engine.load_adapter("qv_r4", paths["qv_r4"])
+    engine.load_adapter("layers_r8", paths["layers_r8"])
+    reqs = [([1, 2, 3, i + 4], PARAMS, [None, "qv_r4", "layers_r8"][i % 3]) for i in range(9)]
+    want = [engine.generate([p], s, adapters=[a])[0].token_ids for p, s, a in reqs]
+    front = AsyncEngine(engine)
+
+    async def main():
+        outs = await asyncio.gather(*(front.generate(p, s, a) for p, s, a in reqs))
+        long = jlora.SamplingParams(max_tokens=60, temperature=0.0)
+        task = asyncio.create_task(front.generate([9, 9, 9], long, "qv_r4"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return outs
+
+    outs = asyncio.run(main())
+    front.shutdown()
+    assert [o.token_ids for o in outs] == want
+    assert not engine.paged.memory.page_tables  # the cancelled request's pages are free
+    assert engine.runner.adapter_users("qv_r4") == 0
