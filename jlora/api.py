@@ -74,9 +74,12 @@ class Engine:
             sched = scheduler_config or SchedulerConfig(
                 max_batch=self.engine_config.max_batch,
                 max_prefill_tokens=self.engine_config.max_prefill_tokens,
+                max_chunk=self.engine_config.max_prefill_tokens,
                 max_prefill_seqs=max(self.engine_config.prefill_batch_buckets),
                 max_model_len=limit,
             )
+            if sched.max_chunk > self.engine_config.max_prefill_tokens or sched.max_batch > self.engine_config.max_batch:
+                raise ValueError("scheduler_config: max_chunk and max_batch must fit the engine's buckets")
             self.runner = Runner(self.paged, self.tokenizer, sched)
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from jlora.errors import ModelLoadError
@@ -170,14 +171,16 @@ class EngineConfig:
     num_pages: int = 512  # the unified pool (KV + adapters), page 0 reserved
     max_model_len: int = 2048
     max_batch: int = 8  # running sequences
-    decode_batch_buckets: tuple[int, ...] = (1, 4, 8)
-    prefill_batch_buckets: tuple[int, ...] = (1, 4)
-    prefill_chunk_buckets: tuple[int, ...] = (32, 128)  # the largest is the per-step prefill budget
+    decode_batch_buckets: tuple[int, ...] = (1, 8)
+    prefill_batch_buckets: tuple[int, ...] = (1,)
+    prefill_chunk_buckets: tuple[int, ...] = (128,)  # the largest is the per-step prefill budget
     page_buckets: tuple[int, ...] | None = None  # pages per sequence; None: powers of 4 up to the max
     lora_rank_buckets: tuple[int, ...] = (16, 64)  # the largest is the largest rank accepted
     lora_modules: tuple[str, ...] = ALL_LORA_MODULES  # projections adapters may target
     host_adapter_bytes: int = 8 << 30  # host registry budget (LRU by bytes)
-    compilation_cache_dir: str | None = None
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("JLORA_CACHE", os.path.expanduser("~/.cache/jlora/xla"))
+    )
     implementation: str = "reference"  # "reference" everywhere; "auto" picks kernels on GPU
 
     @property
@@ -195,7 +198,7 @@ class EngineConfig:
         top = self.pages_per_sequence()
         if self.page_buckets is not None:
             return tuple(sorted({min(p, top) for p in self.page_buckets} | {top}))
-        buckets, p = [], 4
+        buckets, p = [], 8
         while p < top:
             buckets.append(p)
             p *= 4

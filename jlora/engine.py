@@ -115,7 +115,7 @@ class PagedEngine:
             return jax.ShapeDtypeStruct(shape, dtype)
 
         batch = PagedBatch(tokens=s(b, t), positions=s(b, t), write_units=s(b, t), page_tables=s(b, p),
-                           context_lens=s(b), logits_at=s(b))
+                           cached_lens=s(b), new_lens=s(b), logits_at=s(b))
         lora = None
         if bucket.lora:
             if bucket.kind == "decode":
@@ -179,7 +179,8 @@ class PagedEngine:
         positions = np.zeros((b, t), np.int32)
         write_units = np.full((b, t), oob, np.int32)
         page_tables = np.zeros((b, p), np.int32)
-        context_lens = np.zeros(b, np.int32)
+        cached_lens = np.zeros(b, np.int32)
+        new_lens = np.zeros(b, np.int32)
         logits_at = np.zeros(b, np.int32)
         temperature = np.zeros(b, np.float32)
         top_k = np.zeros(b, np.int32)
@@ -194,7 +195,7 @@ class PagedEngine:
             table = np.asarray(ch.page_table, np.int32)
             write_units[i, :m] = table[pos // layout.page_size] * layout.page_units + (pos % layout.page_size) * 2 * layout.num_kv_heads
             page_tables[i, : len(table)] = table
-            context_lens[i] = ch.start + m
+            cached_lens[i], new_lens[i] = ch.start, m
             logits_at[i] = m - 1
             row = sampling[ch.request_id]
             temperature[i], top_k[i], top_p[i], keys[i] = row.temperature, row.top_k, row.top_p, row.seed_key
@@ -203,7 +204,8 @@ class PagedEngine:
         lora = None
         if r_bucket:
             lora = self._decode_lora(chunks, b * t * r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
-        batch = PagedBatch(*(jnp.asarray(x) for x in (tokens, positions, write_units, page_tables, context_lens, logits_at)))
+        batch = PagedBatch(*(jnp.asarray(x) for x in (
+            tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)))
         samp = SamplingArrays(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(keys))
         step = self.compiled.get(bucket.name)
         if step is None:

@@ -30,7 +30,8 @@ class PagedBatch:
     positions: jax.Array  # [B, T] int32
     write_units: jax.Array  # [B, T] int32 pool unit of each token's K; >= U for padding (dropped)
     page_tables: jax.Array  # [B, P] int32; unused entries 0 (the zero page)
-    context_lens: jax.Array  # [B] int32 cache length after this step; 0 for padding rows
+    cached_lens: jax.Array  # [B] int32 tokens in the cache before this step
+    new_lens: jax.Array  # [B] int32 real tokens this step (0 for padding rows)
     logits_at: jax.Array  # [B] int32 index into T of the token whose logits are sampled
 
 

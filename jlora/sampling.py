@@ -1,4 +1,8 @@
-"""Pure jnp sampling: greedy, temperature, top-k, top-p, seeded per request and per step."""
+"""Pure jnp sampling: greedy, temperature, top-k, top-p, seeded per request and per step.
+
+The cost is paid only when used: an all-greedy batch skips the random draw, and the sort over the
+vocabulary runs only when some row asks for top-k or top-p.
+"""
 
 from __future__ import annotations
 
@@ -17,26 +21,34 @@ class SamplingArrays:
     keys: jax.Array  # [B, 2] uint32 PRNG key of each row for this step
 
 
-def _sample_row(logits: jax.Array, temperature, top_k, top_p, key) -> jax.Array:
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled)  # descending
-    sorted_logits = scaled[order]
-    rank = jnp.arange(vocab)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    keep = rank < k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
-    cumulative_before = jnp.cumsum(probs) - probs
-    keep = keep & (cumulative_before < top_p)
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
-    return order[choice]
+def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Set logits outside each row's top-k and top-p set to -inf. scaled: [B, V]."""
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [B]
+    rank = jnp.arange(vocab)[None, :]
+    in_k = rank < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & (before < top_p[:, None])
+    # the smallest kept logit of each row is its threshold (ties at the threshold are kept)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def _draw(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
+    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, k, p: x, scaled, s.top_k, s.top_p)
+    return jax.vmap(jax.random.categorical)(s.keys, scaled).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] float32 -> (tokens [B] int32, log-prob of each chosen token [B], before temperature)."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = jax.vmap(_sample_row)(logits.astype(jnp.float32), s.temperature, s.top_k, s.top_p, s.keys)
-    tokens = jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(s.temperature > 0), _draw, lambda lg, s: greedy, logits, s)
+    tokens = jnp.where(s.temperature > 0, drawn, greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen

@@ -70,7 +70,8 @@ class Schedule:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 8  # running sequences decoding together
-    max_prefill_tokens: int = 256  # prompt tokens fed per step (the chunk budget)
+    max_prefill_tokens: int = 256  # prompt tokens fed per step, all sequences together
+    max_chunk: int = 256  # prompt tokens of one sequence per step (the largest compiled chunk)
     max_prefill_seqs: int = 4
     prefetch_lookahead: int = 16  # waiting requests whose adapters may be placed ahead of use
     max_model_len: int = 2048
@@ -204,7 +205,7 @@ class Scheduler:
                 continue
             if pending < 1 or (pending == 1 and req.num_generated > 0):
                 continue
-            n = min(pending, budget)
+            n = min(pending, budget, cfg.max_chunk)
             try:
                 self.memory.grow_kv(req.request_id, req.num_computed + n)
             except OutOfPages:
@@ -232,7 +233,7 @@ class Scheduler:
             self.running.append(req)
             if req.adapter:
                 self.memory.acquire(req.adapter)
-            n = min(len(req.tokens) - req.num_computed, budget)
+            n = min(len(req.tokens) - req.num_computed, budget, cfg.max_chunk)
             self.memory.grow_kv(req.request_id, req.num_computed + n)
             s.prefills.append(self._chunk(req, n))
             budget -= n

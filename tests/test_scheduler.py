@@ -18,7 +18,7 @@ SHAPES = (("q_proj", 64, 64), ("k_proj", 64, 32), ("v_proj", 64, 32), ("o_proj",
 def make(num_pages=64, page_size=4, **cfg) -> Scheduler:
     layout = PoolLayout(num_layers=2, num_pages=num_pages, page_size=page_size, num_kv_heads=2, head_dim=16,
                         module_shapes=SHAPES)
-    defaults = dict(max_batch=4, max_prefill_tokens=16, max_prefill_seqs=2, max_model_len=256)
+    defaults = dict(max_batch=4, max_prefill_tokens=16, max_prefill_seqs=2, max_model_len=256, max_chunk=12)
     defaults.update(cfg)
     return Scheduler(SchedulerConfig(**defaults), PoolManager(layout))
 
@@ -45,6 +45,7 @@ class MockEngine:
             seen.add(ch.request_id)
             assert len(ch.page_table) * mem.layout.page_size >= ch.start + len(ch.tokens)  # room for its K/V
             assert 0 not in ch.page_table
+            assert len(ch.tokens) <= self.sched.config.max_chunk
             if ch.adapter:
                 assert mem.is_resident(ch.adapter) and mem.adapters[ch.adapter].refcount > 0
         self.now += 0.01
@@ -59,7 +60,7 @@ class MockEngine:
 
 
 def test_chunked_prefill_keeps_decodes_going():
-    sched = make(max_prefill_tokens=8)
+    sched = make(max_prefill_tokens=8, max_chunk=8)
     eng = MockEngine(sched, random.Random(0))
     sched.add(SchedRequest(0, prompt=list(range(5)), max_tokens=50))
     eng.step()  # prefill of the short prompt
@@ -136,7 +137,7 @@ def test_cancel_frees_pages_at_once():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pool_accounting_property_1000_random_requests(seed):
     rng = random.Random(seed)
-    sched = make(num_pages=48, page_size=4, max_batch=6, max_prefill_tokens=24, max_prefill_seqs=3)
+    sched = make(num_pages=48, page_size=4, max_batch=6, max_prefill_tokens=24, max_prefill_seqs=3, max_chunk=10)
     eng = MockEngine(sched, rng)
     adapter_ranks = {f"ad{i}": {m: rng.choice([1, 4, 8, 16]) for m in rng.sample([s[0] for s in SHAPES], 3)}
                      for i in range(12)}

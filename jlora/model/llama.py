@@ -23,7 +23,7 @@ from jlora.model.lora import LoraPairs, LoraWeights, lora_delta
 
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
-LoraFn = Callable[[str, jax.Array], jax.Array | None]
+LoraFn = Callable[[str, jax.Array, Any], jax.Array | None]  # (module, x, current attention state)
 
 
 class DecoderLayer(nn.Module):
@@ -32,10 +32,10 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
 
-    def _proj(self, name: str, x: jax.Array, features: int, bias: bool, lora_fn: LoraFn | None) -> jax.Array:
+    def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
         y = nn.Dense(features, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
         if lora_fn is not None:
-            delta = lora_fn(name, x)
+            delta = lora_fn(name, x, state)
             if delta is not None:
                 y = y + delta
         return y
@@ -47,18 +47,23 @@ class DecoderLayer(nn.Module):
         b, t, _ = h.shape
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
-        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn).reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn).reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn, attn_state)
+        k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn, attn_state)
+        v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn, attn_state)
+        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         inv_freq = rope_inverse_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         attn, attn_state = attend(q, k, v, attn_state)
-        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora_fn)
+        # LoRA after attention reads the state as updated (adapter rows are untouched by K/V writes),
+        # so the pool is never needed in two versions and is updated in place
+        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora_fn, attn_state)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn)
-        up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn)
-        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn)
+        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
+        up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
+        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
         return h, attn_state
 
 
@@ -104,7 +109,7 @@ def forward(
         layer_params, ck, cv, layer_lora = xs
         lora_fn = None
         if layer_lora is not None:
-            def lora_fn(name, x):
+            def lora_fn(name, x, state):
                 return lora_delta(x, layer_lora[name], pairs[name], lora_impl) if name in layer_lora else None
         h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)

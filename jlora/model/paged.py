@@ -1,6 +1,7 @@
 """The decoder over the unified paged pool: forward_paged(params, pool, batch, lora) -> (pool, logits).
 
-The pool is the scan carry, so K/V writes land in place; LoRA rows are read straight from it.
+Inside the layer loop the pool is read-only (cached K/V pages and adapter rows); the step's new K/V
+come out of the scan and are written into their pages in one in-place scatter (the pool is donated).
 """
 
 from __future__ import annotations
@@ -31,38 +32,35 @@ def forward_paged(
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
     shapes = config.module_shapes()
 
-    def body(carry, xs):
-        h, pool = carry
+    def body(h, xs):
         layer_params, layer = xs
 
-        def attend(q, k, v, pool):
-            pool = write_kv(pool, layer, k, v, batch.write_units, implementation=impl)
+        def attend(q, k, v, _state):
             out = paged_attention(
-                q, pool, layer, batch.page_tables, batch.positions, batch.context_lens,
-                page_size=page_size, num_kv_heads=config.num_key_value_heads,
-                sliding_window=config.sliding_window, implementation=impl,
+                q, k, v, pool, layer, batch.page_tables, batch.positions, batch.cached_lens, batch.new_lens,
+                page_size=page_size, sliding_window=config.sliding_window, implementation=impl,
             )
-            return out.reshape(*out.shape[:2], -1), pool
+            return out.reshape(*out.shape[:2], -1), (k, v)
 
         lora_fn = None
         if lora is not None:
-            adapters_pool = pool  # adapter pages are not touched by this step's K/V writes
 
-            def lora_fn(name, x):
+            def lora_fn(name, x, _state):
                 meta = lora.get(name)
                 if meta is None:
                     return None
                 h_out = shapes[name][1]
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
-                    delta = lora_decode(x.reshape(b * t, h_in), adapters_pool, layer, meta.token_index,
-                                        meta.a_start, meta.b_start, h_out, implementation=impl)
+                    delta = lora_decode(x.reshape(b * t, h_in), pool, layer, meta.token_index, meta.a_start,
+                                        meta.b_start, h_out, implementation=impl)
                     return delta.reshape(b, t, h_out)
-                return lora_prefill(x, adapters_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
+                return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
-        h, pool = layer_module.apply({"params": layer_params}, h, batch.positions, pool, attend, lora_fn)
-        return (h, pool), None
+        h, (k, v) = layer_module.apply({"params": layer_params}, h, batch.positions, None, attend, lora_fn)
+        return h, (k, v)
 
     layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    (h, pool), _ = jax.lax.scan(body, (h, pool), (params["layers"], layers))
+    h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
+    pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
     return pool, take_logits(params, config, h, batch.logits_at)

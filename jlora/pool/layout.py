@@ -69,6 +69,8 @@ def pack_rows(layout: PoolLayout, ranks: dict[str, int]) -> tuple[int, list[tupl
     page, used = 0, 0
     for m in MODULES:
         r = ranks.get(m, 0)
+        if not r:
+            continue
         for side, width in (("a", shapes[m][0]), ("b", shapes[m][1])):
             w = layout.units(width)
             for j in range(r):

@@ -37,6 +37,25 @@ def _rows_from_pool(pool: jax.Array, layer: jax.Array, starts: jax.Array, width:
     return rows.reshape(*starts.shape, n_units * dh)[..., :width]
 
 
+def gather_rows(pool: jax.Array, layer: jax.Array, a_start: jax.Array, b_start: jax.Array, h_in: int, h_out: int):
+    """The A^T and B rows named by a_start / b_start ([...] unit indices): ([..., H_in], [..., H_out])."""
+    return _rows_from_pool(pool, layer, a_start, h_in), _rows_from_pool(pool, layer, b_start, h_out)
+
+
+def apply_decode_rows(x: jax.Array, a_rows: jax.Array, b_rows: jax.Array, token_index: jax.Array) -> jax.Array:
+    """BGMV on gathered rows. x [N, H_in]; a_rows [K, H_in]; b_rows [K, H_out]; token_index [K]."""
+    x_rows = jnp.take(x, token_index, axis=0, mode="clip")
+    shrunk = jnp.einsum("KH,KH->K", x_rows, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    delta = jax.ops.segment_sum(shrunk[:, None] * b_rows.astype(jnp.float32), token_index, num_segments=x.shape[0])
+    return delta.astype(x.dtype)
+
+
+def apply_prefill_rows(x: jax.Array, a_rows: jax.Array, b_rows: jax.Array) -> jax.Array:
+    """SGMV on gathered rows. x [B, T, H_in]; a_rows [B, R, H_in]; b_rows [B, R, H_out]."""
+    shrunk = jnp.einsum("BTH,BRH->BTR", x, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("BTR,BRO->BTO", shrunk, b_rows.astype(jnp.float32)).astype(x.dtype)
+
+
 def lora_decode_reference(
     x: jax.Array,  # [N, H_in] one row per token
     pool: jax.Array,  # [L, U, Dh] the unified pool
@@ -47,12 +66,8 @@ def lora_decode_reference(
     h_out: int,
 ) -> jax.Array:  # [N, H_out]
     """BGMV: every token its own adapter; the work is the sum of the ranks used, read from the pool."""
-    a_rows = _rows_from_pool(pool, layer, a_start, x.shape[1])  # [K, H_in]
-    x_rows = jnp.take(x, token_index, axis=0, mode="clip")
-    shrunk = jnp.einsum("KH,KH->K", x_rows, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
-    b_rows = _rows_from_pool(pool, layer, b_start, h_out).astype(jnp.float32)  # [K, H_out]
-    delta = jax.ops.segment_sum(shrunk[:, None] * b_rows, token_index, num_segments=x.shape[0])
-    return delta.astype(x.dtype)
+    a_rows, b_rows = gather_rows(pool, layer, a_start, b_start, x.shape[1], h_out)
+    return apply_decode_rows(x, a_rows, b_rows, token_index)
 
 
 def lora_prefill_reference(
@@ -64,7 +79,5 @@ def lora_prefill_reference(
     h_out: int,
 ) -> jax.Array:  # [B, T, H_out]
     """SGMV: tokens grouped by sequence (one adapter each); rows padded to the step's rank bucket R."""
-    a = _rows_from_pool(pool, layer, a_start, x.shape[2]).astype(x.dtype)  # [B, R, H_in]
-    b = _rows_from_pool(pool, layer, b_start, h_out).astype(x.dtype)  # [B, R, H_out]
-    shrunk = jnp.einsum("BTH,BRH->BTR", x, a, preferred_element_type=jnp.float32)
-    return jnp.einsum("BTR,BRO->BTO", shrunk, b.astype(jnp.float32)).astype(x.dtype)
+    a_rows, b_rows = gather_rows(pool, layer, a_start, b_start, x.shape[2], h_out)
+    return apply_prefill_rows(x, a_rows, b_rows)

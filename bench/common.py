@@ -1,0 +1,54 @@
+"""What every benchmark result carries: device, date, commit, command."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        return f"cpu: {cpu}, {os.cpu_count()} cores"
+    return f"{d.platform}: {d.device_kind}"
+
+
+def write_result(name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    record = {
+        "name": name,
+        "device": device(),
+        "date": now.isoformat(timespec="seconds"),
+        "commit": commit(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        **payload,
+    }
+    path = os.path.join(RESULTS, f"{name}-{now.strftime('%Y%m%dT%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
