@@ -14,6 +14,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def commit() -> str:
+    if os.environ.get("JLORA_COMMIT"):  # set where the checkout travels without .git (the GPU machine)
+        return os.environ["JLORA_COMMIT"]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
@@ -50,5 +52,5 @@ def write_result(name: str, payload: dict[str, Any]) -> str:
     }
     path = os.path.join(RESULTS, f"{name}-{now.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(record, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return path

@@ -1,0 +1,142 @@
+"""decode-7b (../shared/BENCH.md) through jlora's paged engine: Llama-2-7B geometry, random bf16
+weights, batch 32, prompt 128, 128 new tokens, greedy; base-only and every request its own rank-16
+q/k/v/o adapter; bandwidth measured in the same run; HF transformers + PEFT peer figures merged in.
+
+python -m bench.decode_7b [--peer FILE] [--batch 32] [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+PROMPT, NEW, RANK = 128, 128, 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def bandwidth() -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
+    copy = jax.jit(lambda x: x + 1)
+    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    out = {}
+    for name, fn, moved in (("copy_TBps", copy, 2 * x.nbytes), ("read_TBps", read, x.nbytes)):
+        jax.block_until_ready(fn(x))
+        start = time.perf_counter()
+        for _ in range(20):
+            r = fn(x)
+        jax.block_until_ready(r)
+        out[name] = moved * 20 / (time.perf_counter() - start) / 1e12
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer", default=None)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=32)
+    args = ap.parse_args()
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+    from bench.common import write_result
+    from checkpoints.peft import write_random_peft_adapter
+    from jlora.config import PRESETS, EngineConfig
+    from jlora.loader import LoadedModel
+    from jlora.model.llama import random_params
+    from jlora.scheduler import SchedulerConfig
+
+    b = args.batch
+    bw = bandwidth()
+    config = dataclasses.replace(PRESETS["llama2-7b"], num_hidden_layers=args.layers)
+    params = jax.jit(lambda k: random_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    pages_per_seq = (PROMPT + NEW) // 16
+    ec = EngineConfig(
+        page_size=16, num_pages=b * pages_per_seq + b * 8 + 64, max_model_len=PROMPT + NEW, max_batch=b,
+        decode_batch_buckets=(b,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(pages_per_seq,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
+    )
+    sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
+                            max_model_len=PROMPT + NEW)
+    start = time.perf_counter()
+    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
+    compile_s = time.perf_counter() - start
+
+    names = [f"a{i}" for i in range(b)]
+    with tempfile.TemporaryDirectory() as folder:
+        for i, n in enumerate(names):
+            write_random_peft_adapter(os.path.join(folder, n), num_layers=config.num_hidden_layers,
+                                      module_shapes=config.module_shapes(), rank=RANK, alpha=2 * RANK,
+                                      target_modules=list(TARGETS), seed=i, std=0.01)
+            engine.load_adapter(n, os.path.join(folder, n))
+    adapter_bytes = engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS}) * engine.paged.layout.page_bytes(2)
+
+    step_times: dict[str, list[float]] = {}
+    original = engine.paged._run
+
+    def timed_run(kind, chunks, sampling, label=[""]):  # noqa: B006
+        t = time.perf_counter()
+        out = original(kind, chunks, sampling)  # returns host values: the step has finished
+        step_times.setdefault(f"{timed_run.label}:{kind}", []).append(time.perf_counter() - t)
+        return out
+
+    engine.paged._run = timed_run
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 32000, PROMPT).tolist() for _ in range(b)]
+    params_ = jlora.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    results = {}
+    for label, adapters in (("base", [None] * b), ("mixed", names)):
+        timed_run.label = "warm"
+        engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters)
+        timed_run.label = label
+        start = time.perf_counter()
+        engine.generate(prompts, params_, adapters=adapters)
+        seconds = time.perf_counter() - start
+        decode = np.median(step_times[f"{label}:decode"])
+        # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
+        kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
+        floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
+        floor_s = floor_bytes / (bw["copy_TBps"] * 1e12)
+        results[label] = {
+            "tok_s_end_to_end": b * NEW / seconds, "decode_step_ms": decode * 1e3, "decode_tok_s": b / decode,
+            "step_floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / decode,
+        }
+    base, mixed = results["base"], results["mixed"]
+    lora_floor_ms = 1.1 * adapter_bytes * b / (bw["copy_TBps"] * 1e12) * 1e3
+    payload = {
+        "workload": {"geometry": "llama2-7b", "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
+                     "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
+                     "implementation": ec.implementation},
+        "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
+        "jlora": results,
+        "T3": {"mixed_step_ms": mixed["decode_step_ms"], "allowed_ms": base["decode_step_ms"] + lora_floor_ms,
+               "met": mixed["decode_step_ms"] <= base["decode_step_ms"] + lora_floor_ms},
+    }
+    if args.peer and os.path.exists(args.peer):
+        with open(args.peer) as f:
+            peer = json.load(f)
+        payload["hf"] = peer
+        ratio = mixed["tok_s_end_to_end"] / peer["hf_peft_mixed_tok_s"]
+        payload["T2"] = {"vs_peft_mixed": ratio, "roofline_fraction": mixed["roofline_fraction"],
+                         "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8}
+    print(json.dumps(payload, indent=1, default=_plain))
+    print("wrote", write_result("decode-7b", payload))
+
+
+def _plain(o):
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+if __name__ == "__main__":
+    main()
