@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerate the committed gRPC stubs (the GPU machine has grpcio but no grpcio-tools).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Ijlora/server --python_out=jlora/server --grpc_python_out=jlora/server jlora/server/jlora.proto
+	$(BIN)/python jlora/server/fix_stubs.py jlora/server/jlora_pb2.py jlora/server/jlora_pb2_grpc.py

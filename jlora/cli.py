@@ -78,6 +78,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from jlora.async_engine import AsyncEngine
+    from jlora.server.main import ServerOptions, serve
+
+    engine = _engine(args.model, args.dtype)
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        engine.load_adapter(name, path)
+    options = ServerOptions(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("JLORA_API_KEY"),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        max_message_bytes=args.max_message_bytes, max_queue=args.max_queue, grace_seconds=args.grace,
+        adapter_root=args.adapter_root, model_name=args.model,
+    )
+    asyncio.run(serve(AsyncEngine(engine, max_queue=args.max_queue), options))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     engine = _engine(args.model, args.dtype)
     engine.save_checkpoint(args.output)
@@ -113,6 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the model and adapters over gRPC")
+    common(srv, positional_model=True)
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=50051)
+    srv.add_argument("--api-key", default=None, help="clients send 'authorization: Bearer KEY' (or set JLORA_API_KEY)")
+    srv.add_argument("--tls-cert", default=None)
+    srv.add_argument("--tls-key", default=None)
+    srv.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    srv.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    srv.add_argument("--max-queue", type=int, default=256)
+    srv.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    srv.add_argument("--adapter-root", default=None, help="LoadAdapter paths must lie inside this folder")
+    srv.set_defaults(func=cmd_serve)
 
     conv = sub.add_parser("convert", help="convert a model to an orbax checkpoint folder")
     common(conv, positional_model=True)
