@@ -156,20 +156,16 @@ def test_deadline_and_cancel_free_pages(setup):
 
 
 def test_queue_full_is_resource_exhausted(setup):
-    engine, _, _, _, _ = setup
-    front = AsyncEngine(engine, max_queue=1)
-    server = Running(front)
-    client = Client(f"127.0.0.1:{server.port}")
+    _, front, running, client, _ = setup
+    limit, front.max_queue = front.max_queue, 1  # one AsyncEngine per engine: adjust the shared front
     try:
         first = client.stub.Generate.future(Client.request("Tell me a story", max_tokens=60, temperature=0.0,
-                                                           ignore_eos=True))
+                                                           ignore_eos=True), metadata=client.metadata)
         time.sleep(0.3)
         assert code_of(lambda: client.generate("hi", **GREEDY)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(first.result().token_ids) == 60
     finally:
-        client.close()
-        server.stop()
-        front.shutdown()
+        front.max_queue = limit
 
 
 def test_reflection_lists_the_service(setup):
@@ -184,7 +180,7 @@ def test_reflection_lists_the_service(setup):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_tls_and_mutual_tls(setup, tmp_path):
-    engine = setup[0]
+    front = setup[1]
 
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
@@ -198,7 +194,6 @@ def test_tls_and_mutual_tls(setup, tmp_path):
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
             f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
     read = lambda n: (tmp_path / n).read_bytes()  # noqa: E731
-    front = AsyncEngine(engine)
     server = Running(front, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
                      tls_client_ca=str(tmp_path / "ca.pem"))
     try:
@@ -211,9 +206,9 @@ def test_tls_and_mutual_tls(setup, tmp_path):
         no_cert.close()
     finally:
         server.stop()
-        front.shutdown()
 
 
+@pytest.mark.slow
 def test_load_2000_requests_100_adapters_then_drain(setup):
     """2,000 requests over 100 adapters from 64 concurrent streams; a tenth cancelled or given short
     deadlines; 50 bad LoadAdapter calls in the middle. Bounded in count and time."""
