@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.peft import PeftAdapter
-from jlora.buckets import next_power_of_two
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged
@@ -248,4 +247,4 @@ class PagedEngine:
         return out
 
 
-__all__ = ["Bucket", "PagedEngine", "SamplingRow", "next_power_of_two"]
+__all__ = ["Bucket", "PagedEngine", "SamplingRow"]

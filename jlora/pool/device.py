@@ -60,8 +60,6 @@ def write_adapter(pool: jax.Array, layout: PoolLayout, placement: AdapterPlaceme
 
 def warm_up_writer(pool: jax.Array, layout: PoolLayout) -> jax.Array:
     """Compile the page writer at start-up (the write is dropped: every page id is out of range)."""
-    empty = AdapterPlacement(pages=[], a_start={}, b_start={}, ranks={})
     ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)
     block = np.zeros((layout.num_layers, WRITE_CHUNK, layout.page_units, layout.head_dim), dtype=pool.dtype)
-    del empty
     return _write_pages(pool, jnp.asarray(ids), jnp.asarray(block), layout.page_units)
