@@ -3,15 +3,28 @@
 - lora_rows: rows in per-module pools (the reference generate path).
 - lora_decode: BGMV, one adapter per token, rows read straight from the unified paged pool.
 - lora_prefill: SGMV, one adapter per sequence chunk, rows read straight from the unified pool.
+
+`implementation` is one of pallas_kernels.backend.IMPLEMENTATIONS.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.backend import resolve
+from pallas_kernels.lora.kernel import (
+    LoraTunables,
+    lora_decode_kernel,
+    lora_prefill_kernel,
+    sgmv_supported,
+    tunables_for,
+)
 from pallas_kernels.lora.reference import lora_decode_reference, lora_prefill_reference, lora_rows_reference
 
 __all__ = [
+    "LoraTunables",
+    "decode_offsets",
     "lora_decode",
     "lora_decode_reference",
     "lora_prefill",
@@ -19,11 +32,6 @@ __all__ = [
     "lora_rows",
     "lora_rows_reference",
 ]
-
-
-def _check_impl(implementation: str) -> None:
-    if implementation != "reference":
-        raise ValueError(f"unknown implementation {implementation!r}")
 
 
 def lora_rows(x, a_pool, b_pool, token_index, row_index, *, implementation: str = "reference") -> jax.Array:
@@ -36,23 +44,58 @@ def lora_rows(x, a_pool, b_pool, token_index, row_index, *, implementation: str 
         raise ValueError(f"a_pool rows {a_pool.shape[0]} != b_pool rows {b_pool.shape[0]}")
     if token_index.shape != row_index.shape or token_index.ndim != 1:
         raise ValueError(f"token_index {token_index.shape} and row_index {row_index.shape} must be equal 1-D")
-    _check_impl(implementation)
+    resolve(implementation)  # the row-pool path has only the reference
     return lora_rows_reference(x, a_pool, b_pool, token_index, row_index)
 
 
-def lora_decode(x, pool, layer, token_index, a_start, b_start, h_out: int, *, implementation: str = "reference"):
+def decode_offsets(token_index: jax.Array, n_tokens: int) -> jax.Array:
+    """[N + 1] start of each token's pairs in a nondecreasing token_index (padding pairs: N)."""
+    return jnp.searchsorted(token_index, jnp.arange(n_tokens + 1, dtype=token_index.dtype)).astype(jnp.int32)
+
+
+def _check_widths(h_in: int, h_out: int, dh: int) -> None:
+    if h_in % dh or h_out % dh:
+        raise ValueError(f"widths {h_in} -> {h_out} must be multiples of the pool's head_dim {dh}")
+
+
+def lora_decode(
+    x, pool, layer, token_index, a_start, b_start, h_out: int, offsets=None, *, implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+) -> jax.Array:
+    """BGMV delta [N, H_out]. Pairs must be grouped by token (nondecreasing token_index), padding
+    pairs last with token_index N and a_start 0. offsets ([N + 1]) may be given to skip a search."""
     if x.ndim != 2 or pool.ndim != 3:
         raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
     if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
         raise ValueError("token_index, a_start, b_start must be equal 1-D arrays")
-    _check_impl(implementation)
-    return lora_decode_reference(x, pool, layer, token_index, a_start, b_start, h_out)
+    if offsets is not None and offsets.shape != (x.shape[0] + 1,):
+        raise ValueError(f"offsets {offsets.shape} must be [N + 1] = [{x.shape[0] + 1}]")
+    _check_widths(x.shape[1], h_out, pool.shape[2])
+    path = resolve(implementation)
+    if path == "reference":
+        return lora_decode_reference(x, pool, layer, token_index, a_start, b_start, h_out)
+    if offsets is None:
+        offsets = decode_offsets(token_index, x.shape[0])
+    return lora_decode_kernel(
+        x, pool, layer, token_index, a_start, b_start, offsets, h_out=h_out,
+        tunables=tunables or tunables_for(pool.shape[2]), interpret=path == "interpret",
+    )
 
 
-def lora_prefill(x, pool, layer, a_start, b_start, h_out: int, *, implementation: str = "reference"):
+def lora_prefill(
+    x, pool, layer, a_start, b_start, h_out: int, *, implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+) -> jax.Array:
+    """SGMV delta [B, T, H_out]: each sequence's chunk uses one adapter, rows padded to R with 0."""
     if x.ndim != 3 or pool.ndim != 3:
         raise ValueError(f"x must be [B, T, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
     if a_start.shape != b_start.shape or a_start.ndim != 2 or a_start.shape[0] != x.shape[0]:
         raise ValueError(f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, R] with B = {x.shape[0]}")
-    _check_impl(implementation)
-    return lora_prefill_reference(x, pool, layer, a_start, b_start, h_out)
+    _check_widths(x.shape[2], h_out, pool.shape[2])
+    path = resolve(implementation)
+    tunables = tunables or tunables_for(pool.shape[2])
+    if path == "reference" or not sgmv_supported(x.shape[1], a_start.shape[1], tunables):
+        return lora_prefill_reference(x, pool, layer, a_start, b_start, h_out)
+    return lora_prefill_kernel(
+        x, pool, layer, a_start, b_start, h_out=h_out, tunables=tunables, interpret=path == "interpret"
+    )

@@ -1,0 +1,227 @@
+"""Pallas (Triton lowering) gathered LoRA kernels reading A/B rows straight from the unified pool.
+
+Pool: [L, U, Dh]. The A^T row of a rank row starts at unit a_start and runs H_in / Dh units; its B
+row starts at b_start and runs H_out / Dh units (scaling folded in). Unit 0 is the zero page, so a
+padding row (a_start == 0) contributes nothing and is skipped without a load.
+
+Decode (BGMV, every token its own adapter), two launches as in Punica:
+- shrink: grid over (token, rank row) pairs; each program reads one A^T row and its token's x and
+  writes one float32 dot product. Work and bytes are the sum of the ranks used: mixed ranks cost
+  their own rank, and resident adapters no token uses cost nothing.
+- expand: grid over (token, block of output units); each program walks its token's pairs (a
+  contiguous range given by offsets) and accumulates s * B rows for its block.
+
+Prefill (SGMV, one adapter per sequence chunk): the same two launches over blocks of a sequence's
+tokens, with the adapter's rows gathered as one [R, Dh] tile per unit and tensor-core dots.
+
+Every unit index is an explicit gather over the pool's unit axis, so rows of any width that is a
+multiple of Dh work; the lowering switches to 64-bit offsets itself when the pool passes 4 GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTunables:
+    """Launch shapes. chunk_units: units of a row read per load (shrink); out_units: output units per
+    expand program; block_tokens: tokens per SGMV program."""
+
+    chunk_units: int = 8
+    out_units: int = 4
+    block_tokens: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Tuned on the H100 (bench/kernels/lora.py): keyed by head_dim; the default elsewhere.
+TUNED: dict[int, LoraTunables] = {128: LoraTunables(chunk_units=8, out_units=4, block_tokens=32, num_warps=4)}
+
+
+def tunables_for(head_dim: int) -> LoraTunables:
+    return TUNED.get(head_dim, LoraTunables())
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _params(t: LoraTunables) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode: BGMV
+
+
+def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, n_chunks, chunk):
+    k = pl.program_id(0)
+    tok = tok_ref[k]
+    a = a_ref[k]
+    valid = (a > 0) & (tok < n_tokens)
+    s_ref[k] = jnp.float32(0.0)
+
+    @pl.when(valid)
+    def _():
+        layer = layer_ref[0]
+        dh = pool_ref.shape[2]
+
+        def body(c, acc):
+            xs = x_ref[tok, pl.ds(c * chunk, chunk), :].astype(jnp.float32)  # [chunk, Dh]
+            units = a + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            rows = pool_ref[layer, units, :].astype(jnp.float32)  # [chunk, Dh]
+            return acc + xs * rows
+
+        acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((chunk, dh), jnp.float32))
+        s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
+
+
+def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units):
+    n = pl.program_id(0)
+    j = pl.program_id(1)
+    layer = layer_ref[0]
+    dh = pool_ref.shape[2]
+    start = off_ref[n]
+    end = off_ref[n + 1]
+
+    def body(k, acc):
+        units = b_ref[k] + j * out_units + jnp.arange(out_units, dtype=jnp.int32)
+        rows = pool_ref[layer, units, :].astype(jnp.float32)  # [out_units, Dh]
+        return acc + s_ref[k] * rows
+
+    acc = jax.lax.fori_loop(start, end, body, jnp.zeros((out_units, dh), jnp.float32))
+    o_ref[n, pl.ds(j * out_units, out_units), :] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
+def lora_decode_kernel(
+    x: jax.Array,  # [N, H_in]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    token_index: jax.Array,  # [K] int32, nondecreasing; padding pairs: N (out of range)
+    a_start: jax.Array,  # [K] int32; 0 for padding
+    b_start: jax.Array,  # [K] int32
+    offsets: jax.Array,  # [N + 1] int32: pairs of token n are offsets[n] .. offsets[n + 1]
+    *,
+    h_out: int,
+    tunables: LoraTunables,
+    interpret: bool = False,
+) -> jax.Array:  # [N, H_out] in x.dtype
+    n, h_in = x.shape
+    dh = pool.shape[2]
+    units_in, units_out = h_in // dh, h_out // dh
+    chunk = _largest_pow2_divisor(units_in, tunables.chunk_units)
+    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
+    k = token_index.shape[0]
+    layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
+    shrunk = pl.pallas_call(
+        functools.partial(_bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk),
+        out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
+        grid=(k,),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="bgmv_shrink",
+    )(layer_arr, token_index, a_start, x.reshape(n, units_in, dh), pool)
+    out = pl.pallas_call(
+        functools.partial(_bgmv_expand_kernel, out_units=out_units),
+        out_shape=jax.ShapeDtypeStruct((n, units_out, dh), x.dtype),
+        grid=(n, units_out // out_units),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="bgmv_expand",
+    )(layer_arr, offsets, b_start, shrunk, pool)
+    return out.reshape(n, h_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill: SGMV
+
+
+def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_in, f32_dot):
+    b = pl.program_id(0)
+    t0 = pl.program_id(1) * block_tokens
+    layer = layer_ref[0]
+    rows_a = a_ref[b, :]  # [R]
+    r = rows_a.shape[0]
+
+    def body(c, acc):
+        xs = x_ref[b, pl.ds(t0, block_tokens), c, :]  # [BT, Dh]
+        tile = pool_ref[layer, rows_a + c, :]  # [R, Dh]; padding rows read the zero page
+        if f32_dot:
+            return acc + pltriton.dot(xs.astype(jnp.float32), tile.astype(jnp.float32), trans_b=True, allow_tf32=False)
+        return acc + pltriton.dot(xs, tile.astype(xs.dtype), trans_b=True)
+
+    acc = jax.lax.fori_loop(0, units_in, body, jnp.zeros((block_tokens, r), jnp.float32))
+    s_ref[b, pl.ds(t0, block_tokens), :] = acc
+
+
+def _sgmv_expand_kernel(layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_tokens, out_units, f32_dot):
+    b = pl.program_id(0)
+    t0 = pl.program_id(1) * block_tokens
+    j = pl.program_id(2)
+    layer = layer_ref[0]
+    rows_b = b_ref[b, :]  # [R]
+    s = s_ref[b, pl.ds(t0, block_tokens), :]  # [BT, R] float32
+    for u in range(out_units):
+        unit = j * out_units + u
+        tile = pool_ref[layer, rows_b + unit, :]  # [R, Dh]
+        if f32_dot:
+            out = pltriton.dot(s, tile.astype(jnp.float32), allow_tf32=False)
+        else:
+            out = pltriton.dot(s.astype(tile.dtype), tile)
+        o_ref[b, pl.ds(t0, block_tokens), unit, :] = out.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
+def lora_prefill_kernel(
+    x: jax.Array,  # [B, T, H_in]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    a_start: jax.Array,  # [B, R] int32; 0 for padding rows
+    b_start: jax.Array,  # [B, R] int32
+    *,
+    h_out: int,
+    tunables: LoraTunables,
+    interpret: bool = False,
+) -> jax.Array:  # [B, T, H_out]
+    bsz, t, h_in = x.shape
+    dh = pool.shape[2]
+    units_in, units_out = h_in // dh, h_out // dh
+    r = a_start.shape[1]
+    bt = min(tunables.block_tokens, t)
+    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
+    f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
+    layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
+    shrunk = pl.pallas_call(
+        functools.partial(_sgmv_shrink_kernel, block_tokens=bt, units_in=units_in, f32_dot=f32_dot),
+        out_shape=jax.ShapeDtypeStruct((bsz, t, r), jnp.float32),
+        grid=(bsz, t // bt),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="sgmv_shrink",
+    )(layer_arr, a_start, x.reshape(bsz, t, units_in, dh), pool)
+    out = pl.pallas_call(
+        functools.partial(_sgmv_expand_kernel, block_tokens=bt, out_units=out_units, f32_dot=f32_dot),
+        out_shape=jax.ShapeDtypeStruct((bsz, t, units_out, dh), x.dtype),
+        grid=(bsz, t // bt, units_out // out_units),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="sgmv_expand",
+    )(layer_arr, b_start, shrunk, pool)
+    return out.reshape(bsz, t, h_out)
+
+
+def sgmv_supported(t: int, r: int, tunables: LoraTunables) -> bool:
+    """Triton dots need at least 16 rows and columns and power-of-two tiles."""
+    bt = min(tunables.block_tokens, t)
+    return bt >= 16 and t % bt == 0 and r >= 16 and (r & (r - 1)) == 0 and (bt & (bt - 1)) == 0
