@@ -82,7 +82,8 @@ class PagedEngine:
         self.memory = PoolManager(self.layout)
         self.pool = new_pool(self.layout, self.dtype)
         self._step_fn = jax.jit(
-            functools.partial(self._step, config=model_config, page_size=config.page_size), donate_argnums=(1,)
+            functools.partial(self._step, config=model_config, page_size=config.page_size, impl=config.implementation),
+            donate_argnums=(1,),
         )
         self.compiled: dict[str, Any] = {}
         self.compile_seconds = 0.0
@@ -91,8 +92,8 @@ class PagedEngine:
 
     # ---- compiled steps ---------------------------------------------------------------------------
     @staticmethod
-    def _step(params, pool, batch, lora, sampling, counters, *, config, page_size):
-        pool, logits = forward_paged(params, pool, batch, lora, config=config, page_size=page_size)
+    def _step(params, pool, batch, lora, sampling, counters, *, config, page_size, impl):
+        pool, logits = forward_paged(params, pool, batch, lora, config=config, page_size=page_size, impl=impl)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys))
         return pool, tokens, logprobs
@@ -119,7 +120,7 @@ class PagedEngine:
         if bucket.lora:
             if bucket.kind == "decode":
                 k = b * t * bucket.lora
-                lora = {m: DecodeLora(s(k), s(k), s(k)) for m in self.config.lora_modules}
+                lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
             else:
                 lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
         sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
@@ -202,7 +203,7 @@ class PagedEngine:
 
         lora = None
         if r_bucket:
-            lora = self._decode_lora(chunks, b * t * r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
+            lora = self._decode_lora(chunks, b * t, r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
         batch = PagedBatch(*(jnp.asarray(x) for x in (
             tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)))
         samp = SamplingArrays(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(keys))
@@ -213,24 +214,24 @@ class PagedEngine:
         new_tokens, new_logprobs = np.asarray(new_tokens), np.asarray(new_logprobs)
         return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
 
-    def _decode_lora(self, chunks: list[ScheduledChunk], k: int) -> dict[str, DecodeLora]:
+    def _decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, DecodeLora]:
+        """Pairs grouped by token; padding pairs last, on token n_tokens (out of range) and the zero page."""
+        k = n_tokens * r_bucket
         out = {}
         for m in self.config.lora_modules:
-            tok, a, bb = np.zeros(k, np.int32), np.zeros(k, np.int32), np.zeros(k, np.int32)
+            tok, a, bb = np.full(k, n_tokens, np.int32), np.zeros(k, np.int32), np.zeros(k, np.int32)
+            offsets = np.zeros(n_tokens + 1, np.int32)
             n = 0
             for i, ch in enumerate(chunks):
-                if not ch.adapter:
-                    continue
-                pl = self.memory.adapters[ch.adapter].placement
-                rows = pl.a_start.get(m)
-                if not rows:
-                    continue
-                r = len(rows)
-                tok[n : n + r] = i
-                a[n : n + r] = rows
-                bb[n : n + r] = pl.b_start[m]
-                n += r
-            out[m] = DecodeLora(jnp.asarray(tok), jnp.asarray(a), jnp.asarray(bb))
+                rows = self.memory.adapters[ch.adapter].placement.a_start.get(m) if ch.adapter else None
+                if rows:
+                    r = len(rows)
+                    tok[n : n + r] = i
+                    a[n : n + r] = rows
+                    bb[n : n + r] = self.memory.adapters[ch.adapter].placement.b_start[m]
+                    n += r
+                offsets[i + 1 :] = n
+            out[m] = DecodeLora(jnp.asarray(tok), jnp.asarray(a), jnp.asarray(bb), jnp.asarray(offsets))
         return out
 
     def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:

@@ -39,9 +39,10 @@ class PagedBatch:
 class DecodeLora:
     """BGMV metadata of one projection: one pair per (token, rank row)."""
 
-    token_index: jax.Array  # [K] int32 flat token index b*T + t
+    token_index: jax.Array  # [K] int32 flat token index b*T + t, nondecreasing; padding pairs: B*T
     a_start: jax.Array  # [K] int32 first pool unit of the A^T row; 0 for padding
     b_start: jax.Array  # [K] int32 first pool unit of the B row
+    offsets: jax.Array  # [B*T + 1] int32 token n's pairs are offsets[n] .. offsets[n + 1]
 
 
 @flax.struct.dataclass

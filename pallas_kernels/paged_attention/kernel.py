@@ -1,0 +1,125 @@
+"""Pallas (Triton lowering) paged decode attention over the unified pool, grouped-query heads.
+
+Pool: [L, U, Dh]; token slot s of page p keeps its K heads at units p*PU + s*2*Hkv + [0, Hkv) and its V
+heads right after (PU = page_size * 2 * Hkv). One program per (sequence, KV head): it walks the
+sequence's pages `pages_per_block` at a time (a gathered [block_keys, Dh] tile of K and of V per
+block, read once and shared by the G query heads of the group), keeps an online softmax per query
+head, and finishes with the step's own K/V, which are not in the pool yet (write_kv stores them after
+the layer loop). Only blocks below the sequence's length are read: the bytes are the KV actually
+cached, not the page-table width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTunables:
+    pages_per_block: int = 4
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TUNED: dict[tuple[int, int], AttentionTunables] = {}  # (page_size, head_dim) -> tunables, from bench/kernels
+
+
+def tunables_for(page_size: int, head_dim: int) -> AttentionTunables:
+    return TUNED.get((page_size, head_dim), AttentionTunables())
+
+
+def _decode_kernel(
+    layer_ref, pt_ref, pos_ref, clen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
+    *, group, page_size, page_units, n_kv, block_keys, n_table, window, scale,
+):
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    layer = layer_ref[0]
+    pos = pos_ref[b]
+    clen = clen_ref[b]
+    dh = pool_ref.shape[2]
+    qs = [q_ref[b, h * group + g, :].astype(jnp.float32) * scale for g in range(group)]  # G x [Dh]
+    key = jnp.arange(block_keys, dtype=jnp.int32)
+
+    def block(i, carry):
+        k0 = i * block_keys
+        kpos = k0 + key  # [BK] position of each key
+        page_slot = jnp.minimum(kpos // page_size, n_table - 1)
+        pages = pt_ref[b, page_slot]  # [BK] gathered page ids
+        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        kt = pool_ref[layer, units, :].astype(jnp.float32)  # [BK, Dh]
+        vt = pool_ref[layer, units + n_kv, :].astype(jnp.float32)
+        ok = (kpos < clen) & (kpos <= pos)
+        if window is not None:
+            ok = ok & (pos - kpos < window)
+        out = []
+        for g in range(group):
+            m, denom, acc = carry[g]
+            s = jnp.where(ok, jnp.sum(kt * qs[g][None, :], axis=1), NEG_INF)  # [BK]
+            m_new = jnp.maximum(m, jnp.max(s, axis=0))
+            p = jnp.exp(s - m_new)
+            alpha = jnp.exp(m - m_new)
+            out.append((m_new, denom * alpha + jnp.sum(p, axis=0), acc * alpha + jnp.sum(p[:, None] * vt, axis=0)))
+        return tuple(out)
+
+    init = tuple((jnp.float32(NEG_INF), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(group))
+    n_blocks = jnp.minimum((clen + block_keys - 1) // block_keys, (n_table * page_size) // block_keys)
+    start = jnp.int32(0)
+    if window is not None:
+        start = jnp.maximum(pos - window + 1, 0) // block_keys
+    carry = jax.lax.fori_loop(start, n_blocks, block, init)
+
+    kn = kn_ref[b, h, :].astype(jnp.float32)
+    vn = vn_ref[b, h, :].astype(jnp.float32)
+    for g in range(group):
+        m, denom, acc = carry[g]
+        s = jnp.sum(kn * qs[g], axis=0)
+        m_new = jnp.maximum(m, s)
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new)
+        out = (acc * alpha + p * vn) / (denom * alpha + p)
+        o_ref[b, h * group + g, :] = out.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
+def paged_decode_attention_kernel(
+    q: jax.Array,  # [B, Hq, Dh] one query per sequence
+    k_new: jax.Array,  # [B, Hkv, Dh] the step's own key (not yet in the pool)
+    v_new: jax.Array,  # [B, Hkv, Dh]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    page_tables: jax.Array,  # [B, P] int32
+    positions: jax.Array,  # [B] int32 the query's position
+    cached_lens: jax.Array,  # [B] int32 keys already in the pool
+    *,
+    page_size: int,
+    sliding_window: int | None = None,
+    tunables: AttentionTunables = AttentionTunables(),
+    interpret: bool = False,
+) -> jax.Array:  # [B, Hq, Dh]
+    b, hq, dh = q.shape
+    hkv = k_new.shape[1]
+    p = page_tables.shape[1]
+    ppb = max(1, min(tunables.pages_per_block, p))
+    while p % ppb:
+        ppb //= 2
+    kernel = functools.partial(
+        _decode_kernel, group=hq // hkv, page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv,
+        block_keys=ppb * page_size, n_table=p, window=sliding_window, scale=1.0 / float(dh) ** 0.5,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
+        grid=(b, hkv),
+        compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, positions, cached_lens, q, k_new, v_new, pool)
