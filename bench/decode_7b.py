@@ -2,7 +2,8 @@
 weights, batch 32, prompt 128, 128 new tokens, greedy; base-only and every request its own rank-16
 q/k/v/o adapter; bandwidth measured in the same run; HF transformers + PEFT peer figures merged in.
 
-python -m bench.decode_7b [--peer FILE] [--batch 32] [--layers 32]
+python -m bench.decode_7b [--peer FILE] [--batch 32] [--layers 32] [--impl reference|auto] [--layer-loop scan|unrolled]
+                         [--hlo FILE]
 """
 
 from __future__ import annotations
@@ -19,29 +20,15 @@ PROMPT, NEW, RANK = 128, 128, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def bandwidth() -> dict[str, float]:
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
-    copy = jax.jit(lambda x: x + 1)
-    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    out = {}
-    for name, fn, moved in (("copy_TBps", copy, 2 * x.nbytes), ("read_TBps", read, x.nbytes)):
-        jax.block_until_ready(fn(x))
-        start = time.perf_counter()
-        for _ in range(20):
-            r = fn(x)
-        jax.block_until_ready(r)
-        out[name] = moved * 20 / (time.perf_counter() - start) / 1e12
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--impl", default="auto", help="reference | auto (Pallas kernels on GPU)")
+    ap.add_argument("--layer-loop", default="unrolled", help="scan | unrolled")
+    ap.add_argument("--hlo", default=None, help="write the compiled mixed decode step's HLO here")
+    ap.add_argument("--tag", default="", help="appended to the result name")
     args = ap.parse_args()
     import dataclasses
 
@@ -50,6 +37,7 @@ def main() -> None:
 
     import jlora
     from bench.common import write_result
+    from bench.kernels.timing import bandwidth
     from checkpoints.peft import write_random_peft_adapter
     from jlora.config import PRESETS, EngineConfig
     from jlora.loader import LoadedModel
@@ -66,12 +54,17 @@ def main() -> None:
         page_size=16, num_pages=b * pages_per_seq + b * 8 + 64, max_model_len=PROMPT + NEW, max_batch=b,
         decode_batch_buckets=(b,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
         page_buckets=(pages_per_seq,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
+        implementation=args.impl, layer_loop=args.layer_loop,
     )
     sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
                             max_model_len=PROMPT + NEW)
     start = time.perf_counter()
     engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
     compile_s = time.perf_counter() - start
+    if args.hlo:
+        name = next(n for n in engine.paged.compiled if n.startswith("decode") and not n.endswith("_r0"))
+        with open(args.hlo, "w") as f:
+            f.write(engine.paged.compiled[name].as_text())
 
     names = [f"a{i}" for i in range(b)]
     with tempfile.TemporaryDirectory() as folder:
@@ -117,7 +110,7 @@ def main() -> None:
     payload = {
         "workload": {"geometry": "llama2-7b", "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
                      "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
-                     "implementation": ec.implementation},
+                     "implementation": ec.implementation, "layer_loop": ec.layer_loop},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
         "jlora": results,
         "T3": {"mixed_step_ms": mixed["decode_step_ms"], "allowed_ms": base["decode_step_ms"] + lora_floor_ms,
@@ -131,7 +124,9 @@ def main() -> None:
         payload["T2"] = {"vs_peft_mixed": ratio, "roofline_fraction": mixed["roofline_fraction"],
                          "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8}
     print(json.dumps(payload, indent=1, default=_plain))
-    print("wrote", write_result("decode-7b", payload))
+    print(f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), mixed "
+          f"{mixed['decode_step_ms']:.2f} ms ({mixed['roofline_fraction']:.0%}), T3 allowed {lora_floor_ms:.2f} ms extra")
+    print("wrote", write_result("decode-7b" + args.tag, payload))
 
 
 def _plain(o):

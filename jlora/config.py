@@ -182,6 +182,7 @@ class EngineConfig:
         default_factory=lambda: os.environ.get("JLORA_CACHE", os.path.expanduser("~/.cache/jlora/xla"))
     )
     implementation: str = "reference"  # "reference" everywhere; "auto" picks kernels on GPU
+    layer_loop: str = "scan"  # "scan" over stacked layers, or "unrolled" (per-layer buffers; longer compiles)
 
     @property
     def max_lora_rank(self) -> int:
@@ -209,6 +210,8 @@ class EngineConfig:
             raise ValueError("the largest decode batch bucket must hold max_batch")
         if self.num_pages < 2:
             raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
+        if self.layer_loop not in ("scan", "unrolled"):
+            raise ValueError(f"layer_loop must be 'scan' or 'unrolled', not {self.layer_loop!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")

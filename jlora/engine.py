@@ -18,7 +18,7 @@ import numpy as np
 from checkpoints.peft import PeftAdapter
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
-from jlora.model.paged import forward_paged
+from jlora.model.paged import forward_paged, unstack_layers
 from jlora.pool.device import adapter_page_data, new_pool, warm_up_writer, write_adapter
 from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
@@ -70,7 +70,7 @@ class PagedEngine:
         enable_compilation_cache(config.compilation_cache_dir)
         self.model_config = model_config
         self.config = config
-        self.params = params
+        self.params = unstack_layers(params) if config.layer_loop == "unrolled" else params
         self.dtype = params["embed"].dtype
         shapes = model_config.module_shapes()
         self.layout = PoolLayout(

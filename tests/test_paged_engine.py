@@ -71,12 +71,13 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
     return [results[i] for i in ids]
 
 
-@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret"])
+@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret", "unrolled"])
 def test_paged_equals_reference(tiny, variant):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode attention) run by the interpreter."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant == "kernels_interpret" else "reference"
-    config = small_config(num_pages=128 if variant == "small_pool_preempts" else 400, implementation=impl)
+    config = small_config(num_pages=128 if variant == "small_pool_preempts" else 400, implementation=impl,
+                          layer_loop="unrolled" if variant == "unrolled" else "scan")
     engine = jlora.Engine(loaded, config)
     for name, path in paths.items():
         engine.load_adapter(name, path)

@@ -1,6 +1,8 @@
 """The decoder over the unified paged pool: forward_paged(params, pool, batch, lora) -> (pool, logits).
 
-Inside the layer loop the pool is read-only (cached K/V pages and adapter rows); the step's new K/V
+Layers run under lax.scan over stacked weights, or as an unrolled loop when params["layers"] is a list
+of per-layer trees (unstack_layers): then every layer's weights are their own buffers and no per-layer
+slice is copied before its matmuls. Inside the layer loop the pool is read-only (cached K/V pages and adapter rows); the step's new K/V
 come out of the scan and are written into their pages in one in-place scatter (the pool is donated).
 """
 
@@ -16,6 +18,15 @@ from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
 from jlora.model.llama import DecoderLayer, take_logits
 from pallas_kernels.lora import lora_decode, lora_prefill
 from pallas_kernels.paged_attention import paged_attention, write_kv
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """The same params with "layers" as a list of per-layer trees (for the unrolled layer loop)."""
+    stacked = params["layers"]
+    if isinstance(stacked, list | tuple):
+        return params
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]}
 
 
 def forward_paged(
@@ -60,7 +71,15 @@ def forward_paged(
         h, (k, v) = layer_module.apply({"params": layer_params}, h, batch.positions, None, attend, lora_fn)
         return h, (k, v)
 
-    layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
+    if isinstance(params["layers"], list | tuple):  # unstacked: one buffer per layer, no slicing in a loop
+        ks, vs = [], []
+        for i, layer_params in enumerate(params["layers"]):
+            h, (k, v) = body(h, (layer_params, jnp.int32(i)))
+            ks.append(k)
+            vs.append(v)
+        k, v = jnp.stack(ks), jnp.stack(vs)
+    else:
+        layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+        h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
     pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
     return pool, take_logits(params, config, h, batch.logits_at)

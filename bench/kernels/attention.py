@@ -1,0 +1,85 @@
+"""Paged decode attention (BENCH.md T6): batch 64, context 2,048, page 16, over the unified pool;
+the Pallas kernel and the pure-jnp reference, KV bytes / time against the copy and read bandwidth
+measured in the same run. Llama-2-7B heads (32/32, MHA) and Llama-3-8B heads (32/8, GQA).
+
+python -m bench.kernels.attention [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.kernels.timing import bandwidth, chained_seconds
+from pallas_kernels.paged_attention import AttentionTunables, paged_attention
+
+PAGE, DH = 16, 128
+
+
+def _case(batch: int, context: int, hq: int, hkv: int):
+    pages_per_seq = context // PAGE
+    page_units = PAGE * 2 * hkv
+    n_pages = 1 + batch * pages_per_seq
+    pool = (jax.random.normal(jax.random.PRNGKey(0), (1, n_pages * page_units, DH), jnp.float32)).astype(jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    tables = (1 + rng.permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq).astype(np.int32)
+    lens = np.full(batch, context - 1, np.int32)
+    fixed = (pool, jnp.asarray(tables), jnp.asarray(lens[:, None]), jnp.asarray(lens), jnp.ones((batch,), jnp.int32))
+    rotations = []
+    for i in range(2):
+        k = jax.random.split(jax.random.PRNGKey(5 + i), 3)
+        rotations.append(tuple(jax.random.normal(kk, (batch, 1, h, DH), jnp.float32).astype(jnp.bfloat16)
+                               for kk, h in zip(k, (hq, hkv, hkv))))
+    kv_bytes = batch * (context - 1) * 2 * hkv * DH * 2
+    return fixed, rotations, kv_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=2048)
+    args = ap.parse_args()
+    bw = bandwidth()
+    rows = []
+    for label, hq, hkv in (("llama2-7b MHA 32/32", 32, 32), ("llama3-8b GQA 32/8", 32, 8)):
+        fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv)
+
+        def op(pool, tables, pos, lens, new, q, k, v, impl="pallas", tunables=None):
+            return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE,
+                                   implementation=impl, tunables=tunables)
+
+        want = op(*fixed, *rotations[0], impl="reference")
+        sweep = []
+        for ppb, warps in itertools.product((1, 2, 4, 8), (4, 8)):
+            t = AttentionTunables(pages_per_block=ppb, num_warps=warps)
+            got = op(*fixed, *rotations[0], tunables=t)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+            us = chained_seconds(lambda *a, t=t: op(*a, tunables=t), fixed, rotations, iters=20) * 1e6
+            sweep.append({**dataclasses.asdict(t), "us": us, "max_abs_err": err})
+            print(label, dataclasses.asdict(t), f"{us:.1f} us err {err:.2e}", flush=True)
+        best = min(sweep, key=lambda s: s["us"])
+        ref_us = chained_seconds(lambda *a: op(*a, impl="reference"), fixed, rotations, iters=20) * 1e6
+        row = {"case": label, "batch": args.batch, "context": args.context, "kv_bytes": kv_bytes,
+               "kernel_us": best["us"], "best": best, "reference_us": ref_us,
+               "kernel_TBps": kv_bytes / best["us"] / 1e6, "reference_TBps": kv_bytes / ref_us / 1e6,
+               "kernel_share_of_copy_bw": kv_bytes / best["us"] / 1e6 / bw["copy_TBps"],
+               "kernel_share_of_read_bw": kv_bytes / best["us"] / 1e6 / bw["read_TBps"], "sweep": sweep}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"bandwidth": bw, "cases": rows}, f, indent=1)
+    for r in rows:
+        print(f"{r['case']:22s} kernel {r['kernel_us']:8.1f} us {r['kernel_TBps']:.2f} TB/s "
+              f"({100 * r['kernel_share_of_copy_bw']:.0f}% copy bw) reference {r['reference_us']:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Timing small device ops: many calls chained inside one jit (launch and sync overhead drop out),
+inputs rotated so nothing is hoisted or served from L2; bandwidth measured in the same process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def chained_seconds(op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 100, repeats: int = 5) -> float:
+    """Median seconds of one op(*fixed, *args) call. `fixed` (a pool, weights) is passed once;
+    `rotations` is a list of argument tuples of equal shapes, iteration i uses rotations[i % len], and
+    every output feeds a checksum (no dead code)."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotations)
+    n_rot = len(rotations)
+
+    @jax.jit
+    def run(fixed, stacked):
+        def body(i, acc):
+            args = jax.tree.map(lambda s: s[i % n_rot], stacked)
+            out = op(*fixed, *args)
+            return acc + jnp.sum(out.astype(jnp.float32)) * 1e-9
+
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    jax.block_until_ready(run(fixed, stacked))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(fixed, stacked))
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] / iters
+
+
+def bandwidth() -> dict[str, float]:
+    """Copy (bytes read + written) and read-only bandwidth in TB/s, 2 GiB buffers."""
+    x = jnp.ones((1 << 30,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x + 1)
+    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    out = {}
+    for name, fn, moved in (("copy_TBps", copy, 2 * x.nbytes), ("read_TBps", read, x.nbytes)):
+        jax.block_until_ready(fn(x))
+        start = time.perf_counter()
+        for _ in range(20):
+            r = fn(x)
+        jax.block_until_ready(r)
+        out[name] = moved * 20 / (time.perf_counter() - start) / 1e12
+    return out
