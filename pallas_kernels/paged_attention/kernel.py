@@ -29,7 +29,8 @@ class AttentionTunables:
     num_stages: int = 2
 
 
-TUNED: dict[tuple[int, int], AttentionTunables] = {}  # (page_size, head_dim) -> tunables, from bench/kernels
+# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
+TUNED: dict[tuple[int, int], AttentionTunables] = {(16, 128): AttentionTunables(pages_per_block=4, num_warps=4)}
 
 
 def tunables_for(page_size: int, head_dim: int) -> AttentionTunables:
@@ -71,7 +72,7 @@ def _decode_kernel(
         return tuple(out)
 
     init = tuple((jnp.float32(NEG_INF), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(group))
-    n_blocks = jnp.minimum((clen + block_keys - 1) // block_keys, (n_table * page_size) // block_keys)
+    n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
     start = jnp.int32(0)
     if window is not None:
         start = jnp.maximum(pos - window + 1, 0) // block_keys
@@ -108,9 +109,9 @@ def paged_decode_attention_kernel(
     b, hq, dh = q.shape
     hkv = k_new.shape[1]
     p = page_tables.shape[1]
-    ppb = max(1, min(tunables.pages_per_block, p))
-    while p % ppb:
-        ppb //= 2
+    ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
+    while ppb * 2 <= min(tunables.pages_per_block, p):
+        ppb *= 2
     kernel = functools.partial(
         _decode_kernel, group=hq // hkv, page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv,
         block_keys=ppb * page_size, n_table=p, window=sliding_window, scale=1.0 / float(dh) ** 0.5,
