@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--layer-loop", default="unrolled", help="scan | unrolled")
     ap.add_argument("--hlo", default=None, help="write the compiled mixed decode step's HLO here")
     ap.add_argument("--tag", default="", help="appended to the result name")
+    ap.add_argument("--profile", action="store_true", help="trace 10 decode steps of each run: kernel time by name")
     args = ap.parse_args()
     import dataclasses
 
@@ -38,6 +39,7 @@ def main() -> None:
     import jlora
     from bench.common import write_result
     from bench.kernels.timing import bandwidth
+    from bench.profile import kernel_breakdown
     from checkpoints.peft import write_random_peft_adapter
     from jlora.config import PRESETS, EngineConfig
     from jlora.loader import LoadedModel
@@ -78,10 +80,21 @@ def main() -> None:
     step_times: dict[str, list[float]] = {}
     original = engine.paged._run
 
-    def timed_run(kind, chunks, sampling, label=[""]):  # noqa: B006
+    profiles = {}
+    trace_root = tempfile.mkdtemp()
+
+    def timed_run(kind, chunks, sampling):
+        key = f"{timed_run.label}:{kind}"
+        n = len(step_times.get(key, []))
+        tracing = args.profile and kind == "decode" and timed_run.label != "warm"
+        if tracing and n == 20:
+            jax.profiler.start_trace(os.path.join(trace_root, timed_run.label))
         t = time.perf_counter()
         out = original(kind, chunks, sampling)  # returns host values: the step has finished
-        step_times.setdefault(f"{timed_run.label}:{kind}", []).append(time.perf_counter() - t)
+        step_times.setdefault(key, []).append(time.perf_counter() - t)
+        if tracing and n == 29:
+            jax.profiler.stop_trace()
+            profiles[timed_run.label] = kernel_breakdown(os.path.join(trace_root, timed_run.label), steps=10)
         return out
 
     engine.paged._run = timed_run
@@ -96,7 +109,7 @@ def main() -> None:
         start = time.perf_counter()
         engine.generate(prompts, params_, adapters=adapters)
         seconds = time.perf_counter() - start
-        decode = np.median(step_times[f"{label}:decode"])
+        decode = np.median([t for i, t in enumerate(step_times[f"{label}:decode"]) if not 20 <= i < 30])
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
@@ -113,6 +126,7 @@ def main() -> None:
                      "implementation": ec.implementation, "layer_loop": ec.layer_loop},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
         "jlora": results,
+        "profile": profiles,
         "T3": {"mixed_step_ms": mixed["decode_step_ms"], "allowed_ms": base["decode_step_ms"] + lora_floor_ms,
                "met": mixed["decode_step_ms"] <= base["decode_step_ms"] + lora_floor_ms},
     }
@@ -124,6 +138,11 @@ def main() -> None:
         payload["T2"] = {"vs_peft_mixed": ratio, "roofline_fraction": mixed["roofline_fraction"],
                          "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8}
     print(json.dumps(payload, indent=1, default=_plain))
+    for label, prof in profiles.items():
+        print(label, f"device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
+              f"{prof.get('kernels_per_step', 0):.0f} kernels/step")
+        for row in prof.get("top", [])[:15]:
+            print(f"   {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
     print(f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), mixed "
           f"{mixed['decode_step_ms']:.2f} ms ({mixed['roofline_fraction']:.0%}), T3 allowed {lora_floor_ms:.2f} ms extra")
     print("wrote", write_result("decode-7b" + args.tag, payload))
