@@ -16,23 +16,27 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     if not files:
         return {"error": f"no trace under {trace_dir}"}
     data = ProfileData.from_file(max(files, key=os.path.getmtime))
-    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    busy = 0.0
+    lines: dict[str, dict[str, list[float]]] = {}
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
-                continue
+            by_name = lines.setdefault(line.name, collections.defaultdict(lambda: [0.0, 0]))
             for e in line.events:
                 name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
                 by_name[name][0] += e.duration_ns / 1e6
                 by_name[name][1] += 1
-                busy += e.duration_ns / 1e6
-    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    return {
-        "steps": steps,
-        "device_busy_ms_per_step": busy / steps,
-        "kernels_per_step": sum(c for _, c in by_name.values()) / steps,
-        "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows[:top]],
-    }
+    if not lines:
+        return {"error": "no GPU plane in the trace"}
+    # the line with the most events holds the kernels (stream lines); "XLA Ops" names HLO ops
+    kernel_line = max(lines, key=lambda n: sum(c for _, c in lines[n].values()))
+    out = {"steps": steps, "lines": {n: sum(v[0] for v in d.values()) / steps for n, d in lines.items()},
+           "kernel_line": kernel_line}
+    for label, name in (("top", kernel_line), ("top_xla_ops", "XLA Ops")):
+        by_name = lines.get(name, {})
+        rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+        out[label] = [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows[:top]]
+    by_name = lines[kernel_line]
+    out["device_busy_ms_per_step"] = sum(v[0] for v in by_name.values()) / steps
+    out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps
+    return out

@@ -64,7 +64,8 @@ def forward_paged(
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
                     delta = lora_decode(x.reshape(b * t, h_in), pool, layer, meta.token_index, meta.a_start,
-                                        meta.b_start, h_out, meta.offsets, implementation=impl)
+                                        meta.b_start, h_out, meta.offsets, implementation=impl,
+                                        max_rank=meta.token_index.shape[0] // (b * t))  # the rank bucket
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 

@@ -60,10 +60,11 @@ def _check_widths(h_in: int, h_out: int, dh: int) -> None:
 
 def lora_decode(
     x, pool, layer, token_index, a_start, b_start, h_out: int, offsets=None, *, implementation: str = "reference",
-    tunables: LoraTunables | None = None,
+    tunables: LoraTunables | None = None, max_rank: int = 16,
 ) -> jax.Array:
     """BGMV delta [N, H_out]. Pairs must be grouped by token (nondecreasing token_index), padding
-    pairs last with token_index N and a_start 0. offsets ([N + 1]) may be given to skip a search."""
+    pairs last with token_index N and a_start 0. offsets ([N + 1]) may be given to skip a search.
+    max_rank: the largest rank expected per token (a tile size; larger ranks are still correct)."""
     if x.ndim != 2 or pool.ndim != 3:
         raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
     if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
@@ -78,7 +79,7 @@ def lora_decode(
         offsets = decode_offsets(token_index, x.shape[0])
     return lora_decode_kernel(
         x, pool, layer, token_index, a_start, b_start, offsets, h_out=h_out,
-        tunables=tunables or tunables_for(pool.shape[2]), interpret=path == "interpret",
+        tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank, interpret=path == "interpret",
     )
 
 

@@ -8,8 +8,9 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
 - shrink: grid over (token, rank row) pairs; each program reads one A^T row and its token's x and
   writes one float32 dot product. Work and bytes are the sum of the ranks used: mixed ranks cost
   their own rank, and resident adapters no token uses cost nothing.
-- expand: grid over (token, block of output units); each program walks its token's pairs (a
-  contiguous range given by offsets) and accumulates s * B rows for its block.
+- expand: grid over (token, block of output units); each program gathers its token's pairs (a
+  contiguous range given by offsets) as one [max_rank, Dh] tile of B rows per output unit, in one
+  load when the token's rank is at most max_rank (a loop otherwise), and sums s * B rows.
 
 Prefill (SGMV, one adapter per sequence chunk): the same two launches over blocks of a sequence's
 tokens, with the adapter's rows gathered as one [R, Dh] tile per unit and tensor-core dots.
@@ -86,24 +87,34 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
 
 
-def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units):
+def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs):
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    dh = pool_ref.shape[2]
     start = off_ref[n]
     end = off_ref[n + 1]
+    lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
 
-    def body(k, acc):
-        units = b_ref[k] + j * out_units + jnp.arange(out_units, dtype=jnp.int32)
-        rows = pool_ref[layer, units, :].astype(jnp.float32)  # [out_units, Dh]
-        return acc + s_ref[k] * rows
+    def body(c, accs):
+        idx = start + c * pairs_per_load + lane  # [P] this load's pairs
+        valid = idx < end
+        safe = jnp.minimum(idx, n_pairs - 1)
+        s = jnp.where(valid, s_ref[safe], 0.0)  # [P] float32
+        base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
+        out = []
+        for u in range(out_units):  # independent gathers, in flight together
+            rows = pool_ref[layer, base + j * out_units + u, :].astype(jnp.float32)  # [P, Dh]
+            out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
+        return tuple(out)
 
-    acc = jax.lax.fori_loop(start, end, body, jnp.zeros((out_units, dh), jnp.float32))
-    o_ref[n, pl.ds(j * out_units, out_units), :] = acc.astype(o_ref.dtype)
+    dh = pool_ref.shape[2]
+    n_loads = (end - start + pairs_per_load - 1) // pairs_per_load  # one load when rank <= pairs_per_load
+    accs = jax.lax.fori_loop(0, n_loads, body, tuple(jnp.zeros((dh,), jnp.float32) for _ in range(out_units)))
+    for u in range(out_units):
+        o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "max_rank", "interpret"))
 def lora_decode_kernel(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -115,6 +126,7 @@ def lora_decode_kernel(
     *,
     h_out: int,
     tunables: LoraTunables,
+    max_rank: int = 16,
     interpret: bool = False,
 ) -> jax.Array:  # [N, H_out] in x.dtype
     n, h_in = x.shape
@@ -132,8 +144,11 @@ def lora_decode_kernel(
         interpret=interpret,
         name="bgmv_shrink",
     )(layer_arr, token_index, a_start, x.reshape(n, units_in, dh), pool)
+    pairs_per_load = 1
+    while pairs_per_load < max_rank:
+        pairs_per_load *= 2
     out = pl.pallas_call(
-        functools.partial(_bgmv_expand_kernel, out_units=out_units),
+        functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load, n_pairs=k),
         out_shape=jax.ShapeDtypeStruct((n, units_out, dh), x.dtype),
         grid=(n, units_out // out_units),
         compiler_params=_params(tunables),
