@@ -140,7 +140,8 @@ def main() -> None:
     print(json.dumps(payload, indent=1, default=_plain))
     for label, prof in profiles.items():
         print(label, f"device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
-              f"{prof.get('kernels_per_step', 0):.0f} kernels/step")
+              f"{prof.get('kernels_per_step', 0):.0f} kernels/step, idle {prof.get('idle_ms_per_step_in_step_gaps', 0):.2f}"
+              f" ms in gaps < 0.1 ms and {prof.get('idle_ms_per_step_between_steps', 0):.2f} ms in longer gaps")
         for row in prof.get("top", [])[:15]:
             print(f"   {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
     print(f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), mixed "

@@ -17,6 +17,7 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
         return {"error": f"no trace under {trace_dir}"}
     data = ProfileData.from_file(max(files, key=os.path.getmtime))
     lines: dict[str, dict[str, list[float]]] = {}
+    spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -26,6 +27,7 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
                 name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
                 by_name[name][0] += e.duration_ns / 1e6
                 by_name[name][1] += 1
+                spans[line.name].append((e.start_ns, e.start_ns + e.duration_ns))
     if not lines:
         return {"error": "no GPU plane in the trace"}
     # the line with the most events holds the kernels (stream lines); "XLA Ops" names HLO ops
@@ -39,4 +41,15 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     by_name = lines[kernel_line]
     out["device_busy_ms_per_step"] = sum(v[0] for v in by_name.values()) / steps
     out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps
+    # idle time between kernels: short gaps are launch overhead, long ones the host between steps
+    events = sorted(spans[kernel_line])
+    short = long = 0.0
+    for (_, end), (start, _) in zip(events, events[1:]):
+        gap = max(0.0, start - end) / 1e6
+        if gap < 0.1:
+            short += gap
+        else:
+            long += gap
+    out["idle_ms_per_step_in_step_gaps"] = short / steps
+    out["idle_ms_per_step_between_steps"] = long / steps
     return out

@@ -19,6 +19,7 @@ from checkpoints.peft import PeftAdapter
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged, unstack_layers
+from jlora.packing import PackedSpec, pack, spec_of, unpack
 from jlora.pool.device import adapter_page_data, new_pool, warm_up_writer, write_adapter
 from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
@@ -83,20 +84,25 @@ class PagedEngine:
         self.pool = new_pool(self.layout, self.dtype)
         self._step_fn = jax.jit(
             functools.partial(self._step, config=model_config, page_size=config.page_size, impl=config.implementation),
-            donate_argnums=(1,),
+            static_argnames=("spec",), donate_argnums=(1,),
         )
+        self._rows_cache: dict[str, tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
         self.compiled: dict[str, Any] = {}
+        self._specs: dict[str, PackedSpec] = {}
         self.compile_seconds = 0.0
         if compile_now:
             self.compile_all()
 
     # ---- compiled steps ---------------------------------------------------------------------------
     @staticmethod
-    def _step(params, pool, batch, lora, sampling, counters, *, config, page_size, impl):
+    def _step(params, pool, packed, *, spec, config, page_size, impl):
+        """One step. packed: the step's metadata (batch, lora, sampling, counters) as one int32 array.
+        Returns the pool and [2, B] int32: sampled tokens, and their log-probs' float32 bits."""
+        batch, lora, sampling, counters = unpack(packed, spec)
         pool, logits = forward_paged(params, pool, batch, lora, config=config, page_size=page_size, impl=impl)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys))
-        return pool, tokens, logprobs
+        return pool, jnp.stack([tokens.astype(jnp.int32), jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
 
     def buckets(self) -> list[Bucket]:
         c = self.config
@@ -125,17 +131,20 @@ class PagedEngine:
                 lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
         sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
                                   keys=s(b, 2, dtype=jnp.uint32))
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
-        pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype)
-        return params, pool, batch, lora, sampling, s(b, dtype=jnp.uint32)
+        return batch, lora, sampling, s(b, dtype=jnp.uint32)
 
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
         self.pool = warm_up_writer(self.pool, self.layout)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+        pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype)
         for bucket in self.buckets():
             if bucket.name not in self.compiled:
-                self.compiled[bucket.name] = self._step_fn.lower(*self._abstract_args(bucket)).compile()
+                spec = spec_of(self._abstract_args(bucket))
+                packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32)
+                self.compiled[bucket.name] = self._step_fn.lower(params, pool, packed, spec=spec).compile()
+                self._specs[bucket.name] = spec
         self.compile_seconds = time.perf_counter() - start
         log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
 
@@ -204,34 +213,44 @@ class PagedEngine:
         lora = None
         if r_bucket:
             lora = self._decode_lora(chunks, b * t, r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
-        batch = PagedBatch(*(jnp.asarray(x) for x in (
-            tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)))
-        samp = SamplingArrays(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(keys))
+        batch = PagedBatch(tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)
+        samp = SamplingArrays(temperature, top_k, top_p, keys)
         step = self.compiled.get(bucket.name)
         if step is None:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
-        self.pool, new_tokens, new_logprobs = step(self.params, self.pool, batch, lora, samp, jnp.asarray(counters))
-        new_tokens, new_logprobs = np.asarray(new_tokens), np.asarray(new_logprobs)
+        packed = pack((batch, lora, samp, counters), self._specs[bucket.name])
+        self.pool, out = step(self.params, self.pool, packed)
+        out = np.asarray(out)
+        new_tokens, new_logprobs = out[0], out[1].view(np.float32)
         return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
+
+    def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
+        """The adapter's A and B row starts for a module as int32 arrays (cached per placement)."""
+        placement = self.memory.adapters[adapter].placement
+        cached = self._rows_cache.get(adapter)
+        if cached is None or cached[0] is not placement:
+            rows = {m: (np.asarray(placement.a_start[m], np.int32), np.asarray(placement.b_start[m], np.int32))
+                    for m in placement.a_start}
+            cached = self._rows_cache[adapter] = (placement, rows)
+        return cached[1].get(module, (_EMPTY, _EMPTY))
 
     def _decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, DecodeLora]:
         """Pairs grouped by token; padding pairs last, on token n_tokens (out of range) and the zero page."""
         k = n_tokens * r_bucket
         out = {}
         for m in self.config.lora_modules:
+            rows = [self._rows(ch.adapter, m) if ch.adapter else (_EMPTY, _EMPTY) for ch in chunks]
+            counts = np.array([len(a) for a, _ in rows], np.int32)
+            n = int(counts.sum())
             tok, a, bb = np.full(k, n_tokens, np.int32), np.zeros(k, np.int32), np.zeros(k, np.int32)
+            tok[:n] = np.repeat(np.arange(len(chunks), dtype=np.int32), counts)
+            if n:
+                a[:n] = np.concatenate([r[0] for r in rows])
+                bb[:n] = np.concatenate([r[1] for r in rows])
             offsets = np.zeros(n_tokens + 1, np.int32)
-            n = 0
-            for i, ch in enumerate(chunks):
-                rows = self.memory.adapters[ch.adapter].placement.a_start.get(m) if ch.adapter else None
-                if rows:
-                    r = len(rows)
-                    tok[n : n + r] = i
-                    a[n : n + r] = rows
-                    bb[n : n + r] = self.memory.adapters[ch.adapter].placement.b_start[m]
-                    n += r
-                offsets[i + 1 :] = n
-            out[m] = DecodeLora(jnp.asarray(tok), jnp.asarray(a), jnp.asarray(bb), jnp.asarray(offsets))
+            offsets[1 : len(chunks) + 1] = np.cumsum(counts)
+            offsets[len(chunks) + 1 :] = n
+            out[m] = DecodeLora(tok, a, bb, offsets)
         return out
 
     def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:
@@ -240,12 +259,13 @@ class PagedEngine:
             a, bb = np.zeros((b, r), np.int32), np.zeros((b, r), np.int32)
             for i, ch in enumerate(chunks):
                 if ch.adapter:
-                    pl = self.memory.adapters[ch.adapter].placement
-                    rows = pl.a_start.get(m, [])
-                    a[i, : len(rows)] = rows
-                    bb[i, : len(rows)] = pl.b_start.get(m, [])
-            out[m] = PrefillLora(jnp.asarray(a), jnp.asarray(bb))
+                    rows_a, rows_b = self._rows(ch.adapter, m)
+                    a[i, : len(rows_a)] = rows_a
+                    bb[i, : len(rows_b)] = rows_b
+            out[m] = PrefillLora(a, bb)
         return out
 
+
+_EMPTY = np.zeros(0, np.int32)
 
 __all__ = ["Bucket", "PagedEngine", "SamplingRow"]
