@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds
 from pallas_kernels.paged_attention import AttentionTunables, paged_attention
 
@@ -76,6 +77,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"bandwidth": bw, "cases": rows}, f, indent=1)
+    print("wrote", write_result("kernels-attention", {"bandwidth": bw, "cases": rows}))
     for r in rows:
         print(f"{r['case']:22s} kernel {r['kernel_us']:8.1f} us {r['kernel_TBps']:.2f} TB/s "
               f"({100 * r['kernel_share_of_copy_bw']:.0f}% copy bw) reference {r['reference_us']:8.1f} us")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds
 from pallas_kernels.lora import LoraTunables, lora_decode
 
@@ -140,6 +141,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    print("wrote", write_result("kernels-lora", result))
     print(f"{'case':42s} {'floor':>7s} {'kernel':>7s} {'ref':>7s} {'gather':>7s} {'onehot':>7s} {'ragged':>8s}")
     for r in rows:
         print(f"{r['case']:42s} {r['floor_us']:7.1f} {r['kernel_us']:7.1f} {r['reference_us']:7.1f} "
