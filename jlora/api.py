@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from jax.sharding import Mesh
+
 from checkpoints.peft import PeftFormatError, load_peft_adapter
 from jlora import loader
-from jlora.config import EngineConfig
+from jlora.config import EngineConfig, MeshConfig
 from jlora.engine import PagedEngine
 from jlora.errors import AdapterInUseError, AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from jlora.generate import ReferenceGenerator, SequenceState
@@ -20,6 +22,7 @@ from jlora.pool.adapters import AdapterPool
 from jlora.request import RequestOutput, SamplingParams, validate_prompt_ids
 from jlora.runner import Runner
 from jlora.scheduler import SchedulerConfig
+from jlora.sharding import make_mesh
 
 Prompt = str | Sequence[int]
 
@@ -52,9 +55,11 @@ class Engine:
         max_model_len: int | None = None,
         reference: bool = False,
         scheduler_config: SchedulerConfig | None = None,
+        mesh: Mesh | MeshConfig | None = None,
     ):
         """reference=True runs the contiguous-cache reference path (the oracle); the default is the
-        paged engine: one device pool for KV and adapters, continuous batching, AOT-compiled buckets."""
+        paged engine: one device pool for KV and adapters, continuous batching, AOT-compiled buckets.
+        mesh: tensor parallelism over a jax.sharding.Mesh (or a MeshConfig over the visible devices)."""
         self.model = model
         self.config = model.config
         self.tokenizer = model.tokenizer
@@ -70,7 +75,9 @@ class Engine:
             self._generator = ReferenceGenerator(self.config, self.tokenizer)
             self._adapters = AdapterPool(self.config, model.params["embed"].dtype)
         else:
-            self.paged = PagedEngine(self.config, model.params, self.engine_config)
+            if isinstance(mesh, MeshConfig):
+                mesh = make_mesh(mesh)
+            self.paged = PagedEngine(self.config, model.params, self.engine_config, mesh=mesh)
             sched = scheduler_config or SchedulerConfig(
                 max_batch=self.engine_config.max_batch,
                 max_prefill_tokens=self.engine_config.max_prefill_tokens,

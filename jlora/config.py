@@ -160,6 +160,19 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: `model` ways of tensor parallelism (Megatron-style heads and MLP columns, KV
+    pages split by KV head, LoRA split like the layer it adapts). `data` replicas are separate engines."""
+
+    data: int = 1
+    model: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.data * self.model
+
+
 ALL_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

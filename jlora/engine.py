@@ -14,17 +14,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import shard_map
+from jax.sharding import Mesh, PartitionSpec
 
 from checkpoints.peft import PeftAdapter
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
-from jlora.pool.device import adapter_page_data, new_pool, warm_up_writer, write_adapter
+from jlora.pool.device import adapter_page_data, empty_block, new_pool, write_blocks, write_pages
 from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
 from jlora.sampling import SamplingArrays, sample
 from jlora.scheduler import Schedule, ScheduledChunk
+from jlora.sharding import (
+    POOL_AXES,
+    local_config,
+    local_module_shapes,
+    model_ways,
+    param_specs,
+    pool_sharding,
+    replicated,
+    shard_params,
+)
+from jlora.sharding import (
+    spec as logical_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +81,38 @@ def enable_compilation_cache(folder: str | None) -> None:
 
 
 class PagedEngine:
-    def __init__(self, model_config: ModelConfig, params: dict[str, Any], config: EngineConfig, compile_now: bool = True):
+    """mesh: a jax.sharding.Mesh with axes ("data", "model") for tensor parallelism (jlora.sharding);
+    params are placed with their shardings, the pool is split by KV head, and each step runs the model
+    under shard_map. Without a mesh everything lives on the default device."""
+
+    def __init__(self, model_config: ModelConfig, params: dict[str, Any], config: EngineConfig, compile_now: bool = True,
+                 mesh: Mesh | None = None):
         config.validate()
         enable_compilation_cache(config.compilation_cache_dir)
+        if mesh is not None and mesh.shape["data"] != 1:
+            raise ValueError("the data axis must be 1 inside one engine: run one engine per data replica")
         self.model_config = model_config
         self.config = config
-        self.params = unstack_layers(params) if config.layer_loop == "unrolled" else params
+        self.mesh = mesh
+        self.shards = model_ways(mesh)
+        local = local_config(model_config, self.shards)  # one shard's geometry (the whole model without a mesh)
+        params = unstack_layers(params) if config.layer_loop == "unrolled" else params
+        self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
-        shapes = model_config.module_shapes()
+        shapes = local_module_shapes(model_config, self.shards)
         self.layout = PoolLayout(
             num_layers=model_config.num_hidden_layers, num_pages=config.num_pages, page_size=config.page_size,
-            num_kv_heads=model_config.num_key_value_heads, head_dim=model_config.head_dim,
+            num_kv_heads=local.num_key_value_heads, head_dim=model_config.head_dim,
             module_shapes=tuple((m, *shapes[m]) for m in config.lora_modules),
         )
         self.layout.check()
         self.memory = PoolManager(self.layout)
-        self.pool = new_pool(self.layout, self.dtype)
-        self._step_fn = jax.jit(
-            functools.partial(self._step, config=model_config, page_size=config.page_size, impl=config.implementation),
-            static_argnames=("spec",), donate_argnums=(1,),
-        )
+        self.pool = new_pool(self.layout, self.dtype, self.shards, pool_sharding(mesh) if mesh is not None else None)
+        forward = functools.partial(forward_paged, config=local, page_size=config.page_size, impl=config.implementation)
+        if mesh is not None:
+            forward = self._sharded_forward(forward, mesh)
+        self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),
+                                donate_argnums=(1,))
         self._rows_cache: dict[str, tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
@@ -94,12 +121,25 @@ class PagedEngine:
             self.compile_all()
 
     # ---- compiled steps ---------------------------------------------------------------------------
+    def _sharded_forward(self, forward, mesh: Mesh):
+        """The model under shard_map: each shard its heads, MLP columns, pool slice and LoRA slices."""
+        specs = param_specs(self.params)
+
+        def sharded(params, pool, batch, lora):
+            return shard_map(
+                functools.partial(forward, tp_axis="model"), mesh=mesh,
+                in_specs=(specs, logical_spec(POOL_AXES), PartitionSpec(), PartitionSpec()),
+                out_specs=(logical_spec(POOL_AXES), PartitionSpec()), check_vma=False,
+            )(params, pool, batch, lora)
+
+        return sharded
+
     @staticmethod
-    def _step(params, pool, packed, *, spec, config, page_size, impl):
+    def _step(params, pool, packed, *, spec, forward):
         """One step. packed: the step's metadata (batch, lora, sampling, counters) as one int32 array.
         Returns the pool and [2, B] int32: sampled tokens, and their log-probs' float32 bits."""
         batch, lora, sampling, counters = unpack(packed, spec)
-        pool, logits = forward_paged(params, pool, batch, lora, config=config, page_size=page_size, impl=impl)
+        pool, logits = forward(params, pool, batch, lora)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys))
         return pool, jnp.stack([tokens.astype(jnp.int32), jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
@@ -136,13 +176,14 @@ class PagedEngine:
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
-        self.pool = warm_up_writer(self.pool, self.layout)
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
-        pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype)
+        self.pool = write_pages(self.pool, self.layout, *empty_block(self.layout, self.shards))
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+        pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype, sharding=self.pool.sharding)
+        packed_sharding = replicated(self.mesh) if self.mesh is not None else None
         for bucket in self.buckets():
             if bucket.name not in self.compiled:
                 spec = spec_of(self._abstract_args(bucket))
-                packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32)
+                packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
                 self.compiled[bucket.name] = self._step_fn.lower(params, pool, packed, spec=spec).compile()
                 self._specs[bucket.name] = spec
         self.compile_seconds = time.perf_counter() - start
@@ -152,8 +193,9 @@ class PagedEngine:
     def copy_adapter(self, name: str, adapter: PeftAdapter) -> None:
         """Copy a placed adapter's rows into its pages (host -> device, queued before the next step)."""
         placement = self.memory.adapters[name].placement
-        data = adapter_page_data(self.layout, adapter, placement.ranks)
-        self.pool = write_adapter(self.pool, self.layout, placement, data)
+        data = adapter_page_data(self.layout, adapter, placement.ranks, self.model_config.module_shapes(), self.shards)
+        for ids, block in write_blocks(self.layout, placement, data):
+            self.pool = write_pages(self.pool, self.layout, ids, jnp.asarray(block, self.dtype))
 
     # ---- one step ---------------------------------------------------------------------------------
     def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import jax
+# four host devices for the sharding tests (must be set before jax starts its CPU backend)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")

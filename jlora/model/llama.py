@@ -41,9 +41,12 @@ class DecoderLayer(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, h, positions, attn_state, attend: Attend, lora_fn: LoraFn | None = None):
-        # h [B, T, D]; positions [B, T]
+    def __call__(self, h, positions, attn_state, attend: Attend, lora_fn: LoraFn | None = None,
+                 reduce: Callable[[jax.Array], jax.Array] | None = None):
+        # h [B, T, D]; positions [B, T]. reduce: the all-reduce of row-split layers' partial outputs
+        # (tensor parallelism); their LoRA deltas are partial too and ride the same all-reduce.
         c = self.config
+        reduce = reduce or (lambda x: x)
         b, t, _ = h.shape
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
@@ -58,12 +61,12 @@ class DecoderLayer(nn.Module):
         attn, attn_state = attend(q, k, v, attn_state)
         # LoRA after attention reads the state as updated (adapter rows are untouched by K/V writes),
         # so the pool is never needed in two versions and is updated in place
-        h = h + self._proj("o_proj", attn, c.hidden_size, False, lora_fn, attn_state)
+        h = h + reduce(self._proj("o_proj", attn, c.hidden_size, False, lora_fn, attn_state))
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
         gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
         up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
-        h = h + self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
+        h = h + reduce(self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state))
         return h, attn_state
 
 

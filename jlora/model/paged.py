@@ -38,7 +38,11 @@ def forward_paged(
     config: ModelConfig,
     page_size: int,
     impl: str = "reference",
+    tp_axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32
+    """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
+    outputs are summed over tp_axis and vocab-split logits gathered."""
+    reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layer_module = DecoderLayer(config, params["embed"].dtype)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
     shapes = config.module_shapes()
@@ -69,7 +73,7 @@ def forward_paged(
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
-        h, (k, v) = layer_module.apply({"params": layer_params}, h, batch.positions, None, attend, lora_fn)
+        h, (k, v) = layer_module.apply({"params": layer_params}, h, batch.positions, None, attend, lora_fn, reduce)
         return h, (k, v)
 
     if isinstance(params["layers"], list | tuple):  # unstacked: one buffer per layer, no slicing in a loop
@@ -83,4 +87,7 @@ def forward_paged(
         layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
         h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
     pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
-    return pool, take_logits(params, config, h, batch.logits_at)
+    logits = take_logits(params, config, h, batch.logits_at)
+    if tp_axis and not config.tie_word_embeddings:  # lm_head is split by vocab columns
+        logits = jax.lax.all_gather(logits, tp_axis, axis=logits.ndim - 1, tiled=True)
+    return pool, logits
