@@ -44,6 +44,15 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         return json.load(f)
 
 
+def metadata(path: str | os.PathLike[str]) -> Any:
+    """The saved tree's leaves' shapes and dtypes (no data read)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR))
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
 def restore(path: str | os.PathLike[str], target: Any | None = None) -> Any:
     """The saved params. `target`: a pytree of jax.ShapeDtypeStruct (with .sharding) to restore
     straight into those dtypes and shardings; without it, arrays land on the default device."""
@@ -52,9 +61,7 @@ def restore(path: str | os.PathLike[str], target: Any | None = None) -> Any:
     path = os.path.abspath(os.fspath(path))
     checkpointer = ocp.StandardCheckpointer()
     if target is None:
-        meta = checkpointer.metadata(os.path.join(path, PARAMS_DIR))
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
+        tree = metadata(path)
         device = jax.devices()[0]
         sharding = jax.sharding.SingleDeviceSharding(device)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)

@@ -94,8 +94,13 @@ class Engine:
         cls, name_or_path: str = loader.DEFAULT_MODEL, dtype: str = "float32", *, max_model_len: int | None = None,
         progress: bool = True, **kwargs: Any,
     ) -> Engine:
-        """A model by name ('smollm2-135m') or path: a .gguf file, an HF folder, or an orbax folder."""
-        return cls(loader.load(name_or_path, dtype, progress=progress), max_model_len=max_model_len, **kwargs)
+        """A model by name ('smollm2-135m') or path: a .gguf file, an HF folder, or an orbax folder.
+        mesh= (a Mesh or MeshConfig) loads the weights straight into their shards."""
+        mesh = kwargs.pop("mesh", None)
+        if isinstance(mesh, MeshConfig):
+            mesh = make_mesh(mesh)
+        model = loader.load(name_or_path, dtype, progress=progress, mesh=mesh)
+        return cls(model, max_model_len=max_model_len, mesh=mesh, **kwargs)
 
     def compile_count(self) -> int:
         return 0 if self.reference else len(self.paged.compiled)

@@ -18,11 +18,12 @@ from jax import shard_map
 from jax.sharding import Mesh, PartitionSpec
 
 from checkpoints.peft import PeftAdapter
+from jlora import multihost
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
-from jlora.pool.device import adapter_page_data, empty_block, new_pool, write_blocks, write_pages
+from jlora.pool.device import WRITE_CHUNK, adapter_page_data, empty_block, new_pool, write_blocks, write_pages
 from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
 from jlora.sampling import SamplingArrays, sample
@@ -176,7 +177,7 @@ class PagedEngine:
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
-        self.pool = write_pages(self.pool, self.layout, *empty_block(self.layout, self.shards))
+        self.write_block(*empty_block(self.layout, self.shards))
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
         pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype, sharding=self.pool.sharding)
         packed_sharding = replicated(self.mesh) if self.mesh is not None else None
@@ -195,7 +196,26 @@ class PagedEngine:
         placement = self.memory.adapters[name].placement
         data = adapter_page_data(self.layout, adapter, placement.ranks, self.model_config.module_shapes(), self.shards)
         for ids, block in write_blocks(self.layout, placement, data):
-            self.pool = write_pages(self.pool, self.layout, ids, jnp.asarray(block, self.dtype))
+            if multihost.is_multiprocess():  # the followers make the same write
+                multihost.announce(multihost.WRITE, 0, np.concatenate([ids.astype(np.float32), block.reshape(-1)]))
+            self.write_block(ids, block)
+
+    def write_block(self, ids: np.ndarray, block: np.ndarray) -> None:
+        ids, data = np.asarray(ids, np.int32), np.asarray(block, self.dtype)
+        if multihost.is_multiprocess():
+            ids, data = (multihost.to_global(x, replicated(self.mesh)) for x in (ids, data))
+        self.pool = write_pages(self.pool, self.layout, ids, data)
+
+    def split_write_payload(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, block = payload[:WRITE_CHUNK].astype(np.int32), payload[WRITE_CHUNK:]
+        return ids, block.reshape(empty_block(self.layout, self.shards)[1].shape)
+
+    def run_compiled(self, name: str, packed: np.ndarray) -> np.ndarray:
+        """Run one compiled step on packed metadata; [2, B] int32 (tokens, log-prob bits) on the host."""
+        if multihost.is_multiprocess():
+            packed = multihost.to_global(packed, replicated(self.mesh))
+        self.pool, out = self.compiled[name](self.params, self.pool, packed)
+        return np.asarray(out.addressable_data(0))
 
     # ---- one step ---------------------------------------------------------------------------------
     def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
@@ -261,8 +281,9 @@ class PagedEngine:
         if step is None:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
         packed = pack((batch, lora, samp, counters), self._specs[bucket.name])
-        self.pool, out = step(self.params, self.pool, packed)
-        out = np.asarray(out)
+        if multihost.is_multiprocess():  # the followers run the same step
+            multihost.announce(multihost.STEP, sorted(self.compiled).index(bucket.name), packed)
+        out = self.run_compiled(bucket.name, packed)
         new_tokens, new_logprobs = out[0], out[1].view(np.float32)
         return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
 

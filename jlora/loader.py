@@ -8,6 +8,7 @@ import importlib.util
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from checkpoints import hf as hf_format
@@ -16,6 +17,7 @@ from checkpoints.gguf import GGUFFile
 from jlora.config import ModelConfig
 from jlora.errors import ModelLoadError
 from jlora.model.params import params_from_tensors
+from jlora.sharding import param_shardings, shard_params
 from jlora.tokenizer import JloraTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -65,9 +67,12 @@ def dtype_of(dtype: str | Any) -> Any:
     return dtype
 
 
-def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True) -> LoadedModel:
+def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True, mesh: Any = None) -> LoadedModel:
+    """mesh: a jax.sharding.Mesh: parameters go straight to their shards (orbax restores with target
+    shardings), never whole on one device."""
     path = resolve(name_or_path)
     jdtype = dtype_of(dtype)
+    place = (lambda tree: shard_params(tree, mesh)) if mesh is not None else None
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ModelLoadError(f"{path}: a model file must be .gguf (or give a folder)")
@@ -75,7 +80,8 @@ def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True)
             g = GGUFFile(path)
             hf_cfg = g.hf_config()
             config = ModelConfig.from_hf_dict(hf_cfg)
-            params = params_from_tensors(config, g.tensors(), jdtype, total=g.num_tensors, progress=progress)
+            params = params_from_tensors(config, g.tensors(), jdtype, total=g.num_tensors, progress=progress,
+                                         place=place)
             tokenizer = JloraTokenizer.from_gguf(g.tokenizer_data())
         except ValueError as e:
             raise ModelLoadError(str(e)) from e
@@ -83,14 +89,21 @@ def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True)
     if orbax_format.is_checkpoint(path):
         hf_cfg = orbax_format.read_config(path)
         config = ModelConfig.from_hf_dict(hf_cfg)
-        params = orbax_format.restore(path)
-        params = {k: _cast(v, jdtype) for k, v in params.items()}
+        if mesh is not None:
+            meta = orbax_format.metadata(path)
+            shardings = param_shardings(meta, mesh)
+            target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, jdtype, sharding=sh), meta, shardings)
+            params = orbax_format.restore(path, target)
+        else:
+            params = orbax_format.restore(path)
+            params = {k: _cast(v, jdtype) for k, v in params.items()}
         return LoadedModel(config, params, JloraTokenizer.from_folder(path), hf_cfg, path)
     try:
         hf_cfg = hf_format.read_config(path)
         config = ModelConfig.from_hf_dict(hf_cfg)
         tensors = hf_format.tensors(path)
-        params = params_from_tensors(config, tensors, jdtype, total=hf_format.count_tensors(path), progress=progress)
+        params = params_from_tensors(config, tensors, jdtype, total=hf_format.count_tensors(path), progress=progress,
+                                     place=place)
     except (ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: {e}") from e
     return LoadedModel(config, params, JloraTokenizer.from_folder(path), hf_cfg, path)

@@ -47,3 +47,20 @@ def hf_smol(smol_path):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOL_FILE, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tp(tmp_path_factory):
+    """A tiny Llama whose heads, KV heads and MLP split 4 ways, with its PEFT adapters (sharding tests)."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    from jlora import loader
+    from tests.helpers import tiny_hf_model
+    from tests.test_multi_lora import adapter_specs, build_peft
+
+    tmp = tmp_path_factory.mktemp("tp")
+    model = tiny_hf_model("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
+                          intermediate_size=160)
+    model.save_pretrained(tmp / "base", safe_serialization=True)
+    _, paths = build_peft(model, adapter_specs(3), tmp / "adapters")
+    return loader.load(str(tmp / "base"), progress=False), paths

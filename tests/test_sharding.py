@@ -11,8 +11,6 @@ import jlora
 from jlora import loader
 from jlora.config import EngineConfig, MeshConfig
 from jlora.sharding import count_collectives, make_mesh
-from tests.helpers import tiny_hf_model
-from tests.test_multi_lora import adapter_specs, build_peft
 
 NAMES = [None, "qv_r4", "all_r8_rslora", "attn_r16_patterns", "mlp_r64", "regex_r12", "layers_r8"]
 
@@ -23,18 +21,6 @@ def config(**kw) -> EngineConfig:
                 lora_rank_buckets=(16, 64), compilation_cache_dir=None)
     base.update(kw)
     return EngineConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def tiny_tp(tmp_path_factory):
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    tmp = tmp_path_factory.mktemp("tp")
-    model = tiny_hf_model("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
-                          intermediate_size=160)
-    model.save_pretrained(tmp / "base", safe_serialization=True)
-    _, paths = build_peft(model, adapter_specs(3), tmp / "adapters")
-    return loader.load(str(tmp / "base"), progress=False), paths
 
 
 def run(engine: jlora.Engine, paths) -> list:
@@ -84,3 +70,19 @@ def test_bad_mesh_is_refused(tiny_tp):
         jlora.Engine(loaded, config(), mesh=MeshConfig(data=2, model=2))
     with pytest.raises(ValueError, match="does not split"):
         jlora.Engine(loaded, config(), mesh=MeshConfig(model=3))
+
+
+def test_loaders_place_shards(tiny_tp, tmp_path):
+    """HF folders and orbax checkpoints load straight into their shards, equal to the unsharded load."""
+    loaded, _ = tiny_tp
+    mesh = make_mesh(MeshConfig(model=2))
+    sharded = loader.load(loaded.source, progress=False, mesh=mesh)
+    loader.save_checkpoint(loaded, str(tmp_path / "orbax"))
+    restored = loader.load(str(tmp_path / "orbax"), progress=False, mesh=mesh)
+    for tree in (sharded.params, restored.params):
+        q = tree["layers"]["q_proj"]["kernel"]
+        assert q.sharding.shard_shape(q.shape)[-1] == q.shape[-1] // 2
+        down = tree["layers"]["down_proj"]["kernel"]
+        assert down.sharding.shard_shape(down.shape)[1] == down.shape[1] // 2
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

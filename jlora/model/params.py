@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,8 +37,11 @@ def params_from_tensors(
     dtype: Any,
     total: int | None = None,
     progress: bool = True,
+    place: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Build the parameter tree; every expected tensor must appear exactly once with its shape."""
+    """Build the parameter tree; every expected tensor must appear exactly once with its shape.
+    place: puts the host tree on devices (jlora.sharding.shard_params for a mesh: each device receives
+    only its shard); default: the default device."""
     n_layers = config.num_hidden_layers
     shapes = layer_param_shapes(config)
     stacked = {key: np.zeros((n_layers, *shape), np.float32) for key, shape in shapes.items()}
@@ -77,5 +81,6 @@ def params_from_tensors(
 
     layers: dict[str, dict[str, Any]] = {}
     for (module, leaf), value in stacked.items():
-        layers.setdefault(module, {})[leaf] = jnp.asarray(value, dtype)
-    return {"layers": layers, **{k: jnp.asarray(v, dtype) for k, v in top.items()}}
+        layers.setdefault(module, {})[leaf] = np.asarray(value, dtype)
+    host = {"layers": layers, **{k: np.asarray(v, dtype) for k, v in top.items()}}
+    return place(host) if place is not None else jax.tree.map(jnp.asarray, host)

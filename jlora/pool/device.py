@@ -66,8 +66,9 @@ def write_blocks(layout: PoolLayout, placement: AdapterPlacement, data: np.ndarr
         yield ids, block
 
 
-def write_pages(pool: jax.Array, layout: PoolLayout, ids: np.ndarray, block: Any) -> jax.Array:
-    return _write_pages(pool, jnp.asarray(ids), block, layout.page_units)
+def write_pages(pool: jax.Array, layout: PoolLayout, ids: Any, block: Any) -> jax.Array:
+    """Write one block (page ids [WRITE_CHUNK], data [L, shards, WRITE_CHUNK, PU, Dh]) into the pool."""
+    return _write_pages(pool, ids, block, layout.page_units)
 
 
 def empty_block(layout: PoolLayout, shards: int) -> tuple[np.ndarray, np.ndarray]:
