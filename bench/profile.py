@@ -40,6 +40,8 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
         out[label] = [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows[:top]]
     by_name = lines[kernel_line]
     out["device_busy_ms_per_step"] = sum(v[0] for v in by_name.values()) / steps
+    collective = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.IGNORECASE)
+    out["collective_ms_per_step"] = sum(v[0] for k, v in by_name.items() if collective.search(k)) / steps
     out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps
     # idle time between kernels: short gaps are launch overhead, long ones the host between steps
     events = sorted(spans[kernel_line])

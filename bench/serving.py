@@ -1,0 +1,149 @@
+"""Serving harness: replay a trace against the engine in real time (open loop) and measure what users
+of S-LoRA and vLLM measure. Requests are submitted at their arrival times between engine steps, so
+queueing counts toward their latency.
+
+Metrics: request and token throughput; time to first token, time per output token, end-to-end
+latency (mean, p50, p99); first-token SLO attainment (within 6 s, as S-LoRA); adapter loads and
+evictions; pool occupancy; and the roofline of the batches actually run (weights + KV read + the
+distinct adapters of each step, over bandwidth) against the time those steps took.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import numpy as np
+
+import jlora
+from bench.trace import TraceRequest
+
+
+class StepRecorder:
+    """Wraps the paged engine's execute: per-step wall time and the bytes a step must move."""
+
+    def __init__(self, engine: jlora.Engine, weight_bytes: int):
+        self.paged = engine.paged
+        c = engine.config
+        itemsize = np.dtype(self.paged.dtype).itemsize
+        self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.kv_dim * itemsize
+        self.page_bytes = self.paged.layout.page_bytes(itemsize) * self.paged.shards
+        self.weight_bytes = weight_bytes
+        self.steps: list[dict[str, float]] = []
+        self._original = self.paged.execute
+        self.paged.execute = self._execute
+
+    def _execute(self, schedule, sampling):
+        start = time.perf_counter()
+        out = self._original(schedule, sampling)
+        wall = time.perf_counter() - start
+        chunks = schedule.decodes + schedule.prefills
+        kv = sum(ch.start + len(ch.tokens) for ch in chunks) * self.kv_bytes_per_token
+        memory = self.paged.memory
+        adapters = {ch.adapter for ch in chunks if ch.adapter}
+        adapter_bytes = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
+        calls = int(bool(schedule.decodes)) + int(bool(schedule.prefills))  # weights read once per call
+        self.steps.append({
+            "wall": wall, "bytes": calls * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
+            "tokens": sum(len(ch.tokens) for ch in chunks), "decodes": len(schedule.decodes),
+            "adapters": len(adapters), "occupancy": 1 - memory.num_free / (memory.layout.num_pages - 1),
+        })
+        return out
+
+    def close(self) -> None:
+        self.paged.execute = self._original
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan")}
+    a = np.asarray(values)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+def replay(
+    engine: jlora.Engine, trace: list[TraceRequest], adapter_names: list[str], *, vocab: int,
+    bandwidth_Bps: float, weight_bytes: int, slo_s: float = 6.0, seed: int = 0,
+) -> dict[str, Any]:
+    """Run the trace in real time; the metrics of the run."""
+    runner = engine.runner
+    rng = np.random.default_rng(seed)
+    recorder = StepRecorder(engine, weight_bytes)
+    stats0 = dict(runner.scheduler.stats)
+    pending = collections.deque(sorted(trace, key=lambda r: r.arrival))
+    meta: dict[int, dict[str, Any]] = {}
+    start = time.monotonic()
+    try:
+        while pending or runner.has_work():
+            now = time.monotonic() - start
+            while pending and pending[0].arrival <= now:
+                r = pending.popleft()
+                name = adapter_names[r.adapter]
+                prompt = rng.integers(0, vocab, r.prompt_len).tolist()
+                params = jlora.SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+                resident = engine.paged.memory.is_resident(name)
+                rid = runner.add(engine._prepare(prompt, params, name), name)
+                meta[rid] = {"arrival": r.arrival, "first": None, "last": None, "tokens": 0, "cold": not resident}
+            if not runner.has_work():
+                time.sleep(max(0.0, min(pending[0].arrival - now, 0.05)))
+                continue
+            events = runner.step()
+            t = time.monotonic() - start
+            for e in events:
+                m = meta[e.request_id]
+                if e.token is not None:
+                    m["tokens"] += 1
+                    m["first"] = t if m["first"] is None else m["first"]
+                    m["last"] = t
+                if e.finish_reason is not None:
+                    m["end"] = t
+                    m["finish"] = e.finish_reason
+    finally:
+        recorder.close()
+    wall = time.monotonic() - start
+    done = [m for m in meta.values() if m.get("finish") == "length"]
+    ttft = [m["first"] - m["arrival"] for m in done]
+    tpot = [(m["last"] - m["first"]) / (m["tokens"] - 1) for m in done if m["tokens"] > 1]
+    e2e = [m["end"] - m["arrival"] for m in done]
+    steps = recorder.steps
+    step_wall = sum(s["wall"] for s in steps)
+    floor_s = sum(s["bytes"] for s in steps) / bandwidth_Bps
+    stats = {k: v - stats0.get(k, 0) for k, v in runner.scheduler.stats.items()}
+    return {
+        "requests": len(trace), "completed": len(done), "wall_s": wall,
+        "throughput_req_s": len(done) / wall, "throughput_tok_s": sum(m["tokens"] for m in done) / wall,
+        "ttft_s": _pct(ttft), "tpot_s": _pct(tpot), "e2e_s": _pct(e2e),
+        "slo_attainment": float(np.mean([t <= slo_s for t in ttft])) if ttft else 0.0, "slo_s": slo_s,
+        "ttft_cold_s": _pct([m["first"] - m["arrival"] for m in done if m["cold"]]),
+        "ttft_warm_s": _pct([m["first"] - m["arrival"] for m in done if not m["cold"]]),
+        "adapter_loads": stats.get("adapter_loads", 0), "adapter_evictions": stats.get("adapter_evictions", 0),
+        "preemptions": stats.get("preemptions", 0),
+        "steps": len(steps), "step_wall_s": step_wall, "roofline_s": floor_s,
+        "roofline_fraction": floor_s / step_wall if step_wall else 0.0,
+        "mean_batch_decodes": float(np.mean([s["decodes"] for s in steps])) if steps else 0.0,
+        "mean_adapters_per_step": float(np.mean([s["adapters"] for s in steps])) if steps else 0.0,
+        "pool_occupancy": _pct([s["occupancy"] for s in steps]),
+    }
+
+
+def cold_vs_warm(engine: jlora.Engine, names: list[str], *, vocab: int, prompt_len: int = 32) -> dict[str, Any]:
+    """T7: first-token time of a lone request whose adapter is not on the device (cold), then again
+    with it resident (warm), against the decode step time of the same engine."""
+    rng = np.random.default_rng(1)
+    out: dict[str, list[float]] = {"cold": [], "warm": [], "decode_step": []}
+    for name in names:
+        for label in ("cold", "warm"):
+            if label == "cold":
+                assert not engine.paged.memory.is_resident(name), name
+            prompt = rng.integers(0, vocab, prompt_len).tolist()
+            params = jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            start = time.perf_counter()
+            stamps = []
+            for _ in engine.stream(prompt, params, adapter=name):
+                stamps.append(time.perf_counter())
+            out[label].append(stamps[0] - start)
+            out["decode_step"].append(float(np.median(np.diff(stamps))))
+    cold, warm, step = (float(np.median(out[k])) for k in ("cold", "warm", "decode_step"))
+    return {"ttft_cold_s": cold, "ttft_warm_s": warm, "decode_step_s": step, "extra_s": cold - warm,
+            "extra_in_decode_steps": (cold - warm) / step, "T7_met": cold - warm <= step, "samples": len(names)}

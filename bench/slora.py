@@ -1,0 +1,156 @@
+"""slora-trace (../shared/BENCH.md): the S-LoRA workload against jlora's paged engine, for each number
+of adapters n, with first-token SLO attainment, latency percentiles and the roofline of the batches
+run; plus T7 (cold vs warm first-token time). Random adapters are written as real PEFT folders and
+loaded through Engine.load_adapter (a few distinct folders per rank, shared by many adapter names, so
+2,000 adapters fit the disk; every name is its own adapter to the engine: its own host copy, pages).
+
+GPU:  python -m bench.slora --model llama2-7b --n 5,100,1000,2000 --rate 6 --duration 40
+CPU:  python -m bench.slora --model smollm2 --n 5,100 --rate 1 --duration 30 --input 8,64 --output 8,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DISTINCT = 4  # distinct folders per rank
+
+
+def build_engine(model: str, args):
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+    from jlora.config import PRESETS, EngineConfig
+    from jlora.loader import LoadedModel
+    from jlora.model.llama import random_params
+    from jlora.scheduler import SchedulerConfig
+
+    max_len = args.input[1] + args.output[1]
+    if model == "smollm2":
+        loaded = jlora.loader.load("smollm2-135m", "float32", progress=False)
+    else:
+        config = PRESETS[model]
+        params = jax.jit(lambda k: random_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+        loaded = LoadedModel(config, params, None, {}, "random")
+    pages = -(-max_len // 16)
+    ec = EngineConfig(
+        page_size=16, num_pages=args.pages, max_model_len=max_len, max_batch=args.batch,
+        decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})), prefill_batch_buckets=(4,),
+        prefill_chunk_buckets=(args.chunk,), page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages), lora_rank_buckets=(16, 64),
+        lora_modules=tuple(TARGETS), compilation_cache_dir=None, implementation=args.impl,
+        layer_loop=args.layer_loop,
+    )
+    sched = SchedulerConfig(max_batch=args.batch, max_prefill_tokens=args.chunk, max_chunk=args.chunk,
+                            max_prefill_seqs=4, max_model_len=max_len)
+    start = time.perf_counter()
+    engine = jlora.Engine(loaded, ec, scheduler_config=sched)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+    if args.layer_loop == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
+        engine.model = dataclasses.replace(engine.model, params=None)
+    return engine, weight_bytes, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", help="smollm2 | llama2-7b | llama3-8b")
+    ap.add_argument("--n", default="5,100")
+    ap.add_argument("--ranks", default="8,16,32,64", help="rank set for n <= --mixed-up-to")
+    ap.add_argument("--mixed-up-to", type=int, default=100, help="larger n use rank 8 only (host memory)")
+    ap.add_argument("--rate", type=float, default=1.0)
+    ap.add_argument("--cv", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--input", default="8,512")
+    ap.add_argument("--output", default="8,512")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pages", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--layer-loop", default="scan")
+    ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
+    ap.add_argument("--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)")
+    ap.add_argument("--rate-sweep", default="", help="extra rates run at the first n (latency vs rate)")
+    args = ap.parse_args()
+    args.input = tuple(int(v) for v in args.input.split(","))
+    args.output = tuple(int(v) for v in args.output.split(","))
+
+    from bench.common import write_result
+    from bench.kernels.timing import bandwidth
+    from bench.plots import plot
+    from bench.serving import cold_vs_warm, replay
+    from bench.trace import adapter_ranks, slora_trace
+    from checkpoints.peft import write_random_peft_adapter
+
+    bw = bandwidth()
+    engine, weight_bytes, startup = build_engine(args.model, args)
+    c = engine.config
+    print(f"engine up in {startup:.0f}s ({len(engine.paged.compiled)} steps compiled); bandwidth {bw}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths: dict[int, list[str]] = {}
+
+        def folder_for(rank: int, i: int) -> str:
+            if rank not in paths:
+                paths[rank] = []
+                for j in range(DISTINCT):
+                    p = os.path.join(folder, f"r{rank}_{j}")
+                    write_random_peft_adapter(p, num_layers=c.num_hidden_layers, module_shapes=c.module_shapes(),
+                                              rank=rank, alpha=2 * rank, target_modules=TARGETS, seed=rank * 100 + j,
+                                              std=0.01)
+                    paths[rank].append(p)
+            return paths[rank][i % DISTINCT]
+
+        plan = [(int(v), args.rate) for v in args.n.split(",")]
+        plan += [(plan[0][0], float(r)) for r in args.rate_sweep.split(",") if r]
+        for n, rate in plan:
+            ranks = adapter_ranks(n, tuple(int(r) for r in args.ranks.split(","))) if n <= args.mixed_up_to else [8] * n
+            names = [f"n{n}_a{i}" for i in range(n)]
+            start = time.perf_counter()
+            for i, (name, rank) in enumerate(zip(names, ranks)):
+                engine.load_adapter(name, folder_for(rank, i))
+            load_s = time.perf_counter() - start
+            trace = slora_trace(n, args.alpha, rate, args.cv, args.duration, args.input, args.output)
+            print(f"n={n}: {len(names)} adapters loaded in {load_s:.1f}s; {len(trace)} requests", flush=True)
+            result = replay(engine, trace, names, vocab=c.vocab_size, bandwidth_Bps=bw["copy_TBps"] * 1e12,
+                            weight_bytes=weight_bytes)
+            result.update({"n": n, "rate": rate, "ranks": sorted(set(ranks)), "adapter_load_s": load_s})
+            if args.cold_warm:
+                cold = [nm for nm in names if not engine.paged.memory.is_resident(nm)][: args.cold_warm]
+                if cold:
+                    result["T7"] = cold_vs_warm(engine, cold, vocab=c.vocab_size)
+            runs.append(result)
+            print(json.dumps({k: v for k, v in result.items()}), flush=True)
+            for name in names:  # the next n starts from a clean registry
+                engine.unload_adapter(name)
+    by_n = [r for r in runs if r["rate"] == args.rate]
+    payload = {
+        "workload": {"model": args.model, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
+                     "duration_s": args.duration, "input": args.input, "output": args.output,
+                     "targets": TARGETS, "max_batch": args.batch, "pages": args.pages, "impl": args.impl,
+                     "layer_loop": args.layer_loop},
+        "bandwidth": bw, "weight_bytes": weight_bytes, "startup_s": startup, "runs": runs,
+        "T4": {"roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
+               "slo_at_largest_n": by_n[-1]["slo_attainment"],
+               "met": all(r["roofline_fraction"] >= 0.9 for r in by_n) and by_n[-1]["slo_attainment"] >= 0.95},
+    }
+    print(f"{'n':>6} {'rate':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'slo':>5} {'roofline':>9} {'loads':>6}")
+    for r in runs:
+        print(f"{r['n']:6d} {r['rate']:5.1f} {r['throughput_req_s']:7.2f} {r['throughput_tok_s']:8.1f} {r['ttft_s']['p50']:9.3f} "
+              f"{r['ttft_s']['p99']:9.3f} {r['slo_attainment']:5.2f} {r['roofline_fraction']:9.2f} {r['adapter_loads']:6d}")
+        if "T7" in r:
+            t7 = r["T7"]
+            print(f"       T7: cold {t7['ttft_cold_s'] * 1e3:.1f} ms, warm {t7['ttft_warm_s'] * 1e3:.1f} ms, "
+                  f"decode step {t7['decode_step_s'] * 1e3:.1f} ms -> {t7['extra_in_decode_steps']:.2f} steps")
+    path = write_result(f"slora-trace-{args.model}", payload)
+    print("wrote", path)
+    print("plots", plot(path))
+
+
+if __name__ == "__main__":
+    main()
