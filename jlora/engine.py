@@ -191,13 +191,18 @@ class PagedEngine:
         log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def copy_adapter(self, name: str, adapter: PeftAdapter) -> None:
-        """Copy a placed adapter's rows into its pages (host -> device, queued before the next step)."""
+    def adapter_pages(self, adapter: PeftAdapter, ranks: dict[str, int]) -> np.ndarray:
+        """The adapter as page-major host data [n_pages, L, shards, PU, Dh] in the pool's dtype."""
+        data = adapter_page_data(self.layout, adapter, ranks, self.model_config.module_shapes(), self.shards)
+        return np.ascontiguousarray(data.transpose(2, 0, 1, 3, 4).astype(self.dtype))
+
+    def copy_adapter(self, name: str, pages: np.ndarray) -> None:
+        """Copy a placed adapter's host pages into its device pages (queued before the next step)."""
         placement = self.memory.adapters[name].placement
-        data = adapter_page_data(self.layout, adapter, placement.ranks, self.model_config.module_shapes(), self.shards)
-        for ids, block in write_blocks(self.layout, placement, data):
+        for ids, block in write_blocks(self.layout, placement, pages):
             if multihost.is_multiprocess():  # the followers make the same write
-                multihost.announce(multihost.WRITE, 0, np.concatenate([ids.astype(np.float32), block.reshape(-1)]))
+                multihost.announce(multihost.WRITE, 0, np.concatenate([ids.astype(np.float32),
+                                                                       block.reshape(-1).astype(np.float32)]))
             self.write_block(ids, block)
 
     def write_block(self, ids: np.ndarray, block: np.ndarray) -> None:

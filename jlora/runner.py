@@ -8,6 +8,8 @@ import dataclasses
 import itertools
 import time
 
+import numpy as np
+
 from checkpoints.peft import PeftAdapter
 from jlora.engine import PagedEngine, SamplingRow
 from jlora.errors import AdapterInUseError, AdapterNotFoundError
@@ -25,22 +27,23 @@ class TokenEvent:
 
 
 class HostAdapters:
-    """Adapters loaded into host RAM, least recently used dropped past a byte budget (if idle)."""
+    """Adapters in host RAM, already laid out as their device pages (engine dtype, every shard's
+    slice), so paging one in is a copy and nothing else. Kept in least-recently-used order."""
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.items: collections.OrderedDict[str, tuple[PeftAdapter, dict[str, int]]] = collections.OrderedDict()
+        self.items: collections.OrderedDict[str, tuple[np.ndarray, dict[str, int]]] = collections.OrderedDict()
 
-    def add(self, name: str, adapter: PeftAdapter, ranks: dict[str, int]) -> None:
-        self.items[name] = (adapter, ranks)
+    def add(self, name: str, pages: np.ndarray, ranks: dict[str, int]) -> None:
+        self.items[name] = (pages, ranks)
 
-    def get(self, name: str) -> tuple[PeftAdapter, dict[str, int]]:
+    def get(self, name: str) -> tuple[np.ndarray, dict[str, int]]:
         self.items.move_to_end(name)
         return self.items[name]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a, _ in self.items.values())
+        return sum(p.nbytes for p, _ in self.items.values())
 
 
 class Runner:
@@ -57,7 +60,8 @@ class Runner:
 
     # ---- adapters -----------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: PeftAdapter, ranks: dict[str, int]) -> None:
-        self.adapters.add(name, adapter, ranks)
+        """Lay the adapter out as device pages now (off the serving path); the PEFT tensors are dropped."""
+        self.adapters.add(name, self.engine.adapter_pages(adapter, ranks), ranks)
 
     def adapter_users(self, name: str) -> int:
         return sum(1 for a in self.adapter_of.values() if a == name)
@@ -122,7 +126,7 @@ class Runner:
             self._finalize_text(state)
             events.append(TokenEvent(rid, None, None, reason))
         for name in schedule.load_adapters:
-            self.engine.copy_adapter(name, self.adapters.get(name)[0])
+            self.engine.copy_adapter(name, self.adapters.get(name)[0])  # host pages -> their device pages
         if schedule.empty:
             return events
         start = time.perf_counter()

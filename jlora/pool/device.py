@@ -14,7 +14,7 @@ from jlora.pool.adapters import adapter_rows
 from jlora.pool.layout import MODULES, AdapterPlacement, PoolLayout, pack_rows
 from jlora.sharding import shard_lora_rows
 
-WRITE_CHUNK = 8  # pages per compiled write
+WRITE_CHUNK = 2  # pages per compiled write (a rank-8 q/k/v/o adapter of a 7B model is 2 pages)
 
 
 def new_pool(layout: PoolLayout, dtype: Any, shards: int = 1, sharding: Any = None) -> jax.Array:
@@ -48,30 +48,33 @@ def adapter_page_data(
 @functools.partial(jax.jit, static_argnames=("page_units",), donate_argnums=(0,))
 def _write_pages(pool: jax.Array, page_ids: jax.Array, data: jax.Array, page_units: int) -> jax.Array:
     n_layers, units, dh = pool.shape
-    shards = data.shape[1]
+    shards = data.shape[2]
     paged = pool.reshape(n_layers, shards, units // (shards * page_units), page_units, dh)
+    data = jnp.transpose(data, (1, 2, 0, 3, 4))  # page-major host layout -> [L, shards, pages, PU, Dh]
     paged = paged.at[:, :, page_ids].set(data.astype(pool.dtype), mode="drop")
     return paged.reshape(n_layers, units, dh)
 
 
 def write_blocks(layout: PoolLayout, placement: AdapterPlacement, data: np.ndarray):
-    """(page ids [WRITE_CHUNK], data [L, shards, WRITE_CHUNK, PU, Dh]) blocks: one compiled write shape."""
+    """(page ids [WRITE_CHUNK], data [WRITE_CHUNK, L, shards, PU, Dh]) blocks of page-major host data
+    [n_pages, L, shards, PU, Dh]: one compiled write shape; full blocks are views, not copies."""
     pages = placement.pages
     for i in range(0, len(pages), WRITE_CHUNK):
         ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)  # out of range: dropped
         chunk = pages[i : i + WRITE_CHUNK]
         ids[: len(chunk)] = chunk
-        block = np.zeros((layout.num_layers, data.shape[1], WRITE_CHUNK, layout.page_units, layout.head_dim), np.float32)
-        block[:, :, : len(chunk)] = data[:, :, i : i + len(chunk)]
+        block = data[i : i + WRITE_CHUNK]
+        if len(chunk) < WRITE_CHUNK:
+            block = np.concatenate([block, np.zeros((WRITE_CHUNK - len(chunk), *data.shape[1:]), data.dtype)])
         yield ids, block
 
 
 def write_pages(pool: jax.Array, layout: PoolLayout, ids: Any, block: Any) -> jax.Array:
-    """Write one block (page ids [WRITE_CHUNK], data [L, shards, WRITE_CHUNK, PU, Dh]) into the pool."""
+    """Write one block (page ids [WRITE_CHUNK], data [WRITE_CHUNK, L, shards, PU, Dh]) into the pool."""
     return _write_pages(pool, ids, block, layout.page_units)
 
 
 def empty_block(layout: PoolLayout, shards: int) -> tuple[np.ndarray, np.ndarray]:
     """A write whose page ids are all out of range (dropped): compiles the writer at start-up."""
     ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)
-    return ids, np.zeros((layout.num_layers, shards, WRITE_CHUNK, layout.page_units, layout.head_dim), np.float32)
+    return ids, np.zeros((WRITE_CHUNK, layout.num_layers, shards, layout.page_units, layout.head_dim), np.float32)
