@@ -20,6 +20,33 @@ PROMPT, NEW, RANK = 128, 128, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def make_params(config, mesh, unrolled: bool):
+    """Random bf16 weights created in place (already split over the mesh); with unrolled=True one
+    layer at a time as per-layer buffers, so a large model never exists twice on a device."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jlora.model.llama import random_params
+    from jlora.sharding import param_shardings
+
+    def build(cfg, key):
+        fn = lambda k: random_params(cfg, k, jnp.bfloat16)  # noqa: E731
+        shardings = param_shardings(jax.eval_shape(fn, key), mesh) if mesh is not None else None
+        return jax.jit(fn, out_shardings=shardings)(key)
+
+    if not unrolled:
+        return build(config, jax.random.PRNGKey(0))
+    one = dataclasses.replace(config, num_hidden_layers=1)
+    top = build(one, jax.random.PRNGKey(0))
+    layers = []
+    for i in range(config.num_hidden_layers):
+        layer = build(one, jax.random.PRNGKey(i + 1))["layers"]
+        layers.append(jax.tree.map(lambda x: x[0], layer))
+    return {**top, "layers": layers}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
@@ -37,7 +64,6 @@ def main() -> None:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
 
     import jlora
     from bench.common import write_result
@@ -46,17 +72,14 @@ def main() -> None:
     from checkpoints.peft import write_random_peft_adapter
     from jlora.config import PRESETS, EngineConfig, MeshConfig
     from jlora.loader import LoadedModel
-    from jlora.model.llama import random_params
     from jlora.scheduler import SchedulerConfig
-    from jlora.sharding import make_mesh, param_shardings
+    from jlora.sharding import make_mesh
 
     b = args.batch
     bw = bandwidth()
     config = dataclasses.replace(PRESETS[args.geometry], num_hidden_layers=args.layers)
     mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
-    shapes = jax.eval_shape(lambda k: random_params(config, k, jnp.bfloat16), jax.random.PRNGKey(0))
-    shardings = param_shardings(shapes, mesh) if mesh is not None else None  # created in place, already split
-    params = jax.jit(lambda k: random_params(config, k, jnp.bfloat16), out_shardings=shardings)(jax.random.PRNGKey(0))
+    params = make_params(config, mesh, unrolled=args.layer_loop == "unrolled")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     pages_per_seq = (PROMPT + NEW) // 16
     ec = EngineConfig(
@@ -69,9 +92,7 @@ def main() -> None:
                             max_model_len=PROMPT + NEW)
     start = time.perf_counter()
     engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched, mesh=mesh)
-    if args.layer_loop == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
-        engine.model = dataclasses.replace(engine.model, params=None)
-        del params
+
     compile_s = time.perf_counter() - start
     if args.hlo:
         name = next(n for n in engine.paged.compiled if n.startswith("decode") and not n.endswith("_r0"))
