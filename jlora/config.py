@@ -194,8 +194,11 @@ class EngineConfig:
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("JLORA_CACHE", os.path.expanduser("~/.cache/jlora/xla"))
     )
-    implementation: str = "reference"  # "reference" everywhere; "auto" picks kernels on GPU
-    layer_loop: str = "scan"  # "scan" over stacked layers, or "unrolled" (per-layer buffers; longer compiles)
+    implementation: str = "auto"  # "auto": Pallas kernels on GPU, references elsewhere; "reference"; "interpret"
+    # "scan" over stacked layers, "unrolled" (per-layer buffers: no per-layer weight copy; longer
+    # compiles), or "auto": unrolled on GPU (decode-7b on the H200: 11.7 vs 18.9 ms/step), scan
+    # elsewhere (SmolLM2 on this 2-core CPU: 76 vs 35 tok/s)
+    layer_loop: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -223,8 +226,15 @@ class EngineConfig:
             raise ValueError("the largest decode batch bucket must hold max_batch")
         if self.num_pages < 2:
             raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
-        if self.layer_loop not in ("scan", "unrolled"):
-            raise ValueError(f"layer_loop must be 'scan' or 'unrolled', not {self.layer_loop!r}")
+        if self.layer_loop not in ("scan", "unrolled", "auto"):
+            raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
+
+    def resolved_layer_loop(self) -> str:
+        if self.layer_loop != "auto":
+            return self.layer_loop
+        import jax
+
+        return "unrolled" if jax.default_backend() == "gpu" else "scan"
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")

@@ -97,7 +97,7 @@ class PagedEngine:
         self.mesh = mesh
         self.shards = model_ways(mesh)
         local = local_config(model_config, self.shards)  # one shard's geometry (the whole model without a mesh)
-        params = unstack_layers(params) if config.layer_loop == "unrolled" else params
+        params = unstack_layers(params) if config.resolved_layer_loop() == "unrolled" else params
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
         shapes = local_module_shapes(model_config, self.shards)
