@@ -292,6 +292,10 @@ class PagedEngine:
         new_tokens, new_logprobs = out[0], out[1].view(np.float32)
         return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
 
+    def forget_adapter(self, name: str) -> None:
+        """Drop host-side state kept for an unloaded adapter."""
+        self._rows_cache.pop(name, None)
+
     def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
         """The adapter's A and B row starts for a module as int32 arrays (cached per placement)."""
         placement = self.memory.adapters[adapter].placement
