@@ -2,6 +2,8 @@
 
 On CPU the kernels run in the Pallas interpreter ("interpret"); on a GPU (marker `gpu`) compiled.
 Fresh random inputs every case (never zeros), mixed ranks, padding pairs, float32 and bfloat16.
+The interpreter starts every output as NaN (poisoned), so an element a kernel fails to write fails the
+finiteness and closeness checks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Paged decode attention kernel against the pure-jnp reference: GQA ratios, page sizes, ragged
-lengths, sliding windows, float32 and bfloat16; interpret mode on CPU, compiled on a GPU."""
+lengths, sliding windows, float32 and bfloat16; interpret mode on CPU, compiled on a GPU.
+The interpreter starts every output as NaN (poisoned), so an element a kernel fails to write fails the
+finiteness and closeness checks."""
 
 from __future__ import annotations
 
