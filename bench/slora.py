@@ -51,7 +51,7 @@ def build_engine(model: str, args):
     start = time.perf_counter()
     engine = jlora.Engine(loaded, ec, scheduler_config=sched)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
-    if args.layer_loop == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
+    if ec.resolved_layer_loop() == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
         engine.model = dataclasses.replace(engine.model, params=None)
     return engine, weight_bytes, time.perf_counter() - start
 

@@ -228,6 +228,9 @@ class EngineConfig:
             raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
         if self.layer_loop not in ("scan", "unrolled", "auto"):
             raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
+        unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
+        if unknown:
+            raise ValueError(f"unknown lora_modules {sorted(unknown)}")
 
     def resolved_layer_loop(self) -> str:
         if self.layer_loop != "auto":
@@ -235,6 +238,3 @@ class EngineConfig:
         import jax
 
         return "unrolled" if jax.default_backend() == "gpu" else "scan"
-        unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
-        if unknown:
-            raise ValueError(f"unknown lora_modules {sorted(unknown)}")

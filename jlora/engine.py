@@ -114,7 +114,6 @@ class PagedEngine:
             forward = self._sharded_forward(forward, mesh)
         self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),
                                 donate_argnums=(1,))
-        self._rows_cache: dict[str, tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
         self.compile_seconds = 0.0
@@ -187,6 +186,8 @@ class PagedEngine:
                 packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
                 self.compiled[bucket.name] = self._step_fn.lower(params, pool, packed, spec=spec).compile()
                 self._specs[bucket.name] = spec
+        self.bucket_names = sorted(self.compiled)  # the order the multihost leader and followers share
+        self._bucket_index = {name: i for i, name in enumerate(self.bucket_names)}
         self.compile_seconds = time.perf_counter() - start
         log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
 
@@ -287,24 +288,15 @@ class PagedEngine:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
         packed = pack((batch, lora, samp, counters), self._specs[bucket.name])
         if multihost.is_multiprocess():  # the followers run the same step
-            multihost.announce(multihost.STEP, sorted(self.compiled).index(bucket.name), packed)
+            multihost.announce(multihost.STEP, self._bucket_index[bucket.name], packed)
         out = self.run_compiled(bucket.name, packed)
         new_tokens, new_logprobs = out[0], out[1].view(np.float32)
         return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
 
-    def forget_adapter(self, name: str) -> None:
-        """Drop host-side state kept for an unloaded adapter."""
-        self._rows_cache.pop(name, None)
-
     def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
-        """The adapter's A and B row starts for a module as int32 arrays (cached per placement)."""
+        """The adapter's A and B row starts for a module ([r] int32 each; empty if it has none)."""
         placement = self.memory.adapters[adapter].placement
-        cached = self._rows_cache.get(adapter)
-        if cached is None or cached[0] is not placement:
-            rows = {m: (np.asarray(placement.a_start[m], np.int32), np.asarray(placement.b_start[m], np.int32))
-                    for m in placement.a_start}
-            cached = self._rows_cache[adapter] = (placement, rows)
-        return cached[1].get(module, (_EMPTY, _EMPTY))
+        return placement.a_start.get(module, _EMPTY), placement.b_start.get(module, _EMPTY)
 
     def _decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, DecodeLora]:
         """Pairs grouped by token; padding pairs last, on token n_tokens (out of range) and the zero page."""

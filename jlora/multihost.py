@@ -23,9 +23,8 @@ STOP, STEP, WRITE = 0, 1, 2
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, local_device_ids: list[int] | None = None) -> None:
-    """Join the processes (CPU collectives over gloo where the backend is the CPU)."""
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    """Join the processes (collectives between CPU devices go over gloo; GPUs use NCCL)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                local_device_ids=local_device_ids)
 
@@ -53,7 +52,7 @@ def to_global(x: np.ndarray, sharding: Any) -> jax.Array:
 
 def follow(engine: Any) -> None:
     """Follower: repeat the leader's calls until it says stop."""
-    names = sorted(engine.compiled)
+    names = engine.bucket_names
     while True:
         kind, index, size = (int(v) for v in _broadcast(np.zeros(3, np.int32)))
         if kind == STOP:

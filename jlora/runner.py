@@ -73,7 +73,6 @@ class Runner:
             raise AdapterInUseError(f"adapter {name!r} is in use by {self.adapter_users(name)} requests")
         if self.engine.memory.is_resident(name):
             self.engine.memory.evict(name)
-        self.engine.forget_adapter(name)
         del self.adapters.items[name]
 
     # ---- requests -----------------------------------------------------------------------------------

@@ -193,3 +193,13 @@ def test_async_engine_concurrent_streams_and_cancel(tiny):
     assert [o.token_ids for o in outs] == want
     assert not engine.paged.memory.page_tables  # the cancelled request's pages are free
     assert engine.runner.adapter_users("qv_r4") == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lora_modules", ("q_proj", "lm_head"), "unknown lora_modules"),
+    ("layer_loop", "sideways", "layer_loop"),
+    ("num_pages", 1, "num_pages"),
+])
+def test_bad_engine_config_is_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**{field: value}).validate()

@@ -5,13 +5,15 @@ elements per layer: exactly one KV page (page_size tokens x {K, V} x Hkv heads).
 packed into pages at unit granularity: a row of width w takes ceil(w / Dh) units and never crosses a
 page boundary, so an adapter of rank r takes its own r rows, and a page freed by either kind can be
 used by the other (S-LoRA's Unified Paging). Page 0 is never handed out and stays zero: padding pairs
-and padding tokens read it. Pure Python: the scheduler uses this without jax.
+and padding tokens read it. Host-only (numpy, no jax): the scheduler uses this.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+
+import numpy as np
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,8 +59,8 @@ class AdapterPlacement:
     """Where one adapter's rows live: for each module, the first unit of every A row and B row."""
 
     pages: list[int]
-    a_start: dict[str, list[int]]  # module -> [r] global unit index
-    b_start: dict[str, list[int]]
+    a_start: dict[str, np.ndarray]  # module -> [r] int32 global unit index
+    b_start: dict[str, np.ndarray]
     ranks: dict[str, int]
 
 
@@ -84,8 +86,8 @@ def pack_rows(layout: PoolLayout, ranks: dict[str, int]) -> tuple[int, list[tupl
 
 def place_adapter(layout: PoolLayout, ranks: dict[str, int], pages: list[int]) -> AdapterPlacement:
     _, placed = pack_rows(layout, ranks)
-    a_start: dict[str, list[int]] = {m: [0] * r for m, r in ranks.items() if r}
-    b_start: dict[str, list[int]] = {m: [0] * r for m, r in ranks.items() if r}
+    a_start = {m: np.zeros(r, np.int32) for m, r in ranks.items() if r}
+    b_start = {m: np.zeros(r, np.int32) for m, r in ranks.items() if r}
     for m, side, j, page_index, offset in placed:
         unit = pages[page_index] * layout.page_units + offset
         (a_start if side == "a" else b_start)[m][j] = unit
