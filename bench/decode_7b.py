@@ -79,7 +79,8 @@ def main() -> None:
     bw = bandwidth()
     config = dataclasses.replace(PRESETS[args.geometry], num_hidden_layers=args.layers)
     mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
-    params = make_params(config, mesh, unrolled=args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu"))
+    unrolled = args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu")
+    params = make_params(config, mesh, unrolled=unrolled)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     pages_per_seq = (PROMPT + NEW) // 16
     ec = EngineConfig(
