@@ -110,40 +110,49 @@ def main() -> None:
     adapter_bytes = (engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS})
                      * engine.paged.layout.page_bytes(2) * engine.paged.shards)
 
+    # a decode step's time: the interval between the ends of consecutive decode-only steps (with host
+    # overlap the next step is already queued when one ends, so this is the step period)
     step_times: dict[str, list[float]] = {}
-    original = engine.paged._run
+    original = engine.paged.collect
+    last_end: dict[str, float] = {}
 
     profiles = {}
     trace_root = tempfile.mkdtemp()
 
-    def timed_run(kind, chunks, sampling):
-        key = f"{timed_run.label}:{kind}"
-        n = len(step_times.get(key, []))
-        tracing = args.profile and kind == "decode" and timed_run.label != "warm"
+    def timed_collect(inflight):
+        label = timed_collect.label
+        decode = all(call.kind == "decode" for call in inflight.calls)
+        n = len(step_times.get(label, []))
+        tracing = args.profile and decode and label != "warm"
+        out = original(inflight)  # host values: the step has finished
+        end = time.perf_counter()
+        if decode and label in last_end:
+            step_times.setdefault(label, []).append(end - last_end[label])
+        if decode:
+            last_end[label] = end
+        else:
+            last_end.pop(label, None)
         if tracing and n == 20:
-            jax.profiler.start_trace(os.path.join(trace_root, timed_run.label))
-        t = time.perf_counter()
-        out = original(kind, chunks, sampling)  # returns host values: the step has finished
-        step_times.setdefault(key, []).append(time.perf_counter() - t)
-        if tracing and n == 29:
+            jax.profiler.start_trace(os.path.join(trace_root, label))
+        if tracing and n == 30:
             jax.profiler.stop_trace()
-            profiles[timed_run.label] = kernel_breakdown(os.path.join(trace_root, timed_run.label), steps=10)
+            profiles[label] = kernel_breakdown(os.path.join(trace_root, label), steps=10)
         return out
 
-    engine.paged._run = timed_run
+    engine.paged.collect = timed_collect
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 32000, PROMPT).tolist() for _ in range(b)]
     params_ = jlora.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     results = {}
     runs = (("mixed", names),) if args.skip_base else (("base", [None] * b), ("mixed", names))
     for label, adapters in runs:
-        timed_run.label = "warm"
+        timed_collect.label = "warm"
         engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters)
-        timed_run.label = label
+        timed_collect.label = label
         start = time.perf_counter()
         engine.generate(prompts, params_, adapters=adapters)
         seconds = time.perf_counter() - start
-        decode = np.median([t for i, t in enumerate(step_times[f"{label}:decode"]) if not 20 <= i < 30])
+        decode = np.median([t for i, t in enumerate(step_times[label]) if not 20 <= i <= 30])
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)

@@ -21,7 +21,11 @@ from bench.trace import TraceRequest
 
 
 class StepRecorder:
-    """Wraps the paged engine's execute: per-step wall time and the bytes a step must move."""
+    """Wraps the paged engine's prepare/launch/collect: per-step wall time and the bytes a step must move.
+
+    A step's wall time runs from its launch, or from the previous step's end if that came later (with
+    host overlap the next step is queued while one runs), to the end of its collect: back-to-back
+    steps are charged their period, and idle time between steps is not charged."""
 
     def __init__(self, engine: jlora.Engine, weight_bytes: int):
         self.paged = engine.paged
@@ -31,28 +35,43 @@ class StepRecorder:
         self.page_bytes = self.paged.layout.page_bytes(itemsize) * self.paged.shards
         self.weight_bytes = weight_bytes
         self.steps: list[dict[str, float]] = []
-        self._original = self.paged.execute
-        self.paged.execute = self._execute
+        self._originals = (self.paged.prepare, self.paged.launch, self.paged.collect)
+        self._info: dict[int, dict[str, float]] = {}
+        self._last_end = 0.0
+        self.paged.prepare, self.paged.launch, self.paged.collect = self._prepare, self._launch, self._collect
 
-    def _execute(self, schedule, sampling):
-        start = time.perf_counter()
-        out = self._original(schedule, sampling)
-        wall = time.perf_counter() - start
+    def _prepare(self, schedule, sampling):
+        calls = self._originals[0](schedule, sampling)
         chunks = schedule.decodes + schedule.prefills
         kv = sum(ch.start + len(ch.tokens) for ch in chunks) * self.kv_bytes_per_token
         memory = self.paged.memory
         adapters = {ch.adapter for ch in chunks if ch.adapter}
         adapter_bytes = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
-        calls = int(bool(schedule.decodes)) + int(bool(schedule.prefills))  # weights read once per call
-        self.steps.append({
-            "wall": wall, "bytes": calls * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
+        self._info[id(calls)] = {  # weights are read once per call
+            "bytes": len(calls) * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
             "tokens": sum(len(ch.tokens) for ch in chunks), "decodes": len(schedule.decodes),
             "adapters": len(adapters), "occupancy": 1 - memory.num_free / (memory.layout.num_pages - 1),
-        })
+        }
+        return calls
+
+    def _launch(self, calls, known):
+        info = self._info.pop(id(calls))
+        info["launched"] = time.perf_counter()
+        inflight = self._originals[1](calls, known)
+        self._info[id(inflight)] = info
+        return inflight
+
+    def _collect(self, inflight):
+        out = self._originals[2](inflight)
+        end = time.perf_counter()
+        info = self._info.pop(id(inflight))
+        info["wall"] = end - max(info.pop("launched"), self._last_end)
+        self._last_end = end
+        self.steps.append(info)
         return out
 
     def close(self) -> None:
-        self.paged.execute = self._original
+        self.paged.prepare, self.paged.launch, self.paged.collect = self._originals
 
 
 def _pct(values: list[float]) -> dict[str, float]:

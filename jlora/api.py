@@ -87,7 +87,7 @@ class Engine:
             )
             if sched.max_chunk > self.engine_config.max_prefill_tokens or sched.max_batch > self.engine_config.max_batch:
                 raise ValueError("scheduler_config: max_chunk and max_batch must fit the engine's buckets")
-            self.runner = Runner(self.paged, self.tokenizer, sched)
+            self.runner = Runner(self.paged, self.tokenizer, sched, overlap=self.engine_config.overlap)
 
     @classmethod
     def from_pretrained(

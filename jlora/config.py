@@ -199,6 +199,9 @@ class EngineConfig:
     # compiles), or "auto": unrolled on GPU (decode-7b on the H200: 11.7 vs 18.9 ms/step), scan
     # elsewhere (SmolLM2 on this 2-core CPU: 76 vs 35 tok/s)
     layer_loop: str = "auto"
+    # schedule and pack step N+1 on the host while step N runs on the device (Runner.step); False runs
+    # each step to the end before the next is scheduled
+    overlap: bool = True
 
     @property
     def max_lora_rank(self) -> int:

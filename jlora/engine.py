@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -64,6 +65,36 @@ class SamplingRow:
     top_k: int
     top_p: float
     seed_key: np.ndarray  # [2] uint32
+
+
+PENDING = -1  # a token sampled by the step in flight, not yet read back
+
+
+@dataclasses.dataclass
+class PreparedCall:
+    """One compiled call with its packed metadata, ready to launch."""
+
+    bucket: str
+    packed: np.ndarray
+    patch_offsets: np.ndarray  # positions in packed of PENDING tokens ...
+    patch_requests: list[int]  # ... and the requests whose in-flight token goes there
+    sample_rows: list[int]  # batch rows that sample a token ...
+    sample_requests: list[int]  # ... and their requests
+    kind: str
+    tokens: int
+
+
+@dataclasses.dataclass
+class InFlight:
+    """Calls queued on the device; collect() waits for them."""
+
+    calls: list[PreparedCall]
+    outputs: list[jax.Array]
+    launched_at: float
+
+    @property
+    def sample_requests(self) -> list[int]:
+        return [rid for call in self.calls for rid in call.sample_requests]
 
 
 def _smallest(options: tuple[int, ...], n: int) -> int:
@@ -218,22 +249,58 @@ class PagedEngine:
 
     def run_compiled(self, name: str, packed: np.ndarray) -> np.ndarray:
         """Run one compiled step on packed metadata; [2, B] int32 (tokens, log-prob bits) on the host."""
+        return np.asarray(self._dispatch(name, packed).addressable_data(0))
+
+    def _dispatch(self, name: str, packed: np.ndarray) -> jax.Array:
+        """Queue one compiled step on the device and return its (not yet ready) output."""
         if multihost.is_multiprocess():
             packed = multihost.to_global(packed, replicated(self.mesh))
         self.pool, out = self.compiled[name](self.params, self.pool, packed)
-        return np.asarray(out.addressable_data(0))
-
-    # ---- one step ---------------------------------------------------------------------------------
-    def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
-        """Run the schedule's decode and prefill batches; (token, logprob) for each chunk that samples."""
-        out: dict[int, tuple[int, float]] = {}
-        if schedule.decodes:
-            out.update(self._run("decode", schedule.decodes, sampling))
-        if schedule.prefills:
-            out.update(self._run("prefill", schedule.prefills, sampling))
         return out
 
-    def _run(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
+    # ---- one step: prepare on the host, launch, collect -------------------------------------------
+    def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
+        """Run the schedule's decode and prefill batches; (token, logprob) for each chunk that samples."""
+        return self.collect(self.launch(self.prepare(schedule, sampling), {}))
+
+    def prepare(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> list[PreparedCall]:
+        """The schedule's compiled calls with their metadata packed. A chunk token that is still PENDING
+        (sampled by the step in flight) is filled in by launch()."""
+        calls = []
+        if schedule.decodes:
+            calls.append(self._prepare_call("decode", schedule.decodes, sampling))
+        if schedule.prefills:
+            calls.append(self._prepare_call("prefill", schedule.prefills, sampling))
+        return calls
+
+    def launch(self, calls: list[PreparedCall], known: Mapping[int, tuple[int, float]]) -> InFlight:
+        """Fill in pending tokens from `known` (the collected results of the previous step) and queue
+        the calls on the device without waiting for them."""
+        outs = []
+        for call in calls:
+            if call.patch_requests:
+                try:
+                    call.packed[call.patch_offsets] = [known[rid][0] for rid in call.patch_requests]
+                except KeyError as e:
+                    raise RuntimeError(f"request {e} has a pending token that no collected step produced") from None
+            if multihost.is_multiprocess():  # the followers run the same step
+                multihost.announce(multihost.STEP, self._bucket_index[call.bucket], call.packed)
+            out = self._dispatch(call.bucket, call.packed)
+            out.copy_to_host_async()
+            outs.append(out)
+        return InFlight(calls, outs, time.perf_counter())
+
+    def collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
+        """Wait for a launched step; (token, logprob) for each chunk that samples."""
+        results: dict[int, tuple[int, float]] = {}
+        for call, out in zip(inflight.calls, inflight.outputs):
+            host = np.asarray(out.addressable_data(0))
+            new_tokens, new_logprobs = host[0], host[1].view(np.float32)
+            for i, rid in zip(call.sample_rows, call.sample_requests):
+                results[rid] = (int(new_tokens[i]), float(new_logprobs[i]))
+        return results
+
+    def _prepare_call(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow]) -> PreparedCall:
         c = self.config
         n = len(chunks)
         b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
@@ -283,15 +350,19 @@ class PagedEngine:
             lora = self._decode_lora(chunks, b * t, r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
         batch = PagedBatch(tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)
         samp = SamplingArrays(temperature, top_k, top_p, keys)
-        step = self.compiled.get(bucket.name)
-        if step is None:
+        if bucket.name not in self.compiled:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
         packed = pack((batch, lora, samp, counters), self._specs[bucket.name])
-        if multihost.is_multiprocess():  # the followers run the same step
-            multihost.announce(multihost.STEP, self._bucket_index[bucket.name], packed)
-        out = self.run_compiled(bucket.name, packed)
-        new_tokens, new_logprobs = out[0], out[1].view(np.float32)
-        return {ch.request_id: (int(new_tokens[i]), float(new_logprobs[i])) for i, ch in enumerate(chunks) if ch.sample}
+        # tokens is the first packed leaf: row i, column j sits at i * t + j
+        rows, cols = np.nonzero(tokens == PENDING)
+        sample_rows = [i for i, ch in enumerate(chunks) if ch.sample]
+        return PreparedCall(
+            bucket=bucket.name, packed=packed, patch_offsets=(rows * t + cols).astype(np.int64),
+            patch_requests=[chunks[i].request_id for i in rows], sample_rows=sample_rows,
+            sample_requests=[chunks[i].request_id for i in sample_rows], kind=kind,
+            tokens=sum(len(ch.tokens) for ch in chunks),
+        )
+
 
     def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
         """The adapter's A and B row starts for a module ([r] int32 each; empty if it has none)."""
@@ -332,4 +403,4 @@ class PagedEngine:
 
 _EMPTY = np.zeros(0, np.int32)
 
-__all__ = ["Bucket", "PagedEngine", "SamplingRow"]
+__all__ = ["PENDING", "Bucket", "InFlight", "PagedEngine", "PreparedCall", "SamplingRow"]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from checkpoints.peft import PeftAdapter
-from jlora.engine import PagedEngine, SamplingRow
+from jlora.engine import PENDING, InFlight, PagedEngine, SamplingRow
 from jlora.errors import AdapterInUseError, AdapterNotFoundError
 from jlora.generate import SequenceState, seed_key
 from jlora.scheduler import SchedRequest, Scheduler, SchedulerConfig
@@ -47,7 +47,8 @@ class HostAdapters:
 
 
 class Runner:
-    def __init__(self, engine: PagedEngine, tokenizer: JloraTokenizer | None, scheduler_config: SchedulerConfig):
+    def __init__(self, engine: PagedEngine, tokenizer: JloraTokenizer | None, scheduler_config: SchedulerConfig,
+                 overlap: bool = True):
         self.engine = engine
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config, engine.memory)
@@ -57,6 +58,8 @@ class Runner:
         self._sampling: dict[int, SamplingRow] = {}
         self._ids = itertools.count()
         self.steps = 0
+        self.overlap = overlap  # schedule and pack step N+1 while step N runs (see step())
+        self._inflight: InFlight | None = None
 
     # ---- adapters -----------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: PeftAdapter, ranks: dict[str, int]) -> None:
@@ -107,14 +110,21 @@ class Runner:
         return TokenEvent(rid, None, None, state.finish_reason)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def _finalize_text(self, state: SequenceState) -> None:
         if self.tokenizer is not None and not state.text_final:
             state.text = self.tokenizer.decode(state.generated)
 
     def step(self) -> list[TokenEvent]:
-        """One engine iteration for every running request."""
+        """One engine iteration for every running request.
+
+        With overlap (the default) the host works while the device computes: step N+1 is scheduled and
+        its metadata packed while step N runs; then N's tokens are read back, filled into N+1 (a decode
+        feeds the token its previous step sampled) and N+1 is queued before N's tokens are processed.
+        Events therefore come one call after their step. A request that finishes at N has had one more
+        step queued for it: that output is dropped. Without overlap each call runs its step to the end.
+        """
         now = time.monotonic()
         schedule = self.scheduler.schedule(now)
         events: list[TokenEvent] = []
@@ -127,18 +137,42 @@ class Runner:
             events.append(TokenEvent(rid, None, None, reason))
         for name in schedule.load_adapters:
             self.engine.copy_adapter(name, self.adapters.get(name)[0])  # host pages -> their device pages
-        if schedule.empty:
-            return events
-        start = time.perf_counter()
-        results = self.engine.execute(schedule, self._sampling)
-        if schedule.prefills and not schedule.decodes:
-            self.scheduler.observe_prefill(sum(len(c.tokens) for c in schedule.prefills), time.perf_counter() - start)
-        self.steps += 1
+        prepared = None if schedule.empty else self.engine.prepare(schedule, self._sampling)
+        previous, self._inflight = self._inflight, None
+        results = self._collect(previous) if previous is not None else {}
+        if prepared is not None:
+            self._inflight = self.engine.launch(prepared, results)
+            self.steps += 1
+        events += self._consume(results)
+        if self._inflight is not None:
+            for rid in self._inflight.sample_requests:  # the token the queued step samples is pending
+                if rid in self.states:
+                    self.scheduler.on_token(rid, PENDING)
+            if not self.overlap:
+                current, self._inflight = self._inflight, None
+                events += self._consume(self._collect(current))
+        return events
+
+    def flush(self) -> list[TokenEvent]:
+        """Wait for the step in flight, if any, and process its tokens (no new step is queued)."""
+        current, self._inflight = self._inflight, None
+        return self._consume(self._collect(current)) if current is not None else []
+
+    def _collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
+        results = self.engine.collect(inflight)
+        if all(call.kind == "prefill" for call in inflight.calls):
+            self.scheduler.observe_prefill(sum(c.tokens for c in inflight.calls), time.perf_counter() - inflight.launched_at)
+        return results
+
+    def _consume(self, results: dict[int, tuple[int, float]]) -> list[TokenEvent]:
         now = time.monotonic()
+        events = []
         for rid, (token, logprob) in results.items():
-            state = self.states[rid]
+            state = self.states.get(rid)
+            if state is None:  # cancelled, or finished the step before (a dropped extra step)
+                continue
             state.append(token, logprob, self.tokenizer)
-            self.scheduler.on_token(rid, token, now)
+            self.scheduler.set_token(rid, token, now)
             if state.finish_reason is not None:
                 self._end(rid)
                 self._finalize_text(self.states.pop(rid))

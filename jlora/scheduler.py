@@ -116,12 +116,23 @@ class Scheduler:
 
     cancel = finish
 
-    def on_token(self, request_id: int, token: int, now: float) -> None:
+    def on_token(self, request_id: int, token: int, now: float | None = None) -> None:
+        """A token was sampled for the request. `now=None`: the step is still in flight and `token` a
+        placeholder, replaced by set_token once it is read back (the next step is scheduled meanwhile)."""
         req = self.requests.get(request_id)
         if req is None:
             return
         req.tokens.append(token)
         req.num_generated += 1
+        if now is not None and req.first_token_time is None:
+            req.first_token_time = now
+
+    def set_token(self, request_id: int, token: int, now: float) -> None:
+        """The value of the request's last token, which on_token recorded as a placeholder."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.tokens[-1] = token
         if req.first_token_time is None:
             req.first_token_time = now
 
@@ -182,6 +193,8 @@ class Scheduler:
         in_use = {r.adapter for r in self.running if r.adapter}
         for req in sorted(self.running, key=lambda r: r.arrival):
             if req.status is not Status.RUNNING or len(req.tokens) - req.num_computed != 1 or req.num_generated == 0:
+                continue
+            if req.num_generated >= req.max_tokens:  # done; the runner ends it once the last token is read
                 continue
             need = self.memory.kv_pages_needed(req.request_id, req.num_computed + 1)
             while need and self.memory.num_free < need and not self._free_pages(need, in_use, s):

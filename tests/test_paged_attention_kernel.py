@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import AttentionTunables, paged_attention
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
@@ -49,23 +49,28 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
         (3, 4, 2, 16, 4, 8, 9),  # sliding window
     ],
 )
-def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype):
+@pytest.mark.parametrize("mma", [None, "other"])
+def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype, mma):
+    """mma=None: the variant the kernel picks (tensor-core tiles for GQA); "other": the one it does not."""
     rng = np.random.default_rng(b * 31 + hq + page_size)
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
+    tunables = AttentionTunables(mma=None if mma is None else hq == hkv)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
-    got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl())
+    got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl(),
+                          tunables=tunables)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[dtype]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("b,hq,hkv", [(64, 32, 32), (64, 32, 8), (17, 9, 3)])
-def test_decode_kernel_gpu_sweep(b, hq, hkv):
+def test_decode_kernel_gpu_sweep(b, hq, hkv, mma):
     rng = np.random.default_rng(b + hq)
     args = _case(rng, b, hq, hkv, 128 if hq != 9 else 64, 16, 32, jnp.bfloat16)
     want = paged_attention(*args, page_size=16, implementation="reference")
-    got = paged_attention(*args, page_size=16, implementation="pallas")
+    got = paged_attention(*args, page_size=16, implementation="pallas", tunables=AttentionTunables(mma=mma))
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[jnp.bfloat16]
 

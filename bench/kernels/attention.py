@@ -58,8 +58,8 @@ def main() -> None:
 
         want = op(*fixed, *rotations[0], impl="reference")
         sweep = []
-        for ppb, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-            t = AttentionTunables(pages_per_block=ppb, num_warps=warps)
+        for ppb, warps, mma in itertools.product((2, 4, 8), (4, 8), (False, True)):
+            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma)
             got = op(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             us = chained_seconds(lambda *a, t=t: op(*a, tunables=t), fixed, rotations, iters=20) * 1e6

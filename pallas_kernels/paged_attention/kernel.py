@@ -27,6 +27,10 @@ class AttentionTunables:
     pages_per_block: int = 4
     num_warps: int = 4
     num_stages: int = 2
+    # tensor-core variant: the G query heads of a KV group as one [16+, Dh] tile, scores and values by
+    # dots; None picks it for grouped-query attention (G >= 2), where the per-head vector loop is
+    # compute-bound (33% of bandwidth at 32/8 heads on the H200)
+    mma: bool | None = None
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
@@ -90,6 +94,58 @@ def _decode_kernel(
         o_ref[b, h * group + g, :] = out.astype(o_ref.dtype)
 
 
+def _decode_mma_kernel(
+    layer_ref, pt_ref, pos_ref, clen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
+    *, page_size, page_units, n_kv, block_keys, n_table, window, scale, f32_dot,
+):
+    """One program per (sequence, KV head): q is the group's heads padded to GP >= 16 rows."""
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    layer = layer_ref[0]
+    pos = pos_ref[b]
+    clen = clen_ref[b]
+    q = q_ref[b, h, :, :]  # [GP, Dh]
+    gp, dh = q.shape
+    key = jnp.arange(block_keys, dtype=jnp.int32)
+
+    def dot(a, c, trans_b=False):
+        if f32_dot:
+            return pltriton.dot(a.astype(jnp.float32), c.astype(jnp.float32), trans_b=trans_b, allow_tf32=False)
+        return pltriton.dot(a, c.astype(a.dtype), trans_b=trans_b)
+
+    def block(i, carry):
+        m, denom, acc = carry
+        kpos = i * block_keys + key
+        pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
+        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        kt = pool_ref[layer, units, :]  # [BK, Dh]
+        vt = pool_ref[layer, units + n_kv, :]
+        ok = (kpos < clen) & (kpos <= pos)
+        if window is not None:
+            ok = ok & (pos - kpos < window)
+        s = jnp.where(ok[None, :], dot(q, kt, trans_b=True) * scale, NEG_INF)  # [GP, BK]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p.astype(kt.dtype), vt)
+
+    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32), jnp.zeros((gp, dh), jnp.float32))
+    n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
+    start = jnp.int32(0)
+    if window is not None:
+        start = jnp.maximum(pos - window + 1, 0) // block_keys
+    m, denom, acc = jax.lax.fori_loop(start, n_blocks, block, init)
+
+    kn = kn_ref[b, h, :].astype(jnp.float32)  # the step's own key and value
+    vn = vn_ref[b, h, :].astype(jnp.float32)
+    s = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [GP]
+    m_new = jnp.maximum(m, s)
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    out = (acc * alpha[:, None] + p[:, None] * vn[None, :]) / (denom * alpha + p)[:, None]
+    o_ref[b, h, :, :] = out.astype(o_ref.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
 def paged_decode_attention_kernel(
     q: jax.Array,  # [B, Hq, Dh] one query per sequence
@@ -112,15 +168,22 @@ def paged_decode_attention_kernel(
     ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
     while ppb * 2 <= min(tunables.pages_per_block, p):
         ppb *= 2
-    kernel = functools.partial(
-        _decode_kernel, group=hq // hkv, page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv,
-        block_keys=ppb * page_size, n_table=p, window=sliding_window, scale=1.0 / float(dh) ** 0.5,
-    )
+    group = hq // hkv
+    common = dict(page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv, block_keys=ppb * page_size,
+                  n_table=p, window=sliding_window, scale=1.0 / float(dh) ** 0.5)
+    scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, positions, cached_lens)
+    params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
+    if tunables.mma if tunables.mma is not None else group >= 2:
+        gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
+        qg = jnp.pad(q.reshape(b, hkv, group, dh), ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+        out = pl.pallas_call(
+            functools.partial(_decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32),
+            out_shape=jax.ShapeDtypeStruct((b, hkv, gp, dh), q.dtype),
+            grid=(b, hkv), compiler_params=params, interpret=interpret, name="paged_decode_attention_mma",
+        )(*scalars, qg, k_new, v_new, pool)
+        return out[:, :, :group].reshape(b, hq, dh)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_decode_kernel, group=group, **common),
         out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
-        grid=(b, hkv),
-        compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
-        interpret=interpret,
-        name="paged_decode_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, positions, cached_lens, q, k_new, v_new, pool)
+        grid=(b, hkv), compiler_params=params, interpret=interpret, name="paged_decode_attention",
+    )(*scalars, q, k_new, v_new, pool)
