@@ -149,9 +149,12 @@ def main() -> None:
         timed_collect.label = "warm"
         engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters)
         timed_collect.label = label
+        phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
         start = time.perf_counter()
         engine.generate(prompts, params_, adapters=adapters)
         seconds = time.perf_counter() - start
+        n_steps = engine.runner.steps - steps0
+        host_ms = {k: (v - phases0.get(k, 0.0)) / n_steps * 1e3 for k, v in engine.runner.phase_seconds.items()}
         decode = np.median([t for i, t in enumerate(step_times[label]) if not 20 <= i <= 30])
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
@@ -160,7 +163,9 @@ def main() -> None:
         results[label] = {
             "tok_s_end_to_end": b * NEW / seconds, "decode_step_ms": decode * 1e3, "decode_tok_s": b / decode,
             "step_floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / decode,
+            "host_ms_per_step": host_ms,  # the runner's phases (all steps, prefill included)
         }
+        print(label, "host ms/step:", {k: round(v, 3) for k, v in host_ms.items()}, flush=True)
     mixed = results["mixed"]
     base = results.get("base", mixed)
     lora_floor_ms = 1.1 * adapter_bytes * b / args.mp / (bw["copy_TBps"] * 1e12) * 1e3

@@ -40,8 +40,8 @@ class StepRecorder:
         self._last_end = 0.0
         self.paged.prepare, self.paged.launch, self.paged.collect = self._prepare, self._launch, self._collect
 
-    def _prepare(self, schedule, sampling):
-        calls = self._originals[0](schedule, sampling)
+    def _prepare(self, schedule, sampling, sources=None):
+        calls = self._originals[0](schedule, sampling, sources)
         chunks = schedule.decodes + schedule.prefills
         kv = sum(ch.start + len(ch.tokens) for ch in chunks) * self.kv_bytes_per_token
         memory = self.paged.memory
@@ -54,10 +54,10 @@ class StepRecorder:
         }
         return calls
 
-    def _launch(self, calls, known):
+    def _launch(self, calls):
         info = self._info.pop(id(calls))
         info["launched"] = time.perf_counter()
-        inflight = self._originals[1](calls, known)
+        inflight = self._originals[1](calls)
         self._info[id(inflight)] = info
         return inflight
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +68,16 @@ class SamplingRow:
     seed_key: np.ndarray  # [2] uint32
 
 
-PENDING = -1  # a token sampled by the step in flight, not yet read back
+PENDING = -1  # a token sampled by a step still in flight: the device feeds it from the token carry
+
+
+@flax.struct.dataclass
+class TokenFeed:
+    """Where a step reads the tokens it does not know on the host and writes the ones it samples, in
+    the engine's token carry (a small device array threaded through every step)."""
+
+    source: jax.Array  # [B, T] int32 carry index of a pending token; -1: the packed token is real
+    dest: jax.Array  # [B] int32 carry index for the row's sampled token; carry size: not kept
 
 
 @dataclasses.dataclass
@@ -76,8 +86,6 @@ class PreparedCall:
 
     bucket: str
     packed: np.ndarray
-    patch_offsets: np.ndarray  # positions in packed of PENDING tokens ...
-    patch_requests: list[int]  # ... and the requests whose in-flight token goes there
     sample_rows: list[int]  # batch rows that sample a token ...
     sample_requests: list[int]  # ... and their requests
     kind: str
@@ -91,6 +99,7 @@ class InFlight:
     calls: list[PreparedCall]
     outputs: list[jax.Array]
     launched_at: float
+    sources: dict[int, int]  # request -> carry index of the token this step samples for it
 
     @property
     def sample_requests(self) -> list[int]:
@@ -140,11 +149,18 @@ class PagedEngine:
         self.layout.check()
         self.memory = PoolManager(self.layout)
         self.pool = new_pool(self.layout, self.dtype, self.shards, pool_sharding(mesh) if mesh is not None else None)
+        # token carry: two halves (alternate steps write alternate halves, so a step never overwrites
+        # what the step before it wrote while that is still being read), each with room for a decode
+        # call's rows and then a prefill call's rows
+        self._carry_half = max(config.decode_batch_buckets) + max(config.prefill_batch_buckets)
+        carry = np.zeros(2 * self._carry_half, np.int32)
+        self.carry = jax.device_put(carry, replicated(mesh)) if mesh is not None else jnp.asarray(carry)
+        self._half = 0
         forward = functools.partial(forward_paged, config=local, page_size=config.page_size, impl=config.implementation)
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)
         self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),
-                                donate_argnums=(1,))
+                                donate_argnums=(1, 2))
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
         self.compile_seconds = 0.0
@@ -166,14 +182,18 @@ class PagedEngine:
         return sharded
 
     @staticmethod
-    def _step(params, pool, packed, *, spec, forward):
-        """One step. packed: the step's metadata (batch, lora, sampling, counters) as one int32 array.
-        Returns the pool and [2, B] int32: sampled tokens, and their log-probs' float32 bits."""
-        batch, lora, sampling, counters = unpack(packed, spec)
-        pool, logits = forward(params, pool, batch, lora)
+    def _step(params, pool, carry, packed, *, spec, forward):
+        """One step. packed: the step's metadata (batch, lora, sampling, counters, feed) as one int32
+        array. Returns the pool, the token carry and [2, B] int32: sampled tokens, and their log-probs'
+        float32 bits."""
+        batch, lora, sampling, counters, feed = unpack(packed, spec)
+        fed = jnp.where(feed.source >= 0, carry[jnp.maximum(feed.source, 0)], batch.tokens)
+        pool, logits = forward(params, pool, batch.replace(tokens=fed), lora)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys))
-        return pool, jnp.stack([tokens.astype(jnp.int32), jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+        tokens = tokens.astype(jnp.int32)
+        carry = carry.at[feed.dest].set(tokens, mode="drop")
+        return pool, carry, jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
 
     def buckets(self) -> list[Bucket]:
         c = self.config
@@ -202,7 +222,7 @@ class PagedEngine:
                 lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
         sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
                                   keys=s(b, 2, dtype=jnp.uint32))
-        return batch, lora, sampling, s(b, dtype=jnp.uint32)
+        return batch, lora, sampling, s(b, dtype=jnp.uint32), TokenFeed(s(b, t), s(b))
 
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
@@ -210,12 +230,13 @@ class PagedEngine:
         self.write_block(*empty_block(self.layout, self.shards))
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
         pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype, sharding=self.pool.sharding)
+        carry = jax.ShapeDtypeStruct(self.carry.shape, self.carry.dtype, sharding=self.carry.sharding)
         packed_sharding = replicated(self.mesh) if self.mesh is not None else None
         for bucket in self.buckets():
             if bucket.name not in self.compiled:
                 spec = spec_of(self._abstract_args(bucket))
                 packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
-                self.compiled[bucket.name] = self._step_fn.lower(params, pool, packed, spec=spec).compile()
+                self.compiled[bucket.name] = self._step_fn.lower(params, pool, carry, packed, spec=spec).compile()
                 self._specs[bucket.name] = spec
         self.bucket_names = sorted(self.compiled)  # the order the multihost leader and followers share
         self._bucket_index = {name: i for i, name in enumerate(self.bucket_names)}
@@ -255,40 +276,41 @@ class PagedEngine:
         """Queue one compiled step on the device and return its (not yet ready) output."""
         if multihost.is_multiprocess():
             packed = multihost.to_global(packed, replicated(self.mesh))
-        self.pool, out = self.compiled[name](self.params, self.pool, packed)
+        self.pool, self.carry, out = self.compiled[name](self.params, self.pool, self.carry, packed)
         return out
 
     # ---- one step: prepare on the host, launch, collect -------------------------------------------
     def execute(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> dict[int, tuple[int, float]]:
         """Run the schedule's decode and prefill batches; (token, logprob) for each chunk that samples."""
-        return self.collect(self.launch(self.prepare(schedule, sampling), {}))
+        return self.collect(self.launch(self.prepare(schedule, sampling)))
 
-    def prepare(self, schedule: Schedule, sampling: dict[int, SamplingRow]) -> list[PreparedCall]:
+    def prepare(self, schedule: Schedule, sampling: dict[int, SamplingRow],
+                sources: Mapping[int, int] | None = None) -> list[PreparedCall]:
         """The schedule's compiled calls with their metadata packed. A chunk token that is still PENDING
-        (sampled by the step in flight) is filled in by launch()."""
+        is read on the device from the token carry, at sources[request] (InFlight.sources of the step
+        that samples it, which must be the last one launched)."""
         calls = []
         if schedule.decodes:
-            calls.append(self._prepare_call("decode", schedule.decodes, sampling))
+            calls.append(self._prepare_call("decode", schedule.decodes, sampling, sources or {}, 0))
         if schedule.prefills:
-            calls.append(self._prepare_call("prefill", schedule.prefills, sampling))
+            calls.append(self._prepare_call("prefill", schedule.prefills, sampling, sources or {},
+                                            max(self.config.decode_batch_buckets)))
         return calls
 
-    def launch(self, calls: list[PreparedCall], known: Mapping[int, tuple[int, float]]) -> InFlight:
-        """Fill in pending tokens from `known` (the collected results of the previous step) and queue
-        the calls on the device without waiting for them."""
+    def launch(self, calls: list[PreparedCall]) -> InFlight:
+        """Queue the calls on the device without waiting for them (nor for the step before)."""
         outs = []
         for call in calls:
-            if call.patch_requests:
-                try:
-                    call.packed[call.patch_offsets] = [known[rid][0] for rid in call.patch_requests]
-                except KeyError as e:
-                    raise RuntimeError(f"request {e} has a pending token that no collected step produced") from None
             if multihost.is_multiprocess():  # the followers run the same step
                 multihost.announce(multihost.STEP, self._bucket_index[call.bucket], call.packed)
             out = self._dispatch(call.bucket, call.packed)
             out.copy_to_host_async()
             outs.append(out)
-        return InFlight(calls, outs, time.perf_counter())
+        base = self._half * self._carry_half
+        sources = {rid: base + (call.kind == "prefill") * max(self.config.decode_batch_buckets) + row
+                   for call in calls for row, rid in zip(call.sample_rows, call.sample_requests)}
+        self._half = 1 - self._half
+        return InFlight(calls, outs, time.perf_counter(), sources)
 
     def collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
         """Wait for a launched step; (token, logprob) for each chunk that samples."""
@@ -300,7 +322,8 @@ class PagedEngine:
                 results[rid] = (int(new_tokens[i]), float(new_logprobs[i]))
         return results
 
-    def _prepare_call(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow]) -> PreparedCall:
+    def _prepare_call(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow],
+                      sources: Mapping[int, int], offset: int) -> PreparedCall:
         c = self.config
         n = len(chunks)
         b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
@@ -352,13 +375,20 @@ class PagedEngine:
         samp = SamplingArrays(temperature, top_k, top_p, keys)
         if bucket.name not in self.compiled:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
-        packed = pack((batch, lora, samp, counters), self._specs[bucket.name])
-        # tokens is the first packed leaf: row i, column j sits at i * t + j
+        source = np.full((b, t), -1, np.int32)
         rows, cols = np.nonzero(tokens == PENDING)
+        for i, j in zip(rows, cols):
+            rid = chunks[i].request_id
+            if rid not in sources:
+                raise RuntimeError(f"request {rid} has a pending token that the last launched step does not sample")
+            source[i, j] = sources[rid]
+        tokens[rows, cols] = 0
         sample_rows = [i for i, ch in enumerate(chunks) if ch.sample]
+        dest = np.full(b, 2 * self._carry_half, np.int32)  # out of range: dropped
+        dest[sample_rows] = self._half * self._carry_half + offset + np.asarray(sample_rows, np.int32)
+        packed = pack((batch, lora, samp, counters, TokenFeed(source, dest)), self._specs[bucket.name])
         return PreparedCall(
-            bucket=bucket.name, packed=packed, patch_offsets=(rows * t + cols).astype(np.int64),
-            patch_requests=[chunks[i].request_id for i in rows], sample_rows=sample_rows,
+            bucket=bucket.name, packed=packed, sample_rows=sample_rows,
             sample_requests=[chunks[i].request_id for i in sample_rows], kind=kind,
             tokens=sum(len(ch.tokens) for ch in chunks),
         )
@@ -403,4 +433,4 @@ class PagedEngine:
 
 _EMPTY = np.zeros(0, np.int32)
 
-__all__ = ["PENDING", "Bucket", "InFlight", "PagedEngine", "PreparedCall", "SamplingRow"]
+__all__ = ["PENDING", "Bucket", "InFlight", "PagedEngine", "PreparedCall", "SamplingRow", "TokenFeed"]

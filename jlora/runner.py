@@ -60,6 +60,7 @@ class Runner:
         self.steps = 0
         self.overlap = overlap  # schedule and pack step N+1 while step N runs (see step())
         self._inflight: InFlight | None = None
+        self.phase_seconds: collections.Counter[str] = collections.Counter()
 
     # ---- adapters -----------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: PeftAdapter, ranks: dict[str, int]) -> None:
@@ -119,14 +120,16 @@ class Runner:
     def step(self) -> list[TokenEvent]:
         """One engine iteration for every running request.
 
-        With overlap (the default) the host works while the device computes: step N+1 is scheduled and
-        its metadata packed while step N runs; then N's tokens are read back, filled into N+1 (a decode
-        feeds the token its previous step sampled) and N+1 is queued before N's tokens are processed.
-        Events therefore come one call after their step. A request that finishes at N has had one more
-        step queued for it: that output is dropped. Without overlap each call runs its step to the end.
+        With overlap (the default) the host works while the device computes: step N+1 is scheduled,
+        packed and queued while step N still runs, then N's tokens are read back and processed. A token
+        N samples and N+1 feeds (a decode's input) goes from N to N+1 on the device, through the token
+        carry. Events therefore come one call after their step. A request that finishes at N has had
+        one more step queued for it: that output is dropped. Without overlap each call runs its step to
+        the end. `phase_seconds` accumulates the host time of each phase.
         """
-        now = time.monotonic()
-        schedule = self.scheduler.schedule(now)
+        clock = time.perf_counter
+        t0 = clock()
+        schedule = self.scheduler.schedule(time.monotonic())
         events: list[TokenEvent] = []
         for rid, reason in schedule.aborted:
             state = self.states.pop(rid)
@@ -137,12 +140,19 @@ class Runner:
             events.append(TokenEvent(rid, None, None, reason))
         for name in schedule.load_adapters:
             self.engine.copy_adapter(name, self.adapters.get(name)[0])  # host pages -> their device pages
-        prepared = None if schedule.empty else self.engine.prepare(schedule, self._sampling)
+        t1 = clock()
         previous, self._inflight = self._inflight, None
-        results = self._collect(previous) if previous is not None else {}
-        if prepared is not None:
-            self._inflight = self.engine.launch(prepared, results)
+        if not schedule.empty:
+            sources = previous.sources if previous is not None else {}
+            prepared = self.engine.prepare(schedule, self._sampling, sources)
+            t2 = clock()
+            self._inflight = self.engine.launch(prepared)
             self.steps += 1
+        else:
+            t2 = clock()
+        t3 = clock()
+        results = self._collect(previous) if previous is not None else {}
+        t4 = clock()
         events += self._consume(results)
         if self._inflight is not None:
             for rid in self._inflight.sample_requests:  # the token the queued step samples is pending
@@ -150,7 +160,14 @@ class Runner:
                     self.scheduler.on_token(rid, PENDING)
             if not self.overlap:
                 current, self._inflight = self._inflight, None
-                events += self._consume(self._collect(current))
+                t = clock()
+                results = self._collect(current)
+                t4 += clock() - t
+                events += self._consume(results)
+        t5 = clock()
+        for phase, seconds in (("schedule", t1 - t0), ("prepare", t2 - t1), ("launch", t3 - t2), ("wait", t4 - t3),
+                               ("consume", t5 - t4)):  # without overlap, wait includes the step's own collect
+            self.phase_seconds[phase] += seconds
         return events
 
     def flush(self) -> list[TokenEvent]:

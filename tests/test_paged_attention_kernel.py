@@ -49,12 +49,12 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
         (3, 4, 2, 16, 4, 8, 9),  # sliding window
     ],
 )
-@pytest.mark.parametrize("mma", [None, "other"])
+@pytest.mark.parametrize("mma", [True, False])
 def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype, mma):
-    """mma=None: the variant the kernel picks (tensor-core tiles for GQA); "other": the one it does not."""
+    """mma: tensor-core tiles per KV group (the default); else the vector loop per query head."""
     rng = np.random.default_rng(b * 31 + hq + page_size)
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
-    tunables = AttentionTunables(mma=None if mma is None else hq == hkv)
+    tunables = AttentionTunables(mma=mma)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
     got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl(),
                           tunables=tunables)
