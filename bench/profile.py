@@ -18,9 +18,8 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     data = ProfileData.from_file(max(files, key=os.path.getmtime))
     lines: dict[str, dict[str, list[float]]] = {}
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
+    gpus = [p for p in data.planes if p.name.startswith("/device:GPU") and any(len(line.events) for line in p.lines)]
+    for plane in gpus[:1]:  # one device: with tensor parallelism every device runs the same program
         for line in plane.lines:
             by_name = lines.setdefault(line.name, collections.defaultdict(lambda: [0.0, 0]))
             for e in line.events:
@@ -41,7 +40,10 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     by_name = lines[kernel_line]
     out["device_busy_ms_per_step"] = sum(v[0] for v in by_name.values()) / steps
     collective = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.IGNORECASE)
-    out["collective_ms_per_step"] = sum(v[0] for k, v in by_name.items() if collective.search(k)) / steps
+    # NCCL kernels run on their own streams: count them on every line of the device
+    out["collective_ms_per_step"] = sum(v[0] for d in lines.values() for k, v in d.items() if collective.search(k)) / steps
+    out["collective_kernels"] = sorted({k for d in lines.values() for k in d if collective.search(k)})[:10]
+    out["devices_traced"] = len(gpus)
     out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps
     # idle time between kernels: short gaps are launch overhead, long ones the host between steps
     events = sorted(spans[kernel_line])
