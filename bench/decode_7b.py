@@ -136,7 +136,10 @@ def main() -> None:
             jax.profiler.start_trace(os.path.join(trace_root, label))
         if tracing and n == 30:
             jax.profiler.stop_trace()
-            profiles[label.split(":", 1)[1]] = kernel_breakdown(os.path.join(trace_root, label), steps=10)
+            try:  # a profile that cannot be read must not lose the timings
+                profiles[label.split(":", 1)[1]] = kernel_breakdown(os.path.join(trace_root, label), steps=10)
+            except Exception as e:  # noqa: BLE001
+                profiles[label.split(":", 1)[1]] = {"error": repr(e)}
         return out
 
     engine.paged.collect = timed_collect
@@ -155,6 +158,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         n_steps = engine.runner.steps - steps0
         host_ms = {k: (v - phases0.get(k, 0.0)) / n_steps * 1e3 for k, v in engine.runner.phase_seconds.items()}
+        print(label, f"{b * NEW / seconds:.0f} tok/s end to end, decode step {np.median(step_times[label]) * 1e3:.2f} ms",
+              flush=True)
         if args.profile:
             timed_collect.label = f"profile:{label}"
             engine.generate(prompts, params_, adapters=adapters)
