@@ -81,3 +81,65 @@ def test_bad_pool_raises():
     with pytest.raises(ValueError, match="whole pages"):
         paged_attention(q, k, k, jnp.ones((1, 10, 16)), jnp.int32(0), jnp.zeros((1, 2), jnp.int32),
                         jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32), page_size=4)
+
+
+def _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
+    """Chunks of up to t new tokens after random cached prefixes; the table holds prefix and chunk."""
+    n_pages = 1 + b * max_pages
+    page_units = page_size * 2 * hkv
+    pool = rng.standard_normal((layers, n_pages * page_units, dh)).astype(np.float32)
+    pool[:, :page_units] = 0.0
+    new = rng.integers(1, t + 1, b)
+    new[0] = t  # one full chunk
+    cached = np.array([rng.integers(0, max_pages * page_size - n + 1) for n in new])
+    cached[-1] = 0  # one first chunk (no prefix)
+    perm = rng.permutation(np.arange(1, n_pages))
+    tables = np.zeros((b, max_pages), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    for i in range(b):
+        used = -(-int(cached[i] + new[i]) // page_size)
+        tables[i, :used] = perm[i * max_pages : i * max_pages + used]
+        positions[i, : new[i]] = np.arange(cached[i], cached[i] + new[i])
+    q = rng.standard_normal((b, t, hq, dh))
+    k = rng.standard_normal((b, t, hkv, dh))
+    v = rng.standard_normal((b, t, hkv, dh))
+    as_ = lambda a, dt=dtype: jnp.asarray(a, dt)  # noqa: E731
+    args = (as_(q), as_(k), as_(v), as_(pool), jnp.int32(layers - 1), jnp.asarray(tables), jnp.asarray(positions),
+            jnp.asarray(cached, jnp.int32), jnp.asarray(new, jnp.int32))
+    return args, new
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,dh,page_size,max_pages,window",
+    [
+        (3, 8, 4, 4, 16, 4, 6, None),  # MHA
+        (2, 20, 6, 2, 32, 8, 6, None),  # GQA 3, chunk not a power of two
+        (2, 16, 8, 1, 16, 16, 3, None),  # MQA
+        (3, 12, 4, 2, 16, 4, 8, 7),  # sliding window
+    ],
+)
+def test_prefill_kernel_matches_reference(b, t, hq, hkv, dh, page_size, max_pages, window, dtype):
+    """Flash-style prefill over cached pages plus the chunk's own keys; rows past a chunk's length
+    are padding and not compared."""
+    rng = np.random.default_rng(b * 7 + t + hq)
+    args, new = _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype)
+    want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
+    got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl(),
+                          prefill_kernel=True)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    real = np.arange(t)[None, :] < new[:, None]
+    assert np.isfinite(got[real]).all()
+    assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,hq,hkv", [(128, 32, 32), (256, 32, 8), (77, 9, 3)])
+def test_prefill_kernel_gpu_sweep(t, hq, hkv):
+    rng = np.random.default_rng(t + hq)
+    args, new = _prefill_case(rng, 4, t, hq, hkv, 128 if hq != 9 else 64, 16, 40, jnp.bfloat16)
+    want = paged_attention(*args, page_size=16, implementation="reference")
+    got = paged_attention(*args, page_size=16, implementation="pallas", prefill_kernel=True)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    real = np.arange(t)[None, :] < new[:, None]
+    assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.bfloat16]

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds
-from pallas_kernels.paged_attention import AttentionTunables, paged_attention
+from pallas_kernels.paged_attention import AttentionTunables, PrefillTunables, paged_attention
 
 PAGE, DH = 16, 128
 
@@ -74,13 +74,54 @@ def main() -> None:
                "kernel_share_of_read_bw": kv_bytes / best["us"] / 1e6 / bw["read_TBps"], "sweep": sweep}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
+    prefill = prefill_rows(bw)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"bandwidth": bw, "cases": rows}, f, indent=1)
-    print("wrote", write_result("kernels-attention", {"bandwidth": bw, "cases": rows}))
+            json.dump({"bandwidth": bw, "cases": rows, "prefill": prefill}, f, indent=1)
+    print("wrote", write_result("kernels-attention", {"bandwidth": bw, "cases": rows, "prefill": prefill}))
     for r in rows:
         print(f"{r['case']:22s} kernel {r['kernel_us']:8.1f} us {r['kernel_TBps']:.2f} TB/s "
               f"({100 * r['kernel_share_of_copy_bw']:.0f}% copy bw) reference {r['reference_us']:8.1f} us")
+
+
+
+def prefill_rows(bw: dict, batch: int = 8, chunk: int = 256, cached: int = 1024) -> list[dict]:
+    """Prefill chunks (chunk new tokens after `cached` in pages): the flash-style kernel against the
+    reference, with its error; the figure that decides whether the GPU path turns the kernel on."""
+    out = []
+    for label, hq, hkv in (("prefill MHA 32/32", 32, 32), ("prefill GQA 32/8", 32, 8)):
+        fixed, _, _ = _case(batch, cached + chunk, hq, hkv)
+        pool, tables = fixed[0], fixed[1]
+        pos = jnp.broadcast_to(jnp.arange(cached, cached + chunk, dtype=jnp.int32)[None], (batch, chunk))
+        lens, new = jnp.full((batch,), cached, jnp.int32), jnp.full((batch,), chunk, jnp.int32)
+        rotations = []
+        for i in range(2):
+            k = jax.random.split(jax.random.PRNGKey(9 + i), 3)
+            rotations.append(tuple(jax.random.normal(kk, (batch, chunk, h, DH), jnp.float32).astype(jnp.bfloat16)
+                                   for kk, h in zip(k, (hq, hkv, hkv))))
+
+        def op(pool, tables, pos, lens, new, q, k, v, kernel=True, tunables=None):
+            return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE,
+                                   implementation="pallas", prefill_kernel=kernel, prefill_tunables=tunables)
+
+        fixed = (pool, tables, pos, lens, new)
+        want = op(*fixed, *rotations[0], kernel=False)
+        ref_us = chained_seconds(lambda *a: op(*a, kernel=False), fixed, rotations, iters=10) * 1e6
+        flops = 4 * batch * hq * chunk * (cached + chunk / 2) * DH
+        for bq, warps in itertools.product((16, 32, 64), (4, 8)):
+            t = PrefillTunables(block_queries=bq, num_warps=warps)
+            try:
+                got = op(*fixed, *rotations[0], tunables=t)
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+                us = chained_seconds(lambda *a, t=t: op(*a, tunables=t), fixed, rotations, iters=10) * 1e6
+            except Exception as e:  # noqa: BLE001 - a tiling Triton refuses is a result, not a crash
+                out.append({"case": label, **dataclasses.asdict(t), "error": repr(e)[:300]})
+                continue
+            row = {"case": label, **dataclasses.asdict(t), "kernel_us": us, "reference_us": ref_us,
+                   "kernel_TFLOPs": flops / us / 1e6, "max_abs_err": err}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
 
 
 if __name__ == "__main__":

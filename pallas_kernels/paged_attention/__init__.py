@@ -1,8 +1,9 @@
 """Paged attention and K/V writes over the unified pool. The public functions validate, then pick
 the kernel or the reference (pallas_kernels.backend.IMPLEMENTATIONS).
 
-Decode steps (one query per sequence) take the Pallas kernel on GPU; prefill chunks and every other
-backend take the pure-jnp reference.
+Decode steps (one query per sequence) take the Pallas kernel on GPU. Prefill chunks take the
+flash-style prefill kernel where `prefill_kernel` says so (default PREFILL_KERNEL: interpret mode yes;
+compiled on the GPU not until it has been measured there), else the reference, as every other backend.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from pallas_kernels.paged_attention.kernel import (
     paged_decode_attention_kernel,
     tunables_for,
 )
+from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
 from pallas_kernels.paged_attention.reference import paged_attention_reference, write_kv_reference
 
-__all__ = ["AttentionTunables", "paged_attention", "paged_attention_reference", "write_kv", "write_kv_reference"]
+# path -> whether prefill chunks take the prefill kernel by default. The kernel is tested against the
+# reference in interpret mode; on the GPU it stays opt-in until bench/kernels measures it there.
+PREFILL_KERNEL = {"interpret": True, "pallas": False}
+
+__all__ = ["PREFILL_KERNEL", "AttentionTunables", "PrefillTunables", "paged_attention", "paged_attention_reference", "write_kv", "write_kv_reference"]
 
 
 def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> jax.Array:
@@ -32,6 +38,7 @@ def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> j
 def paged_attention(
     q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens, *, page_size: int,
     sliding_window: int | None = None, implementation: str = "reference", tunables: AttentionTunables | None = None,
+    prefill_kernel: bool | None = None, prefill_tunables: PrefillTunables | None = None,
 ) -> jax.Array:
     """[B, T, Hq, Dh] attention of the step's queries over the cached pages plus the step's own K/V."""
     if q.ndim != 4 or k_new.ndim != 4 or q.shape[2] % k_new.shape[2]:
@@ -46,6 +53,11 @@ def paged_attention(
     if page_tables.shape[0] != b or positions.shape != q.shape[:2] or cached_lens.shape != (b,) or new_lens.shape != (b,):
         raise ValueError("page_tables, positions, cached_lens and new_lens must match q's batch")
     path = resolve(implementation)
+    if path != "reference" and q.shape[1] != 1 and (PREFILL_KERNEL[path] if prefill_kernel is None else prefill_kernel):
+        return paged_prefill_attention_kernel(
+            q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens, page_size=page_size,
+            sliding_window=sliding_window, tunables=prefill_tunables or PrefillTunables(), interpret=path == "interpret",
+        )
     if path == "reference" or q.shape[1] != 1:
         return paged_attention_reference(
             q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens,

@@ -1,0 +1,149 @@
+"""Pallas (Triton lowering) flash-style prefill attention over the unified pool, grouped-query heads.
+
+A prefill chunk's queries attend to the sequence's cached pages and to the chunk's own keys (not yet
+in the pool: write_kv stores them after the layer loop), causally by position, with an optional
+sliding window. One program per (sequence, KV head, block of BQ query tokens): the group's G query
+heads of those tokens form one [BQ * GP, Dh] tile (GP: G padded to a power of two), and keys come in
+[BK, Dh] tiles - gathered from the sequence's pages, then sliced from the chunk - with scores and
+values as tensor-core dots and an online softmax per row. Cached blocks past the sequence's length
+and chunk blocks past the query block are not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTunables:
+    block_queries: int = 16  # query tokens per program (times GP rows)
+    pages_per_block: int = 4  # cached keys per tile: pages_per_block * page_size
+    block_keys: int = 64  # chunk keys per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= min(n, cap):
+        p *= 2
+    return p
+
+
+def _prefill_kernel(
+    layer_ref, pt_ref, pos_ref, clen_ref, nlen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
+    *, gp, block_q, page_size, page_units, n_kv, cached_keys, chunk_keys, n_table, window, scale, f32_dot,
+):
+    b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    clen, nlen = clen_ref[b], nlen_ref[b]
+    rows = block_q * gp
+    t0 = qb * block_q
+    q = q_ref[b, h, pl.ds(t0 * gp, rows), :]  # [R, Dh]; row r is token t0 + r // gp
+    q_tok = t0 + jnp.arange(rows, dtype=jnp.int32) // gp
+    q_pos = pos_ref[b, q_tok]  # [R]
+
+    def dot(a, c, trans_b=False):
+        if f32_dot:
+            return pltriton.dot(a.astype(jnp.float32), c.astype(jnp.float32), trans_b=trans_b, allow_tf32=False)
+        return pltriton.dot(a, c.astype(a.dtype), trans_b=trans_b)
+
+    def update(carry, kt, vt, ok):
+        m, denom, acc = carry
+        s = jnp.where(ok, dot(q, kt, trans_b=True) * scale, NEG_INF)  # [R, BK]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p.astype(kt.dtype), vt)
+
+    ckey = jnp.arange(cached_keys, dtype=jnp.int32)
+
+    def cached_block(i, carry):
+        kpos = i * cached_keys + ckey
+        pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
+        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        ok = (kpos < clen)[None, :] & (kpos[None, :] <= q_pos[:, None])
+        if window is not None:
+            ok = ok & (q_pos[:, None] - kpos[None, :] < window)
+        return update(carry, pool_ref[layer, units, :], pool_ref[layer, units + n_kv, :], ok)
+
+    nkey = jnp.arange(chunk_keys, dtype=jnp.int32)
+
+    def chunk_block(i, carry):
+        j0 = i * chunk_keys
+        j = j0 + nkey
+        kpos = pos_ref[b, j]
+        ok = (j < nlen)[None, :] & (kpos[None, :] <= q_pos[:, None])
+        if window is not None:
+            ok = ok & (q_pos[:, None] - kpos[None, :] < window)
+        return update(carry, kn_ref[b, h, pl.ds(j0, chunk_keys), :], vn_ref[b, h, pl.ds(j0, chunk_keys), :], ok)
+
+    dh = q.shape[1]
+    carry = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
+    start = jnp.int32(0)
+    if window is not None:
+        start = jnp.maximum(pos_ref[b, t0] - window + 1, 0) // cached_keys
+    n_cached = (jnp.minimum(clen, n_table * page_size) + cached_keys - 1) // cached_keys
+    carry = jax.lax.fori_loop(start, n_cached, cached_block, carry)
+    n_chunk = (jnp.minimum(t0 + block_q, nlen) + chunk_keys - 1) // chunk_keys
+    m, denom, acc = jax.lax.fori_loop(0, n_chunk, chunk_block, carry)
+    o_ref[b, h, pl.ds(t0 * gp, rows), :] = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
+def paged_prefill_attention_kernel(
+    q: jax.Array,  # [B, T, Hq, Dh]
+    k_new: jax.Array,  # [B, T, Hkv, Dh] the chunk's keys (not yet in the pool)
+    v_new: jax.Array,  # [B, T, Hkv, Dh]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    page_tables: jax.Array,  # [B, P] int32
+    positions: jax.Array,  # [B, T] int32
+    cached_lens: jax.Array,  # [B] int32 keys already in the pool
+    new_lens: jax.Array,  # [B] int32 real tokens of the chunk
+    *,
+    page_size: int,
+    sliding_window: int | None = None,
+    tunables: PrefillTunables = PrefillTunables(),
+    interpret: bool = False,
+) -> jax.Array:  # [B, T, Hq, Dh]; rows past new_lens are unspecified
+    b, t, hq, dh = q.shape
+    hkv = k_new.shape[2]
+    group = hq // hkv
+    gp = 1 << (group - 1).bit_length()
+    block_q = _pow2_at_most(t, tunables.block_queries)
+    while block_q * gp < 16:  # tensor-core tiles need 16+ rows
+        block_q *= 2
+    chunk_keys = max(16, _pow2_at_most(t, tunables.block_keys))
+    tp = -(-t // max(block_q, chunk_keys)) * max(block_q, chunk_keys)  # whole query and key blocks
+    pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qg = jnp.pad(q.reshape(b, t, hkv, group, dh), ((0, 0), (0, tp - t), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(b, hkv, tp * gp, dh)  # row = token * gp + head in group
+    kn = jnp.pad(k_new, pad_t).transpose(0, 2, 1, 3)  # [B, Hkv, Tp, Dh]
+    vn = jnp.pad(v_new, pad_t).transpose(0, 2, 1, 3)
+    pos = jnp.pad(positions, ((0, 0), (0, tp - t)))
+    n_table = page_tables.shape[1]
+    ppb = _pow2_at_most(n_table, tunables.pages_per_block)
+    kernel = functools.partial(
+        _prefill_kernel, gp=gp, block_q=block_q, page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv,
+        cached_keys=max(16, ppb * page_size), chunk_keys=chunk_keys, n_table=n_table, window=sliding_window,
+        scale=1.0 / float(dh) ** 0.5, f32_dot=pool.dtype == jnp.float32,
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, hkv, tp * gp, dh), q.dtype),
+        grid=(b, hkv, tp // block_q),
+        compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
+        interpret=interpret,
+        name="paged_prefill_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, pos, cached_lens, new_lens, qg, kn, vn, pool)
+    out = out.reshape(b, hkv, tp, gp, dh)[:, :, :t, :group].transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, hq, dh)
