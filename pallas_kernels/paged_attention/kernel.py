@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-NEG_INF = -1e30
+from pallas_kernels.paged_attention.tiles import NEG_INF, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,26 +108,15 @@ def _decode_mma_kernel(
     gp, dh = q.shape
     key = jnp.arange(block_keys, dtype=jnp.int32)
 
-    def dot(a, c, trans_b=False):
-        if f32_dot:
-            return pltriton.dot(a.astype(jnp.float32), c.astype(jnp.float32), trans_b=trans_b, allow_tf32=False)
-        return pltriton.dot(a, c.astype(a.dtype), trans_b=trans_b)
-
     def block(i, carry):
-        m, denom, acc = carry
         kpos = i * block_keys + key
         pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
         units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
-        kt = pool_ref[layer, units, :]  # [BK, Dh]
-        vt = pool_ref[layer, units + n_kv, :]
         ok = (kpos < clen) & (kpos <= pos)
         if window is not None:
             ok = ok & (pos - kpos < window)
-        s = jnp.where(ok[None, :], dot(q, kt, trans_b=True) * scale, NEG_INF)  # [GP, BK]
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        alpha = jnp.exp(m - m_new)
-        return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p.astype(kt.dtype), vt)
+        return online_softmax_step(carry, q, pool_ref[layer, units, :], pool_ref[layer, units + n_kv, :], ok[None, :],
+                                   scale=scale, f32=f32_dot)
 
     init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32), jnp.zeros((gp, dh), jnp.float32))
     n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-NEG_INF = -1e30
+from pallas_kernels.paged_attention.tiles import NEG_INF, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +51,8 @@ def _prefill_kernel(
     q_tok = t0 + jnp.arange(rows, dtype=jnp.int32) // gp
     q_pos = pos_ref[b, q_tok]  # [R]
 
-    def dot(a, c, trans_b=False):
-        if f32_dot:
-            return pltriton.dot(a.astype(jnp.float32), c.astype(jnp.float32), trans_b=trans_b, allow_tf32=False)
-        return pltriton.dot(a, c.astype(a.dtype), trans_b=trans_b)
-
     def update(carry, kt, vt, ok):
-        m, denom, acc = carry
-        s = jnp.where(ok, dot(q, kt, trans_b=True) * scale, NEG_INF)  # [R, BK]
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        alpha = jnp.exp(m - m_new)
-        return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p.astype(kt.dtype), vt)
+        return online_softmax_step(carry, q, kt, vt, ok, scale=scale, f32=f32_dot)
 
     ckey = jnp.arange(cached_keys, dtype=jnp.int32)
 
