@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--geometry", default="llama2-7b", help="a preset of jlora.config.PRESETS")
     ap.add_argument("--mp", type=int, default=1, help="model-parallel ways (tensor parallelism over a mesh)")
     ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
+    ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
     args = ap.parse_args()
     import dataclasses
 
@@ -87,7 +88,7 @@ def main() -> None:
         page_size=16, num_pages=b * pages_per_seq + b * 8 + 64, max_model_len=PROMPT + NEW, max_batch=b,
         decode_batch_buckets=(b,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
         page_buckets=(pages_per_seq,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
-        implementation=args.impl, layer_loop=args.layer_loop,
+        implementation=args.impl, layer_loop=args.layer_loop, prefill_attention=args.prefill_attention,
     )
     sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
                             max_model_len=PROMPT + NEW)
@@ -180,7 +181,8 @@ def main() -> None:
     payload = {
         "workload": {"geometry": args.geometry, "mp": args.mp, "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
                      "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
-                     "implementation": ec.implementation, "layer_loop": ec.layer_loop},
+                     "implementation": ec.implementation, "layer_loop": ec.layer_loop,
+                     "prefill_attention": ec.prefill_attention},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
         "jlora": results,
         "profile": profiles,

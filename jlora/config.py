@@ -202,6 +202,10 @@ class EngineConfig:
     # schedule and pack step N+1 on the host while step N runs on the device (Runner.step); False runs
     # each step to the end before the next is scheduled
     overlap: bool = True
+    # prefill chunks' attention: "kernel" (the flash-style Pallas kernel, where the implementation has
+    # kernels), "reference", or "auto" (pallas_kernels.paged_attention.PREFILL_KERNEL: the interpreter
+    # uses the kernel, the GPU the reference until the kernel is measured there)
+    prefill_attention: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -231,9 +235,15 @@ class EngineConfig:
             raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
         if self.layer_loop not in ("scan", "unrolled", "auto"):
             raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
+        if self.prefill_attention not in ("kernel", "reference", "auto"):
+            raise ValueError(f"prefill_attention must be 'kernel', 'reference' or 'auto', not {self.prefill_attention!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")
+
+    def prefill_kernel(self) -> bool | None:
+        """paged_attention's prefill_kernel argument: None leaves the choice to the kernel package."""
+        return {"kernel": True, "reference": False, "auto": None}[self.prefill_attention]
 
     def resolved_layer_loop(self) -> str:
         if self.layer_loop != "auto":

@@ -156,7 +156,8 @@ class PagedEngine:
         carry = np.zeros(2 * self._carry_half, np.int32)
         self.carry = jax.device_put(carry, replicated(mesh)) if mesh is not None else jnp.asarray(carry)
         self._half = 0
-        forward = functools.partial(forward_paged, config=local, page_size=config.page_size, impl=config.implementation)
+        forward = functools.partial(forward_paged, config=local, page_size=config.page_size, impl=config.implementation,
+                                    prefill_kernel=config.prefill_kernel())
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)
         self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),

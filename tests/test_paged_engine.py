@@ -73,13 +73,16 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
     return [results[i] for i in ids]
 
 
-@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret", "unrolled", "no_overlap"])
+@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret", "kernels_interpret_prefill_reference",
+                                     "unrolled", "no_overlap"])
 def test_paged_equals_reference(tiny, variant):
-    """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode attention) run by the interpreter."""
+    """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
+    interpreter; _prefill_reference: the same with prefill attention forced to the reference."""
     loaded, paths, reference = tiny
-    impl = "interpret" if variant == "kernels_interpret" else "reference"
+    impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
     config = small_config(num_pages=128 if variant == "small_pool_preempts" else 400, implementation=impl,
-                          layer_loop="unrolled" if variant == "unrolled" else "scan", overlap=variant != "no_overlap")
+                          layer_loop="unrolled" if variant == "unrolled" else "scan", overlap=variant != "no_overlap",
+                          prefill_attention="reference" if variant.endswith("prefill_reference") else "auto")
     engine = jlora.Engine(loaded, config)
     for name, path in paths.items():
         engine.load_adapter(name, path)
@@ -224,6 +227,7 @@ def test_async_engine_concurrent_streams_and_cancel(tiny):
 @pytest.mark.parametrize("field,value,message", [
     ("lora_modules", ("q_proj", "lm_head"), "unknown lora_modules"),
     ("layer_loop", "sideways", "layer_loop"),
+    ("prefill_attention", "flash", "prefill_attention"),
     ("num_pages", 1, "num_pages"),
 ])
 def test_bad_engine_config_is_refused(field, value, message):

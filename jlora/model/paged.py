@@ -38,6 +38,7 @@ def forward_paged(
     config: ModelConfig,
     page_size: int,
     impl: str = "reference",
+    prefill_kernel: bool | None = None,
     tp_axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
@@ -54,6 +55,7 @@ def forward_paged(
             out = paged_attention(
                 q, k, v, pool, layer, batch.page_tables, batch.positions, batch.cached_lens, batch.new_lens,
                 page_size=page_size, sliding_window=config.sliding_window, implementation=impl,
+                prefill_kernel=prefill_kernel,
             )
             return out.reshape(*out.shape[:2], -1), (k, v)
 
