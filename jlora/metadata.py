@@ -46,6 +46,17 @@ class DecodeLora:
 
 
 @flax.struct.dataclass
+class DecodeShrinkGroup:
+    """One BGMV shrink launch for projections that read the same input (q/k/v; gate/up): the members'
+    (token, A row) pairs one after another, K each, in `modules` order, so member i's shrunk values are
+    [i*K, (i+1)*K). Each member's expand still uses its own DecodeLora (b_start, offsets)."""
+
+    token_index: jax.Array  # [G*K] int32
+    a_start: jax.Array  # [G*K] int32
+    modules: tuple[str, ...] = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
 class PrefillLora:
     """SGMV metadata of one projection: each sequence's adapter rows, padded to the rank bucket R."""
 

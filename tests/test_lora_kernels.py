@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora import decode_offsets, lora_decode, lora_prefill
+from pallas_kernels.lora import (
+    decode_offsets,
+    lora_decode,
+    lora_decode_expand,
+    lora_decode_shrink,
+    lora_prefill,
+)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative to the largest |delta|
 
@@ -76,6 +82,29 @@ def test_bgmv_matches_reference(n_tokens, rank_choices, h_in, h_out, dh, dtype):
     got2 = lora_decode(x, pool, layer, tok, a, b, h_out, decode_offsets(tok, n_tokens), implementation=_impl(),
                        max_rank=max(rank_choices))  # one gathered load per token
     _check(got2, want, dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
+    """q/k/v-style grouping: three projections' pairs in one shrink launch, each expanded from its
+    slice (pair_offset), equal lora_decode run per projection."""
+    impl = _impl() if impl == "kernel" else "reference"
+    rng = np.random.default_rng(5)
+    n_tokens, h = 9, 64
+    ranks = [int(rng.choice((0, 2, 8))) for _ in range(n_tokens)]
+    x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, h, h, 16, dtype, pad_to=sum(ranks) + 3)
+    layer = jnp.int32(1)
+    members = [(a, b), (b, a), (a, a)]  # three projections over the same tokens, other rows each
+    shrunk = lora_decode_shrink(x, pool, layer, jnp.concatenate([tok] * 3), jnp.concatenate([m[0] for m in members]),
+                                implementation=impl)
+    offsets = decode_offsets(tok, n_tokens)
+    k = tok.shape[0]
+    for i, (a_i, b_i) in enumerate(members):
+        want = lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference")
+        got = lora_decode_expand(shrunk, pool, layer, tok, b_i, offsets, h, x.dtype, pair_offset=i * k,
+                                 implementation=impl, max_rank=8)
+        _check(got, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig
-from jlora.metadata import DecodeLora, PagedBatch, PrefillLora
+from jlora.metadata import DecodeLora, DecodeShrinkGroup, PagedBatch, PrefillLora
 from jlora.model.llama import DecoderLayer, take_logits
-from pallas_kernels.lora import lora_decode, lora_prefill
+from pallas_kernels.lora import lora_decode, lora_decode_expand, lora_decode_shrink, lora_prefill
 from pallas_kernels.paged_attention import paged_attention, write_kv
 
 
@@ -61,6 +61,8 @@ def forward_paged(
 
         lora_fn = None
         if lora is not None:
+            groups = {m: g for g in lora.values() if isinstance(g, DecodeShrinkGroup) for m in g.modules}
+            shrunk: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, shrink)
 
             def lora_fn(name, x, _state):
                 meta = lora.get(name)
@@ -69,9 +71,20 @@ def forward_paged(
                 h_out = shapes[name][1]
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
-                    delta = lora_decode(x.reshape(b * t, h_in), pool, layer, meta.token_index, meta.a_start,
-                                        meta.b_start, h_out, meta.offsets, implementation=impl,
-                                        max_rank=meta.token_index.shape[0] // (b * t))  # the rank bucket
+                    x2 = x.reshape(b * t, h_in)
+                    max_rank = meta.token_index.shape[0] // (b * t)  # the rank bucket
+                    group = groups.get(name)
+                    if group is None:
+                        delta = lora_decode(x2, pool, layer, meta.token_index, meta.a_start, meta.b_start, h_out,
+                                            meta.offsets, implementation=impl, max_rank=max_rank)
+                    else:  # the first member shrinks for the whole group; the others reuse it
+                        if group.modules not in shrunk or shrunk[group.modules][0] is not x:
+                            shrunk[group.modules] = (x, lora_decode_shrink(x2, pool, layer, group.token_index,
+                                                                           group.a_start, implementation=impl))
+                        k = meta.token_index.shape[0]
+                        delta = lora_decode_expand(shrunk[group.modules][1], pool, layer, meta.token_index,
+                                                   meta.b_start, meta.offsets, h_out, x.dtype, implementation=impl,
+                                                   pair_offset=group.modules.index(name) * k, max_rank=max_rank)
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 

@@ -87,7 +87,8 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
 
 
-def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs):
+def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs,
+                        pair_offset):
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
@@ -99,7 +100,7 @@ def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, ou
         idx = start + c * pairs_per_load + lane  # [P] this load's pairs
         valid = idx < end
         safe = jnp.minimum(idx, n_pairs - 1)
-        s = jnp.where(valid, s_ref[safe], 0.0)  # [P] float32
+        s = jnp.where(valid, s_ref[pair_offset + safe], 0.0)  # [P] float32
         base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
         out = []
         for u in range(out_units):  # independent gathers, in flight together
@@ -114,7 +115,66 @@ def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, ou
         o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "max_rank", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tunables", "interpret"))
+def bgmv_shrink(
+    x: jax.Array,  # [N, H_in]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    token_index: jax.Array,  # [K] int32; padding pairs: N (out of range)
+    a_start: jax.Array,  # [K] int32; 0 for padding
+    *,
+    tunables: LoraTunables,
+    interpret: bool = False,
+) -> jax.Array:  # [K] float32: x[token] . A row of every pair
+    n, h_in = x.shape
+    dh = pool.shape[2]
+    units_in = h_in // dh
+    chunk = _largest_pow2_divisor(units_in, tunables.chunk_units)
+    k = token_index.shape[0]
+    return pl.pallas_call(
+        functools.partial(_bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk),
+        out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
+        grid=(k,),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="bgmv_shrink",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
+
+
+@functools.partial(jax.jit, static_argnames=("h_out", "dtype", "tunables", "max_rank", "pair_offset", "interpret"))
+def bgmv_expand(
+    shrunk: jax.Array,  # [K_all] float32; this projection's pairs are [pair_offset, pair_offset + K)
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    b_start: jax.Array,  # [K] int32
+    offsets: jax.Array,  # [N + 1] int32: pairs of token n are offsets[n] .. offsets[n + 1] (within K)
+    *,
+    h_out: int,
+    dtype: jnp.dtype,
+    tunables: LoraTunables,
+    max_rank: int = 16,
+    pair_offset: int = 0,
+    interpret: bool = False,
+) -> jax.Array:  # [N, H_out] in dtype
+    n = offsets.shape[0] - 1
+    dh = pool.shape[2]
+    units_out = h_out // dh
+    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
+    pairs_per_load = 1
+    while pairs_per_load < max_rank:
+        pairs_per_load *= 2
+    out = pl.pallas_call(
+        functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load,
+                          n_pairs=b_start.shape[0], pair_offset=pair_offset),
+        out_shape=jax.ShapeDtypeStruct((n, units_out, dh), dtype),
+        grid=(n, units_out // out_units),
+        compiler_params=_params(tunables),
+        interpret=interpret,
+        name="bgmv_expand",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool)
+    return out.reshape(n, h_out)
+
+
 def lora_decode_kernel(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -129,33 +189,9 @@ def lora_decode_kernel(
     max_rank: int = 16,
     interpret: bool = False,
 ) -> jax.Array:  # [N, H_out] in x.dtype
-    n, h_in = x.shape
-    dh = pool.shape[2]
-    units_in, units_out = h_in // dh, h_out // dh
-    chunk = _largest_pow2_divisor(units_in, tunables.chunk_units)
-    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
-    k = token_index.shape[0]
-    layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
-    shrunk = pl.pallas_call(
-        functools.partial(_bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk),
-        out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
-        grid=(k,),
-        compiler_params=_params(tunables),
-        interpret=interpret,
-        name="bgmv_shrink",
-    )(layer_arr, token_index, a_start, x.reshape(n, units_in, dh), pool)
-    pairs_per_load = 1
-    while pairs_per_load < max_rank:
-        pairs_per_load *= 2
-    out = pl.pallas_call(
-        functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load, n_pairs=k),
-        out_shape=jax.ShapeDtypeStruct((n, units_out, dh), x.dtype),
-        grid=(n, units_out // out_units),
-        compiler_params=_params(tunables),
-        interpret=interpret,
-        name="bgmv_expand",
-    )(layer_arr, offsets, b_start, shrunk, pool)
-    return out.reshape(n, h_out)
+    shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
+    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_out=h_out, dtype=x.dtype, tunables=tunables,
+                       max_rank=max_rank, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------------------------

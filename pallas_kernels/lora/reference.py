@@ -70,6 +70,30 @@ def lora_decode_reference(
     return apply_decode_rows(x, a_rows, b_rows, token_index)
 
 
+def lora_decode_shrink_reference(
+    x: jax.Array, pool: jax.Array, layer: jax.Array, token_index: jax.Array, a_start: jax.Array
+) -> jax.Array:  # [K] float32
+    """The shrink half of BGMV: x[token] . A row for every pair (padding pairs read the zero page)."""
+    a_rows = _rows_from_pool(pool, layer, a_start, x.shape[1])
+    x_rows = jnp.take(x, token_index, axis=0, mode="clip")
+    return jnp.einsum("KH,KH->K", x_rows, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def lora_decode_expand_reference(
+    shrunk: jax.Array,  # [K] float32
+    pool: jax.Array,
+    layer: jax.Array,
+    token_index: jax.Array,  # [K] int32
+    b_start: jax.Array,  # [K] int32
+    h_out: int,
+    n_tokens: int,
+    dtype: jnp.dtype,
+) -> jax.Array:  # [N, H_out]
+    """The expand half of BGMV: each token's sum of shrunk * B row."""
+    b_rows = _rows_from_pool(pool, layer, b_start, h_out).astype(jnp.float32)
+    return jax.ops.segment_sum(shrunk[:, None] * b_rows, token_index, num_segments=n_tokens).astype(dtype)
+
+
 def lora_prefill_reference(
     x: jax.Array,  # [B, T, H_in] each sequence's chunk uses one adapter
     pool: jax.Array,  # [L, U, Dh]
