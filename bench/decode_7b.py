@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--mp", type=int, default=1, help="model-parallel ways (tensor parallelism over a mesh)")
     ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
-    ap.add_argument("--fuse-lora-shrink", default="auto", help="on | off | auto (EngineConfig)")
+    ap.add_argument("--fuse-lora", default="auto", help="off | shrink | all | auto (EngineConfig)")
     args = ap.parse_args()
     import dataclasses
 
@@ -90,7 +90,7 @@ def main() -> None:
         decode_batch_buckets=(b,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
         page_buckets=(pages_per_seq,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
         implementation=args.impl, layer_loop=args.layer_loop, prefill_attention=args.prefill_attention,
-        fuse_lora_shrink=args.fuse_lora_shrink,
+        fuse_lora=args.fuse_lora,
     )
     sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
                             max_model_len=PROMPT + NEW)
@@ -184,8 +184,8 @@ def main() -> None:
         "workload": {"geometry": args.geometry, "mp": args.mp, "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
                      "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
                      "implementation": ec.implementation, "layer_loop": ec.layer_loop,
-                     "prefill_attention": ec.prefill_attention, "fuse_lora_shrink": ec.fuse_lora_shrink,
-                     "shrink_groups": [list(g) for g in ec.shrink_groups()]},
+                     "prefill_attention": ec.prefill_attention, "fuse_lora": ec.resolved_fuse_lora(),
+                     "lora_groups": [list(g) for g in ec.lora_groups()]},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
         "jlora": results,
         "profile": profiles,

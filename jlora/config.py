@@ -210,10 +210,10 @@ class EngineConfig:
     # kernels), "reference", or "auto" (pallas_kernels.paged_attention.PREFILL_KERNEL: the interpreter
     # uses the kernel, the GPU the reference until the kernel is measured there)
     prefill_attention: str = "auto"
-    # decode LoRA: one shrink launch for the projections that read the same input (q/k/v, gate/up)
-    # instead of one each. "auto": on for the reference and interpreter paths; on the GPU not until
-    # measured there (bench/decode_7b.py --fuse-lora-shrink on)
-    fuse_lora_shrink: str = "auto"
+    # decode LoRA of projections that read the same input (q/k/v, gate/up): "shrink" shares one shrink
+    # launch, "all" also one expand launch, "off" one of each per projection. "auto": "all" on the
+    # reference and interpreter paths; "off" on the GPU until measured there (decode_7b --fuse-lora)
+    fuse_lora: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -245,20 +245,22 @@ class EngineConfig:
             raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
         if self.prefill_attention not in ("kernel", "reference", "auto"):
             raise ValueError(f"prefill_attention must be 'kernel', 'reference' or 'auto', not {self.prefill_attention!r}")
-        if self.fuse_lora_shrink not in ("on", "off", "auto"):
-            raise ValueError(f"fuse_lora_shrink must be 'on', 'off' or 'auto', not {self.fuse_lora_shrink!r}")
+        if self.fuse_lora not in ("off", "shrink", "all", "auto"):
+            raise ValueError(f"fuse_lora must be 'off', 'shrink', 'all' or 'auto', not {self.fuse_lora!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")
 
-    def shrink_groups(self) -> tuple[tuple[str, ...], ...]:
-        """The projection groups whose decode LoRA shrinks share one launch (empty when not fused)."""
-        fused = self.fuse_lora_shrink == "on"
-        if self.fuse_lora_shrink == "auto":
-            from pallas_kernels.backend import resolve
+    def resolved_fuse_lora(self) -> str:
+        if self.fuse_lora != "auto":
+            return self.fuse_lora
+        from pallas_kernels.backend import resolve
 
-            fused = resolve(self.implementation) != "pallas"
-        if not fused:
+        return "off" if resolve(self.implementation) == "pallas" else "all"
+
+    def lora_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The projection groups whose decode LoRA launches are shared (empty when not fused)."""
+        if self.resolved_fuse_lora() == "off":
             return ()
         groups = (tuple(m for m in g if m in self.lora_modules) for g in SHARED_INPUT_MODULES)
         return tuple(g for g in groups if len(g) >= 2)

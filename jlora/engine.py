@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 from checkpoints.peft import PeftAdapter
 from jlora import multihost
 from jlora.config import EngineConfig, ModelConfig
-from jlora.metadata import DecodeLora, DecodeShrinkGroup, PagedBatch, PrefillLora
+from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
 from jlora.pool.device import WRITE_CHUNK, adapter_page_data, empty_block, new_pool, write_blocks, write_pages
@@ -219,8 +219,10 @@ class PagedEngine:
             if bucket.kind == "decode":
                 k = b * t * bucket.lora
                 lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
-                for group in self.config.shrink_groups():
-                    lora["+".join(group)] = DecodeShrinkGroup(s(len(group) * k), s(len(group) * k), group)
+                expand = self.config.resolved_fuse_lora() == "all"
+                for group in self.config.lora_groups():
+                    g = len(group)
+                    lora["+".join(group)] = DecodeGroup(s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group, expand)
             else:
                 lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
         sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
@@ -419,9 +421,11 @@ class PagedEngine:
             offsets[1 : len(chunks) + 1] = np.cumsum(counts)
             offsets[len(chunks) + 1 :] = n
             out[m] = DecodeLora(tok, a, bb, offsets)
-        for group in self.config.shrink_groups():  # one shrink launch over the members' pairs
-            out["+".join(group)] = DecodeShrinkGroup(np.concatenate([out[m].token_index for m in group]),
-                                                     np.concatenate([out[m].a_start for m in group]), group)
+        expand = self.config.resolved_fuse_lora() == "all"
+        for group in self.config.lora_groups():  # shared launches over the members' pairs
+            cat = lambda field, group=group: np.concatenate([getattr(out[m], field) for m in group])  # noqa: E731
+            out["+".join(group)] = DecodeGroup(cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"),
+                                               group, expand)
         return out
 
     def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:

@@ -17,6 +17,7 @@ from pallas_kernels.lora import (
     decode_offsets,
     lora_decode,
     lora_decode_expand,
+    lora_decode_expand_group,
     lora_decode_shrink,
     lora_prefill,
 )
@@ -105,6 +106,45 @@ def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
         got = lora_decode_expand(shrunk, pool, layer, tok, b_i, offsets, h, x.dtype, pair_offset=i * k,
                                  implementation=impl, max_rank=8)
         _check(got, want, dtype)
+    # and all three expands in one launch: the deltas side by side
+    both = lora_decode_expand_group(shrunk, pool, layer, jnp.concatenate([tok] * 3),
+                                    jnp.concatenate([m[1] for m in members]), jnp.concatenate([offsets] * 3),
+                                    (h, h, h), x.dtype, implementation=impl, max_rank=8)
+    for i, (a_i, b_i) in enumerate(members):
+        _check(both[:, i * h : (i + 1) * h], lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference"),
+               dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_grouped_expand_with_unequal_widths(impl):
+    """q/k/v of a GQA model: k and v narrower than q."""
+    impl = _impl() if impl == "kernel" else "reference"
+    rng = np.random.default_rng(9)
+    n_tokens, h_in, widths = 6, 64, (64, 32, 32)
+    ranks = [int(rng.choice((1, 4, 16))) for _ in range(n_tokens)]
+    layer = jnp.int32(1)
+    cases = [_decode_case(np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2)
+             for i, w in enumerate(widths)]
+    # one pool for all: stack the cases' pools along units and shift their row starts
+    pools, shift, tok, a_all, b_all = [], 0, [], [], []
+    for _, pool_i, tok_i, a_i, b_i in cases:
+        pools.append(pool_i)
+        tok.append(tok_i)
+        a_all.append(jnp.where(a_i > 0, a_i + shift, 0))
+        b_all.append(jnp.where(a_i > 0, b_i + shift, 0))
+        shift += pool_i.shape[1]
+    pool = jnp.concatenate(pools, axis=1)
+    x = cases[0][0]
+    tok_all = jnp.concatenate(tok)
+    shrunk = lora_decode_shrink(x, pool, layer, tok_all, jnp.concatenate(a_all), implementation=impl)
+    offsets = jnp.concatenate([decode_offsets(t, n_tokens) for t in tok])
+    got = lora_decode_expand_group(shrunk, pool, layer, tok_all, jnp.concatenate(b_all), offsets, widths,
+                                   jnp.float32, implementation=impl, max_rank=16)
+    col = 0
+    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
+        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
+        _check(got[:, col : col + w], want, jnp.float32)
+        col += w
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

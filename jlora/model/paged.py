@@ -14,9 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig
-from jlora.metadata import DecodeLora, DecodeShrinkGroup, PagedBatch, PrefillLora
+from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.llama import DecoderLayer, take_logits
-from pallas_kernels.lora import lora_decode, lora_decode_expand, lora_decode_shrink, lora_prefill
+from pallas_kernels.lora import (
+    lora_decode,
+    lora_decode_expand,
+    lora_decode_expand_group,
+    lora_decode_shrink,
+    lora_prefill,
+)
 from pallas_kernels.paged_attention import paged_attention, write_kv
 
 
@@ -61,8 +67,8 @@ def forward_paged(
 
         lora_fn = None
         if lora is not None:
-            groups = {m: g for g in lora.values() if isinstance(g, DecodeShrinkGroup) for m in g.modules}
-            shrunk: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, shrink)
+            groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
+            shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, shrink or deltas)
 
             def lora_fn(name, x, _state):
                 meta = lora.get(name)
@@ -77,14 +83,24 @@ def forward_paged(
                     if group is None:
                         delta = lora_decode(x2, pool, layer, meta.token_index, meta.a_start, meta.b_start, h_out,
                                             meta.offsets, implementation=impl, max_rank=max_rank)
-                    else:  # the first member shrinks for the whole group; the others reuse it
-                        if group.modules not in shrunk or shrunk[group.modules][0] is not x:
-                            shrunk[group.modules] = (x, lora_decode_shrink(x2, pool, layer, group.token_index,
-                                                                           group.a_start, implementation=impl))
-                        k = meta.token_index.shape[0]
-                        delta = lora_decode_expand(shrunk[group.modules][1], pool, layer, meta.token_index,
+                        return delta.reshape(b, t, h_out)
+                    # the group's first member runs the shared launches; the others reuse them
+                    widths = tuple(shapes[m][1] for m in group.modules)
+                    if group.modules not in shared or shared[group.modules][0] is not x:
+                        s = lora_decode_shrink(x2, pool, layer, group.token_index, group.a_start, implementation=impl)
+                        if group.expand:
+                            s = lora_decode_expand_group(s, pool, layer, group.token_index, group.b_start,
+                                                         group.offsets, widths, x.dtype, implementation=impl,
+                                                         max_rank=max_rank)
+                        shared[group.modules] = (x, s)
+                    i = group.modules.index(name)
+                    if group.expand:
+                        col = sum(widths[:i])
+                        delta = shared[group.modules][1][:, col : col + h_out]
+                    else:
+                        delta = lora_decode_expand(shared[group.modules][1], pool, layer, meta.token_index,
                                                    meta.b_start, meta.offsets, h_out, x.dtype, implementation=impl,
-                                                   pair_offset=group.modules.index(name) * k, max_rank=max_rank)
+                                                   pair_offset=i * meta.token_index.shape[0], max_rank=max_rank)
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 

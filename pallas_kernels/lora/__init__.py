@@ -35,6 +35,7 @@ __all__ = [
     "decode_offsets",
     "lora_decode",
     "lora_decode_expand",
+    "lora_decode_expand_group",
     "lora_decode_shrink",
     "lora_decode_reference",
     "lora_prefill",
@@ -127,8 +128,36 @@ def lora_decode_expand(
     if path == "reference":
         return lora_decode_expand_reference(shrunk[pair_offset : pair_offset + k], pool, layer, token_index, b_start,
                                             h_out, n, dtype)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_out=h_out, dtype=jnp.dtype(dtype),
+    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=(h_out,), dtype=jnp.dtype(dtype),
                        tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank, pair_offset=pair_offset,
+                       interpret=path == "interpret")
+
+
+def lora_decode_expand_group(
+    shrunk, pool, layer, token_index, b_start, offsets, h_outs: tuple[int, ...], dtype, *,
+    implementation: str = "reference", tunables: LoraTunables | None = None, max_rank: int = 16,
+) -> jax.Array:
+    """BGMV expand of G projections in one launch: [N, sum(h_outs)], their deltas side by side.
+    shrunk, token_index, b_start: [G*K] (projection m's pairs are the m-th K, each grouped by token);
+    offsets: [G*(N+1)], projection m's offsets into its own K."""
+    g = len(h_outs)
+    if not (shrunk.shape == token_index.shape == b_start.shape) or shrunk.ndim != 1 or shrunk.shape[0] % g:
+        raise ValueError(f"shrunk {shrunk.shape}, token_index {token_index.shape}, b_start {b_start.shape} "
+                         f"must be equal [G*K] with G = {g}")
+    if offsets.ndim != 1 or offsets.shape[0] % g:
+        raise ValueError(f"offsets {offsets.shape} must be [G*(N+1)] with G = {g}")
+    for h in h_outs:
+        _check_widths(pool.shape[2], h, pool.shape[2])
+    path = resolve(implementation)
+    if path == "reference":
+        k, n = shrunk.shape[0] // g, offsets.shape[0] // g - 1
+        return jnp.concatenate([
+            lora_decode_expand_reference(shrunk[i * k : (i + 1) * k], pool, layer, token_index[i * k : (i + 1) * k],
+                                         b_start[i * k : (i + 1) * k], h, n, dtype)
+            for i, h in enumerate(h_outs)
+        ], axis=1)
+    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=tuple(h_outs), dtype=jnp.dtype(dtype),
+                       tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank,
                        interpret=path == "interpret")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -88,23 +89,32 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
 
 
 def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs,
-                        pair_offset):
+                        pair_offset, n_tokens, block_starts):
+    """Grid (token, block of output units). With several projections (block_starts: where each one's
+    blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
+    b_ref and of the shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own
+    first block."""
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    start = off_ref[n]
-    end = off_ref[n + 1]
+    m, first = jnp.int32(0), jnp.int32(0)
+    for i, st in enumerate(block_starts[1:], 1):
+        m = jnp.where(j >= st, i, m)
+        first = jnp.where(j >= st, st, first)
+    local = j - first
+    start = off_ref[m * (n_tokens + 1) + n]
+    end = off_ref[m * (n_tokens + 1) + n + 1]
     lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
 
     def body(c, accs):
         idx = start + c * pairs_per_load + lane  # [P] this load's pairs
         valid = idx < end
-        safe = jnp.minimum(idx, n_pairs - 1)
+        safe = m * n_pairs + jnp.minimum(idx, n_pairs - 1)
         s = jnp.where(valid, s_ref[pair_offset + safe], 0.0)  # [P] float32
         base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
         out = []
         for u in range(out_units):  # independent gathers, in flight together
-            rows = pool_ref[layer, base + j * out_units + u, :].astype(jnp.float32)  # [P, Dh]
+            rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
             out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
         return tuple(out)
 
@@ -141,38 +151,41 @@ def bgmv_shrink(
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "dtype", "tunables", "max_rank", "pair_offset", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "pair_offset", "interpret"))
 def bgmv_expand(
-    shrunk: jax.Array,  # [K_all] float32; this projection's pairs are [pair_offset, pair_offset + K)
+    shrunk: jax.Array,  # [..] float32; projection m's pairs are [pair_offset + m*K, pair_offset + (m+1)*K)
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
-    b_start: jax.Array,  # [K] int32
-    offsets: jax.Array,  # [N + 1] int32: pairs of token n are offsets[n] .. offsets[n + 1] (within K)
+    b_start: jax.Array,  # [G*K] int32: the G projections' B rows, K pairs each
+    offsets: jax.Array,  # [G*(N+1)] int32: projection m's token n has pairs offsets[m*(N+1) + n] .. + 1
     *,
-    h_out: int,
+    h_outs: tuple[int, ...],  # each projection's output width
     dtype: jnp.dtype,
     tunables: LoraTunables,
     max_rank: int = 16,
     pair_offset: int = 0,
     interpret: bool = False,
-) -> jax.Array:  # [N, H_out] in dtype
-    n = offsets.shape[0] - 1
+) -> jax.Array:  # [N, sum(h_outs)] in dtype: the projections' deltas side by side
+    g = len(h_outs)
+    n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
-    units_out = h_out // dh
-    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
+    units = [h // dh for h in h_outs]
+    out_units = _largest_pow2_divisor(functools.reduce(math.gcd, units), tunables.out_units)
+    blocks = [u // out_units for u in units]
+    starts = tuple(sum(blocks[:i]) for i in range(g))
     pairs_per_load = 1
     while pairs_per_load < max_rank:
         pairs_per_load *= 2
     out = pl.pallas_call(
         functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load,
-                          n_pairs=b_start.shape[0], pair_offset=pair_offset),
-        out_shape=jax.ShapeDtypeStruct((n, units_out, dh), dtype),
-        grid=(n, units_out // out_units),
+                          n_pairs=b_start.shape[0] // g, pair_offset=pair_offset, n_tokens=n, block_starts=starts),
+        out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), dtype),
+        grid=(n, sum(blocks)),
         compiler_params=_params(tunables),
         interpret=interpret,
         name="bgmv_expand",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool)
-    return out.reshape(n, h_out)
+    return out.reshape(n, sum(h_outs))
 
 
 def lora_decode_kernel(
@@ -190,7 +203,7 @@ def lora_decode_kernel(
     interpret: bool = False,
 ) -> jax.Array:  # [N, H_out] in x.dtype
     shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_out=h_out, dtype=x.dtype, tunables=tunables,
+    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=(h_out,), dtype=x.dtype, tunables=tunables,
                        max_rank=max_rank, interpret=interpret)
 
 
