@@ -32,11 +32,12 @@ def run(engine: jlora.Engine, paths) -> list:
     return engine.generate(prompts, params, adapters=[NAMES[i % len(NAMES)] for i in range(10)])
 
 
-@pytest.mark.parametrize("ways,layer_loop", [(2, "scan"), (4, "unrolled")])
-def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop):
+@pytest.mark.parametrize("ways,layer_loop,fuse_lora", [(2, "scan", "all"), (4, "unrolled", "off")])
+def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop, fuse_lora):
+    """fuse_lora="all": q/k/v and gate/up LoRA in shared launches, each shard over its own slices."""
     loaded, paths = tiny_tp
     want = run(jlora.Engine(loaded, config(layer_loop=layer_loop)), paths)
-    engine = jlora.Engine(loaded, config(layer_loop=layer_loop), mesh=MeshConfig(model=ways))
+    engine = jlora.Engine(loaded, config(layer_loop=layer_loop, fuse_lora=fuse_lora), mesh=MeshConfig(model=ways))
     got = run(engine, paths)
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
