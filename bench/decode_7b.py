@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--mp", type=int, default=1, help="model-parallel ways (tensor parallelism over a mesh)")
     ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
-    ap.add_argument("--fuse-lora", default="auto", help="off | shrink | all | auto (EngineConfig)")
+    ap.add_argument("--fuse-lora", default="auto", help="off | on | auto (EngineConfig)")
     args = ap.parse_args()
     import dataclasses
 
@@ -184,7 +184,7 @@ def main() -> None:
         "workload": {"geometry": args.geometry, "mp": args.mp, "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
                      "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
                      "implementation": ec.implementation, "layer_loop": ec.layer_loop,
-                     "prefill_attention": ec.prefill_attention, "fuse_lora": ec.resolved_fuse_lora(),
+                     "prefill_attention": ec.prefill_attention, "fuse_lora": ec.fuse_lora,
                      "lora_groups": [list(g) for g in ec.lora_groups()]},
         "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
         "jlora": results,

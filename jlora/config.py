@@ -210,10 +210,10 @@ class EngineConfig:
     # kernels), "reference", or "auto" (pallas_kernels.paged_attention.PREFILL_KERNEL: the interpreter
     # uses the kernel, the GPU the reference until the kernel is measured there)
     prefill_attention: str = "auto"
-    # decode LoRA of projections that read the same input (q/k/v, gate/up): "shrink" shares one shrink
-    # launch, "all" also one expand launch, "off" one of each per projection. "auto" is "off" until a
-    # measurement says otherwise: on this 2-core CPU "all" gave 89.7 vs 92.1 tok/s (cpu-smol shape); on
-    # the GPU it is not yet measured (decode_7b --fuse-lora all)
+    # decode LoRA of projections that read the same input (q/k/v, gate/up): "on" runs them in one shrink
+    # and one expand launch, "off" in one of each per projection. "auto" is "off" until a measurement
+    # says otherwise: on this 2-core CPU "on" gave 89.7 vs 92.1 tok/s (cpu-smol shape); on the GPU it
+    # is not yet measured (decode_7b --fuse-lora on)
     fuse_lora: str = "auto"
 
     @property
@@ -246,18 +246,15 @@ class EngineConfig:
             raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
         if self.prefill_attention not in ("kernel", "reference", "auto"):
             raise ValueError(f"prefill_attention must be 'kernel', 'reference' or 'auto', not {self.prefill_attention!r}")
-        if self.fuse_lora not in ("off", "shrink", "all", "auto"):
-            raise ValueError(f"fuse_lora must be 'off', 'shrink', 'all' or 'auto', not {self.fuse_lora!r}")
+        if self.fuse_lora not in ("off", "on", "auto"):
+            raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")
 
-    def resolved_fuse_lora(self) -> str:
-        return "off" if self.fuse_lora == "auto" else self.fuse_lora
-
     def lora_groups(self) -> tuple[tuple[str, ...], ...]:
         """The projection groups whose decode LoRA launches are shared (empty when not fused)."""
-        if self.resolved_fuse_lora() == "off":
+        if self.fuse_lora != "on":  # "auto": off until measured faster
             return ()
         groups = (tuple(m for m in g if m in self.lora_modules) for g in SHARED_INPUT_MODULES)
         return tuple(g for g in groups if len(g) >= 2)

@@ -219,10 +219,11 @@ class PagedEngine:
             if bucket.kind == "decode":
                 k = b * t * bucket.lora
                 lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
-                expand = self.config.resolved_fuse_lora() == "all"
-                for group in self.config.lora_groups():
+                for group in self.config.lora_groups():  # a group's entry replaces its members'
+                    for m in group:
+                        del lora[m]
                     g = len(group)
-                    lora["+".join(group)] = DecodeGroup(s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group, expand)
+                    lora["+".join(group)] = DecodeGroup(s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group)
             else:
                 lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
         sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
@@ -421,11 +422,10 @@ class PagedEngine:
             offsets[1 : len(chunks) + 1] = np.cumsum(counts)
             offsets[len(chunks) + 1 :] = n
             out[m] = DecodeLora(tok, a, bb, offsets)
-        expand = self.config.resolved_fuse_lora() == "all"
-        for group in self.config.lora_groups():  # shared launches over the members' pairs
-            cat = lambda field, group=group: np.concatenate([getattr(out[m], field) for m in group])  # noqa: E731
-            out["+".join(group)] = DecodeGroup(cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"),
-                                               group, expand)
+        for group in self.config.lora_groups():  # shared launches over the members' pairs, in their place
+            members = [out.pop(m) for m in group]
+            cat = lambda field, members=members: np.concatenate([getattr(d, field) for d in members])  # noqa: E731
+            out["+".join(group)] = DecodeGroup(cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"), group)
         return out
 
     def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:

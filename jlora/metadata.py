@@ -47,16 +47,15 @@ class DecodeLora:
 
 @flax.struct.dataclass
 class DecodeGroup:
-    """BGMV launches shared by projections that read the same input (q/k/v; gate/up): the members'
-    pairs one after another, K each, in `modules` order (member i's are [i*K, (i+1)*K)), and their
-    offsets one after another, N + 1 each. expand: one expand launch too (else one per member)."""
+    """One BGMV shrink and one expand launch for projections that read the same input (q/k/v;
+    gate/up), in place of their DecodeLora: the members' pairs one after another, K each, in `modules`
+    order (member i's are [i*K, (i+1)*K)), and their offsets one after another, N + 1 each."""
 
     token_index: jax.Array  # [G*K] int32
     a_start: jax.Array  # [G*K] int32
     b_start: jax.Array  # [G*K] int32
     offsets: jax.Array  # [G*(N+1)] int32, each member's into its own K
     modules: tuple[str, ...] = flax.struct.field(pytree_node=False)
-    expand: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 @flax.struct.dataclass

@@ -16,7 +16,6 @@ import pytest
 from pallas_kernels.lora import (
     decode_offsets,
     lora_decode,
-    lora_decode_expand,
     lora_decode_expand_group,
     lora_decode_shrink,
     lora_prefill,
@@ -88,8 +87,9 @@ def test_bgmv_matches_reference(n_tokens, rank_choices, h_in, h_out, dh, dtype):
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
-    """q/k/v-style grouping: three projections' pairs in one shrink launch, each expanded from its
-    slice (pair_offset), equal lora_decode run per projection."""
+    """q/k/v-style grouping: three projections' pairs in one shrink launch, each expanded alone from
+    its slice of the shrunk values, and all three in one expand launch, equal lora_decode run per
+    projection."""
     impl = _impl() if impl == "kernel" else "reference"
     rng = np.random.default_rng(5)
     n_tokens, h = 9, 64
@@ -103,8 +103,8 @@ def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
     k = tok.shape[0]
     for i, (a_i, b_i) in enumerate(members):
         want = lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference")
-        got = lora_decode_expand(shrunk, pool, layer, tok, b_i, offsets, h, x.dtype, pair_offset=i * k,
-                                 implementation=impl, max_rank=8)
+        got = lora_decode_expand_group(shrunk[i * k : (i + 1) * k], pool, layer, tok, b_i, offsets, (h,), x.dtype,
+                                       implementation=impl, max_rank=8)
         _check(got, want, dtype)
     # and all three expands in one launch: the deltas side by side
     both = lora_decode_expand_group(shrunk, pool, layer, jnp.concatenate([tok] * 3),

@@ -74,7 +74,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
 
 
 @pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret", "kernels_interpret_prefill_reference",
-                                     "kernels_interpret_lora_fused", "unrolled", "no_overlap", "lora_fused", "lora_shrink_fused"])
+                                     "kernels_interpret_lora_fused", "unrolled", "no_overlap", "lora_fused"])
 def test_paged_equals_reference(tiny, variant):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference."""
@@ -83,8 +83,7 @@ def test_paged_equals_reference(tiny, variant):
     config = small_config(num_pages=128 if variant == "small_pool_preempts" else 400, implementation=impl,
                           layer_loop="unrolled" if variant == "unrolled" else "scan", overlap=variant != "no_overlap",
                           prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
-                          fuse_lora={"lora_fused": "all", "kernels_interpret_lora_fused": "all",
-                                     "lora_shrink_fused": "shrink"}.get(variant, "auto"))
+                          fuse_lora="on" if variant.endswith("lora_fused") else "auto")
     engine = jlora.Engine(loaded, config)
     for name, path in paths.items():
         engine.load_adapter(name, path)

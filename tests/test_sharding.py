@@ -32,9 +32,9 @@ def run(engine: jlora.Engine, paths) -> list:
     return engine.generate(prompts, params, adapters=[NAMES[i % len(NAMES)] for i in range(10)])
 
 
-@pytest.mark.parametrize("ways,layer_loop,fuse_lora", [(2, "scan", "all"), (4, "unrolled", "off")])
+@pytest.mark.parametrize("ways,layer_loop,fuse_lora", [(2, "scan", "on"), (4, "unrolled", "off")])
 def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop, fuse_lora):
-    """fuse_lora="all": q/k/v and gate/up LoRA in shared launches, each shard over its own slices."""
+    """fuse_lora="on": q/k/v and gate/up LoRA in shared launches, each shard over its own slices."""
     loaded, paths = tiny_tp
     want = run(jlora.Engine(loaded, config(layer_loop=layer_loop)), paths)
     engine = jlora.Engine(loaded, config(layer_loop=layer_loop, fuse_lora=fuse_lora), mesh=MeshConfig(model=ways))

@@ -18,7 +18,6 @@ from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.llama import DecoderLayer, take_logits
 from pallas_kernels.lora import (
     lora_decode,
-    lora_decode_expand,
     lora_decode_expand_group,
     lora_decode_shrink,
     lora_prefill,
@@ -68,39 +67,33 @@ def forward_paged(
         lora_fn = None
         if lora is not None:
             groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
-            shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, shrink or deltas)
+            shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
 
             def lora_fn(name, x, _state):
+                group = groups.get(name)
+                if group is not None:  # the first member runs the group's launches; the others reuse them
+                    b, t, h_in = x.shape
+                    widths = tuple(shapes[m][1] for m in group.modules)
+                    if group.modules not in shared or shared[group.modules][0] is not x:
+                        x2 = x.reshape(b * t, h_in)
+                        max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
+                        s = lora_decode_shrink(x2, pool, layer, group.token_index, group.a_start, implementation=impl)
+                        deltas = lora_decode_expand_group(s, pool, layer, group.token_index, group.b_start,
+                                                          group.offsets, widths, x.dtype, implementation=impl,
+                                                          max_rank=max_rank)
+                        shared[group.modules] = (x, deltas)
+                    i = group.modules.index(name)
+                    col = sum(widths[:i])
+                    return shared[group.modules][1][:, col : col + widths[i]].reshape(b, t, widths[i])
                 meta = lora.get(name)
                 if meta is None:
                     return None
                 h_out = shapes[name][1]
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
-                    x2 = x.reshape(b * t, h_in)
-                    max_rank = meta.token_index.shape[0] // (b * t)  # the rank bucket
-                    group = groups.get(name)
-                    if group is None:
-                        delta = lora_decode(x2, pool, layer, meta.token_index, meta.a_start, meta.b_start, h_out,
-                                            meta.offsets, implementation=impl, max_rank=max_rank)
-                        return delta.reshape(b, t, h_out)
-                    # the group's first member runs the shared launches; the others reuse them
-                    widths = tuple(shapes[m][1] for m in group.modules)
-                    if group.modules not in shared or shared[group.modules][0] is not x:
-                        s = lora_decode_shrink(x2, pool, layer, group.token_index, group.a_start, implementation=impl)
-                        if group.expand:
-                            s = lora_decode_expand_group(s, pool, layer, group.token_index, group.b_start,
-                                                         group.offsets, widths, x.dtype, implementation=impl,
-                                                         max_rank=max_rank)
-                        shared[group.modules] = (x, s)
-                    i = group.modules.index(name)
-                    if group.expand:
-                        col = sum(widths[:i])
-                        delta = shared[group.modules][1][:, col : col + h_out]
-                    else:
-                        delta = lora_decode_expand(shared[group.modules][1], pool, layer, meta.token_index,
-                                                   meta.b_start, meta.offsets, h_out, x.dtype, implementation=impl,
-                                                   pair_offset=i * meta.token_index.shape[0], max_rank=max_rank)
+                    delta = lora_decode(x.reshape(b * t, h_in), pool, layer, meta.token_index, meta.a_start,
+                                        meta.b_start, h_out, meta.offsets, implementation=impl,
+                                        max_rank=meta.token_index.shape[0] // (b * t))  # the rank bucket
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 

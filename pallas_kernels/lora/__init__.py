@@ -34,7 +34,6 @@ __all__ = [
     "LoraTunables",
     "decode_offsets",
     "lora_decode",
-    "lora_decode_expand",
     "lora_decode_expand_group",
     "lora_decode_shrink",
     "lora_decode_reference",
@@ -98,8 +97,8 @@ def lora_decode_shrink(
     x, pool, layer, token_index, a_start, *, implementation: str = "reference", tunables: LoraTunables | None = None,
 ) -> jax.Array:
     """BGMV shrink alone: [K] float32, x[token] . A row per pair. Projections that read the same x
-    (q/k/v, gate/up) list their pairs one after another and share one launch (lora_decode_expand
-    then takes each one's slice by pair_offset)."""
+    (q/k/v, gate/up) list their pairs one after another and share one launch, then one expand
+    (lora_decode_expand_group)."""
     if x.ndim != 2 or pool.ndim != 3:
         raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
     if token_index.shape != a_start.shape or token_index.ndim != 1:
@@ -109,27 +108,6 @@ def lora_decode_shrink(
     if path == "reference":
         return lora_decode_shrink_reference(x, pool, layer, token_index, a_start)
     return bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables or tunables_for(pool.shape[2]),
-                       interpret=path == "interpret")
-
-
-def lora_decode_expand(
-    shrunk, pool, layer, token_index, b_start, offsets, h_out: int, dtype, *, pair_offset: int = 0,
-    implementation: str = "reference", tunables: LoraTunables | None = None, max_rank: int = 16,
-) -> jax.Array:
-    """BGMV expand alone: [N, H_out] from shrunk[pair_offset : pair_offset + K] (this projection's pairs,
-    grouped by token as lora_decode requires) and their B rows."""
-    k = b_start.shape[0]
-    if token_index.shape != (k,) or shrunk.ndim != 1 or not 0 <= pair_offset <= shrunk.shape[0] - k:
-        raise ValueError(f"shrunk {shrunk.shape} must hold pairs [{pair_offset}, {pair_offset + k}); "
-                         f"token_index {token_index.shape} and b_start {b_start.shape} must be [K]")
-    _check_widths(pool.shape[2], h_out, pool.shape[2])
-    path = resolve(implementation)
-    n = offsets.shape[0] - 1
-    if path == "reference":
-        return lora_decode_expand_reference(shrunk[pair_offset : pair_offset + k], pool, layer, token_index, b_start,
-                                            h_out, n, dtype)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=(h_out,), dtype=jnp.dtype(dtype),
-                       tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank, pair_offset=pair_offset,
                        interpret=path == "interpret")
 
 

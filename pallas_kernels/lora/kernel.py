@@ -89,7 +89,7 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
 
 
 def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs,
-                        pair_offset, n_tokens, block_starts):
+                        n_tokens, block_starts):
     """Grid (token, block of output units). With several projections (block_starts: where each one's
     blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
     b_ref and of the shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own
@@ -97,7 +97,7 @@ def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, ou
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    m, first = jnp.int32(0), jnp.int32(0)
+    m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
     for i, st in enumerate(block_starts[1:], 1):
         m = jnp.where(j >= st, i, m)
         first = jnp.where(j >= st, st, first)
@@ -110,7 +110,7 @@ def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, ou
         idx = start + c * pairs_per_load + lane  # [P] this load's pairs
         valid = idx < end
         safe = m * n_pairs + jnp.minimum(idx, n_pairs - 1)
-        s = jnp.where(valid, s_ref[pair_offset + safe], 0.0)  # [P] float32
+        s = jnp.where(valid, s_ref[safe], 0.0)  # [P] float32
         base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
         out = []
         for u in range(out_units):  # independent gathers, in flight together
@@ -151,9 +151,9 @@ def bgmv_shrink(
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "pair_offset", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
 def bgmv_expand(
-    shrunk: jax.Array,  # [..] float32; projection m's pairs are [pair_offset + m*K, pair_offset + (m+1)*K)
+    shrunk: jax.Array,  # [G*K] float32; projection m's pairs are [m*K, (m+1)*K)
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
     b_start: jax.Array,  # [G*K] int32: the G projections' B rows, K pairs each
@@ -163,7 +163,6 @@ def bgmv_expand(
     dtype: jnp.dtype,
     tunables: LoraTunables,
     max_rank: int = 16,
-    pair_offset: int = 0,
     interpret: bool = False,
 ) -> jax.Array:  # [N, sum(h_outs)] in dtype: the projections' deltas side by side
     g = len(h_outs)
@@ -178,7 +177,7 @@ def bgmv_expand(
         pairs_per_load *= 2
     out = pl.pallas_call(
         functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load,
-                          n_pairs=b_start.shape[0] // g, pair_offset=pair_offset, n_tokens=n, block_starts=starts),
+                          n_pairs=b_start.shape[0] // g, n_tokens=n, block_starts=starts),
         out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
         compiler_params=_params(tunables),
