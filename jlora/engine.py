@@ -86,8 +86,9 @@ class PreparedCall:
 
     bucket: str
     packed: np.ndarray
-    sample_rows: list[int]  # batch rows that sample a token ...
-    sample_requests: list[int]  # ... and their requests
+    sample_requests: list[int]  # requests whose row samples a token ...
+    sample_rows: list[int]  # ... their batch rows
+    carry_slots: list[int]  # ... and where in the token carry the step writes their tokens
     kind: str
     tokens: int
 
@@ -297,10 +298,9 @@ class PagedEngine:
         that samples it, which must be the last one launched)."""
         calls = []
         if schedule.decodes:
-            calls.append(self._prepare_call("decode", schedule.decodes, sampling, sources or {}, 0))
+            calls.append(self._prepare_call("decode", schedule.decodes, sampling, sources or {}))
         if schedule.prefills:
-            calls.append(self._prepare_call("prefill", schedule.prefills, sampling, sources or {},
-                                            max(self.config.decode_batch_buckets)))
+            calls.append(self._prepare_call("prefill", schedule.prefills, sampling, sources or {}))
         return calls
 
     def launch(self, calls: list[PreparedCall]) -> InFlight:
@@ -312,10 +312,8 @@ class PagedEngine:
             out = self._dispatch(call.bucket, call.packed)
             out.copy_to_host_async()
             outs.append(out)
-        base = self._half * self._carry_half
-        sources = {rid: base + (call.kind == "prefill") * max(self.config.decode_batch_buckets) + row
-                   for call in calls for row, rid in zip(call.sample_rows, call.sample_requests)}
-        self._half = 1 - self._half
+        sources = {rid: slot for call in calls for rid, slot in zip(call.sample_requests, call.carry_slots)}
+        self._half = 1 - self._half  # the next step writes the other half
         return InFlight(calls, outs, time.perf_counter(), sources)
 
     def collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
@@ -329,7 +327,7 @@ class PagedEngine:
         return results
 
     def _prepare_call(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow],
-                      sources: Mapping[int, int], offset: int) -> PreparedCall:
+                      sources: Mapping[int, int]) -> PreparedCall:
         c = self.config
         n = len(chunks)
         b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
@@ -390,15 +388,16 @@ class PagedEngine:
             source[i, j] = sources[rid]
         tokens[rows, cols] = 0
         sample_rows = [i for i, ch in enumerate(chunks) if ch.sample]
+        # this step's half of the carry: decode rows first, then prefill rows
+        first_slot = self._half * self._carry_half + (max(c.decode_batch_buckets) if kind == "prefill" else 0)
+        carry_slots = [first_slot + i for i in sample_rows]
         dest = np.full(b, 2 * self._carry_half, np.int32)  # out of range: dropped
-        dest[sample_rows] = self._half * self._carry_half + offset + np.asarray(sample_rows, np.int32)
+        dest[sample_rows] = carry_slots
         packed = pack((batch, lora, samp, counters, TokenFeed(source, dest)), self._specs[bucket.name])
         return PreparedCall(
-            bucket=bucket.name, packed=packed, sample_rows=sample_rows,
-            sample_requests=[chunks[i].request_id for i in sample_rows], kind=kind,
-            tokens=sum(len(ch.tokens) for ch in chunks),
+            bucket=bucket.name, packed=packed, sample_requests=[chunks[i].request_id for i in sample_rows],
+            sample_rows=sample_rows, carry_slots=carry_slots, kind=kind, tokens=sum(len(ch.tokens) for ch in chunks),
         )
-
 
     def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
         """The adapter's A and B row starts for a module ([r] int32 each; empty if it has none)."""

@@ -142,14 +142,13 @@ class Runner:
             self.engine.copy_adapter(name, self.adapters.get(name)[0])  # host pages -> their device pages
         t1 = clock()
         previous, self._inflight = self._inflight, None
+        t2 = t1
         if not schedule.empty:
             sources = previous.sources if previous is not None else {}
             prepared = self.engine.prepare(schedule, self._sampling, sources)
             t2 = clock()
             self._inflight = self.engine.launch(prepared)
             self.steps += 1
-        else:
-            t2 = clock()
         t3 = clock()
         results = self._collect(previous) if previous is not None else {}
         t4 = clock()
@@ -169,11 +168,6 @@ class Runner:
                                ("consume", t5 - t4)):  # without overlap, wait includes the step's own collect
             self.phase_seconds[phase] += seconds
         return events
-
-    def flush(self) -> list[TokenEvent]:
-        """Wait for the step in flight, if any, and process its tokens (no new step is queued)."""
-        current, self._inflight = self._inflight, None
-        return self._consume(self._collect(current)) if current is not None else []
 
     def _collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
         results = self.engine.collect(inflight)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.paged_attention.tiles import NEG_INF, online_softmax_step
+from pallas_kernels.paged_attention.tiles import NEG_INF, key_units, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,7 @@ def _decode_kernel(
     def block(i, carry):
         k0 = i * block_keys
         kpos = k0 + key  # [BK] position of each key
-        page_slot = jnp.minimum(kpos // page_size, n_table - 1)
-        pages = pt_ref[b, page_slot]  # [BK] gathered page ids
-        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
         kt = pool_ref[layer, units, :].astype(jnp.float32)  # [BK, Dh]
         vt = pool_ref[layer, units + n_kv, :].astype(jnp.float32)
         ok = (kpos < clen) & (kpos <= pos)
@@ -110,8 +108,7 @@ def _decode_mma_kernel(
 
     def block(i, carry):
         kpos = i * block_keys + key
-        pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
-        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
         ok = (kpos < clen) & (kpos <= pos)
         if window is not None:
             ok = ok & (pos - kpos < window)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.paged_attention.tiles import NEG_INF, online_softmax_step
+from pallas_kernels.paged_attention.tiles import NEG_INF, key_units, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,7 @@ def _prefill_kernel(
 
     def cached_block(i, carry):
         kpos = i * cached_keys + ckey
-        pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
-        units = pages * page_units + (kpos % page_size) * (2 * n_kv) + h
+        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
         ok = (kpos < clen)[None, :] & (kpos[None, :] <= q_pos[:, None])
         if window is not None:
             ok = ok & (q_pos[:, None] - kpos[None, :] < window)

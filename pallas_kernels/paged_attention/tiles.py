@@ -1,5 +1,5 @@
-"""Tile helpers shared by the attention kernels (Triton lowering): tensor-core dots and one online-
-softmax step over a block of keys."""
+"""Helpers shared by the attention kernels (Triton lowering): where a key sits in the pool, tensor-core
+dots, and one online-softmax step over a block of keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
 NEG_INF = -1e30
+
+
+def key_units(pt_ref, b, h, kpos: jax.Array, *, page_size: int, page_units: int, n_kv: int, n_table: int) -> jax.Array:
+    """Pool unit of KV head h's key at each position kpos of sequence b (its value is n_kv units on);
+    positions past the page table read its last entry (they are masked by the caller)."""
+    pages = pt_ref[b, jnp.minimum(kpos // page_size, n_table - 1)]
+    return pages * page_units + (kpos % page_size) * (2 * n_kv) + h
 
 
 def tile_dot(a: jax.Array, b: jax.Array, *, f32: bool, trans_b: bool = False) -> jax.Array:
