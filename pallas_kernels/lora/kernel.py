@@ -99,8 +99,10 @@ def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, ou
     layer = layer_ref[0]
     m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
     for i, st in enumerate(block_starts[1:], 1):
-        m = jnp.where(j >= st, i, m)
-        first = jnp.where(j >= st, st, first)
+        # int32 constants, not Python ints: Triton's select lowering gives a weak-typed literal
+        # the predicate's type (i1), and `j - first` then fails to lower ('i32' vs 'i1').
+        m = jnp.where(j >= st, jnp.int32(i), jnp.int32(m) if isinstance(m, int) else m)
+        first = jnp.where(j >= st, jnp.int32(st), jnp.int32(first) if isinstance(first, int) else first)
     local = j - first
     start = off_ref[m * (n_tokens + 1) + n]
     end = off_ref[m * (n_tokens + 1) + n + 1]

@@ -1,0 +1,91 @@
+"""Every Pallas kernel lowers to Triton for a CUDA target, checked here on CPU.
+
+Interpret mode (the CPU tests' path) runs the kernel's jaxpr through XLA and never meets the Triton
+lowering, whose rules are stricter: a Python int in a `jnp.where` once lowered as the predicate's
+i1 type and broke the grouped LoRA expand on the GPU only. Lowering for `cuda` needs no GPU: the
+kernels are traced on abstract shapes and lowered to Triton IR (XLA's GPU compile of that IR is
+not run here)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.lora.kernel import LoraTunables, bgmv_expand, bgmv_shrink, lora_prefill_kernel
+from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
+from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+DH, LAYERS, UNITS = 64, 2, 4096
+
+
+def _lower_for_cuda(fn, *shapes) -> str:
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text  # the kernel became a Triton call, not an XLA fallback
+    return text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bgmv_shrink_lowers(dtype):
+    n, k = 8, 48
+    text = _lower_for_cuda(
+        lambda x, pool, layer, tok, a: bgmv_shrink(x, pool, layer, tok, a, tunables=LoraTunables()),
+        S((n, 512), dtype), S((LAYERS, UNITS, DH), dtype), S((), I32), S((k,), I32), S((k,), I32),
+    )
+    assert "bgmv_shrink" in text
+
+
+@pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128), (256, 1024)])
+@pytest.mark.parametrize("max_rank", [16, 64])
+def test_bgmv_expand_lowers(h_outs, max_rank):
+    g, n, k = len(h_outs), 8, 48
+    text = _lower_for_cuda(
+        lambda s, pool, layer, b, off: bgmv_expand(s, pool, layer, b, off, h_outs=h_outs, dtype=jnp.dtype(jnp.bfloat16),
+                                                   tunables=LoraTunables(), max_rank=max_rank),
+        S((g * k,), jnp.float32), S((LAYERS, UNITS, DH), jnp.bfloat16), S((), I32), S((g * k,), I32),
+        S((g * (n + 1),), I32),
+    )
+    assert "bgmv_expand" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sgmv_lowers(dtype):
+    b, t, r = 2, 64, 16
+    text = _lower_for_cuda(
+        lambda x, pool, layer, a, bb: lora_prefill_kernel(x, pool, layer, a, bb, h_out=256, tunables=LoraTunables()),
+        S((b, t, 512), dtype), S((LAYERS, UNITS, DH), dtype), S((), I32), S((b, r), I32), S((b, r), I32),
+    )
+    assert text.count("xla.gpu.triton") == 2  # shrink and expand
+
+
+def _attention_shapes(b, t, hq, hkv, dtype, page_size=16, max_pages=8):
+    pool_units = (1 + b * max_pages) * page_size * 2 * hkv
+    q_shape = (b, hq, DH) if t is None else (b, t, hq, DH)
+    kv_shape = (b, hkv, DH) if t is None else (b, t, hkv, DH)
+    pos_shape = (b,) if t is None else (b, t)
+    return [S(q_shape, dtype), S(kv_shape, dtype), S(kv_shape, dtype), S((LAYERS, pool_units, DH), dtype),
+            S((), I32), S((b, max_pages), I32), S(pos_shape, I32), S((b,), I32)]
+
+
+@pytest.mark.parametrize("mma", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_attention_lowers(mma, hq, hkv, window):
+    tun = AttentionTunables(mma=mma)
+    _lower_for_cuda(
+        lambda *a: paged_decode_attention_kernel(*a, page_size=16, sliding_window=window, tunables=tun),
+        *_attention_shapes(4, None, hq, hkv, jnp.bfloat16),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("hq,hkv,t", [(8, 8, 32), (8, 2, 20), (8, 1, 64)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_attention_lowers(dtype, hq, hkv, t, window):
+    shapes = _attention_shapes(2, t, hq, hkv, dtype) + [S((2,), I32)]
+    _lower_for_cuda(
+        lambda *a: paged_prefill_attention_kernel(*a, page_size=16, sliding_window=window, tunables=PrefillTunables()),
+        *shapes,
+    )
