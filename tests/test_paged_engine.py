@@ -235,3 +235,15 @@ def test_async_engine_concurrent_streams_and_cancel(tiny):
 def test_bad_engine_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         small_config(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("fuse_lora,path,fused", [
+    ("auto", "pallas", True), ("auto", "interpret", False), ("auto", "reference", False),
+    ("on", "reference", True), ("off", "pallas", False),
+])
+def test_fuse_lora_auto_follows_the_kernels(monkeypatch, fuse_lora, path, fused):
+    """'auto' shares the q/k/v and gate/up launches where the GPU kernels run (measured faster there)."""
+    config = small_config(fuse_lora=fuse_lora, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))
+    monkeypatch.setattr(type(config), "resolved_implementation", lambda self: path)
+    want = (("q_proj", "k_proj", "v_proj"),) if fused else ()
+    assert config.lora_groups() == want

@@ -31,6 +31,20 @@ class PrefillTunables:
     num_stages: int = 2
 
 
+# (page_size, head_dim, query heads per KV head) -> tunables, from bench/kernels/attention.py on the
+# H100 (2026-11-26; 8 sequences, 256-token chunks over 1,024 cached keys; reference 1,002 / 943 us):
+# MHA 32/32 block_queries 16/32/64 with 4 warps: 561 / 534 / 307 us; GQA 32/8: 233 / 190 / 561 us.
+# About 64-128 rows of queries per program serve both.
+TUNED: dict[tuple[int, int, int], PrefillTunables] = {
+    (16, 128, 1): PrefillTunables(block_queries=64, num_warps=4),
+    (16, 128, 4): PrefillTunables(block_queries=32, num_warps=4),
+}
+
+
+def tunables_for(page_size: int, head_dim: int, group: int) -> PrefillTunables:
+    return TUNED.get((page_size, head_dim, group), PrefillTunables())
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
     p = 1
     while p * 2 <= min(n, cap):
