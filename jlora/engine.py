@@ -163,6 +163,8 @@ class PagedEngine:
             forward = self._sharded_forward(forward, mesh)
         self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),
                                 donate_argnums=(1, 2))
+        self.lora_groups = config.lora_groups()
+        self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
         self.compile_seconds = 0.0
@@ -220,7 +222,7 @@ class PagedEngine:
             if bucket.kind == "decode":
                 k = b * t * bucket.lora
                 lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
-                for group in self.config.lora_groups():  # a group's entry replaces its members'
+                for group in self.lora_groups:  # a group's entry replaces its members'
                     for m in group:
                         del lora[m]
                     g = len(group)
@@ -344,39 +346,12 @@ class PagedEngine:
                 r_bucket = _smallest(c.lora_rank_buckets, max_rank)
         bucket = Bucket(kind, b, t, p, r_bucket)
 
-        layout = self.layout
-        oob = layout.total_units
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        write_units = np.full((b, t), oob, np.int32)
-        page_tables = np.zeros((b, p), np.int32)
-        cached_lens = np.zeros(b, np.int32)
-        new_lens = np.zeros(b, np.int32)
-        logits_at = np.zeros(b, np.int32)
-        temperature = np.zeros(b, np.float32)
-        top_k = np.zeros(b, np.int32)
-        top_p = np.ones(b, np.float32)
-        keys = np.zeros((b, 2), np.uint32)
-        counters = np.zeros(b, np.uint32)
-        for i, ch in enumerate(chunks):
-            m = len(ch.tokens)
-            pos = np.arange(ch.start, ch.start + m)
-            tokens[i, :m] = ch.tokens
-            positions[i, :m] = pos
-            table = np.asarray(ch.page_table, np.int32)
-            write_units[i, :m] = table[pos // layout.page_size] * layout.page_units + (pos % layout.page_size) * 2 * layout.num_kv_heads
-            page_tables[i, : len(table)] = table
-            cached_lens[i], new_lens[i] = ch.start, m
-            logits_at[i] = m - 1
-            row = sampling[ch.request_id]
-            temperature[i], top_k[i], top_p[i], keys[i] = row.temperature, row.top_k, row.top_p, row.seed_key
-            counters[i] = ch.num_generated
+        batch, samp, counters = self._fill_rows(chunks, sampling, b, t, p)
+        tokens = batch.tokens
 
         lora = None
         if r_bucket:
             lora = self._decode_lora(chunks, b * t, r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
-        batch = PagedBatch(tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)
-        samp = SamplingArrays(temperature, top_k, top_p, keys)
         if bucket.name not in self.compiled:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
         source = np.full((b, t), -1, np.int32)
@@ -399,13 +374,62 @@ class PagedEngine:
             sample_rows=sample_rows, carry_slots=carry_slots, kind=kind, tokens=sum(len(ch.tokens) for ch in chunks),
         )
 
+    def _fill_rows(self, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow], b: int, t: int,
+                   p: int) -> tuple[PagedBatch, SamplingArrays, np.ndarray]:
+        """The call's per-row arrays, padded to its bucket (b rows of t tokens, p pages)."""
+        layout, n = self.layout, len(chunks)
+        lens = np.array([len(ch.tokens) for ch in chunks], np.int32)
+        starts = np.array([ch.start for ch in chunks], np.int32)
+        tokens = np.zeros((b, t), np.int32)
+        page_tables = np.zeros((b, p), np.int32)
+        for i, ch in enumerate(chunks):
+            tokens[i, : lens[i]] = ch.tokens
+            page_tables[i, : len(ch.page_table)] = ch.page_table
+        offsets = np.arange(t, dtype=np.int32)
+        positions = np.zeros((b, t), np.int32)
+        positions[:n] = starts[:, None] + offsets
+        real = np.zeros((b, t), bool)
+        real[:n] = offsets < lens[:, None]
+        positions[~real] = 0
+        pages = np.take_along_axis(page_tables, positions // layout.page_size, axis=1)
+        write_units = pages * layout.page_units + (positions % layout.page_size) * 2 * layout.num_kv_heads
+        write_units[~real] = layout.total_units  # out of bounds: dropped
+        cached_lens, new_lens, logits_at = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        cached_lens[:n], new_lens[:n], logits_at[:n] = starts, lens, lens - 1
+        rows = [sampling[ch.request_id] for ch in chunks]
+        temperature, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
+        keys, counters = np.zeros((b, 2), np.uint32), np.zeros(b, np.uint32)
+        if n:
+            temperature[:n] = [r.temperature for r in rows]
+            top_k[:n] = [r.top_k for r in rows]
+            top_p[:n] = [r.top_p for r in rows]
+            keys[:n] = [r.seed_key for r in rows]
+            counters[:n] = [ch.num_generated for ch in chunks]
+        batch = PagedBatch(tokens, positions, write_units, page_tables, cached_lens, new_lens, logits_at)
+        return batch, SamplingArrays(temperature, top_k, top_p, keys), counters
+
     def _rows(self, adapter: str, module: str) -> tuple[np.ndarray, np.ndarray]:
         """The adapter's A and B row starts for a module ([r] int32 each; empty if it has none)."""
         placement = self.memory.adapters[adapter].placement
         return placement.a_start.get(module, _EMPTY), placement.b_start.get(module, _EMPTY)
 
     def _decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, Any]:
-        """Pairs grouped by token; padding pairs last, on token n_tokens (out of range) and the zero page."""
+        """Pairs grouped by token; padding pairs last, on token n_tokens (out of range) and the zero page.
+        Successive decode steps mostly repeat the last composition (the same adapters in the same rows):
+        it is kept, keyed by the placements themselves, which the cache holds so that an evicted
+        adapter's placement cannot be mistaken for a new one."""
+        placements = tuple(self.memory.adapters[ch.adapter].placement if ch.adapter else None for ch in chunks)
+        key = (n_tokens, r_bucket, tuple(map(id, placements)))
+        hit = self._lora_cache.get(key)
+        if hit is not None:
+            return hit[1]
+        out = self._build_decode_lora(chunks, n_tokens, r_bucket)
+        if len(self._lora_cache) >= 8:
+            self._lora_cache.pop(next(iter(self._lora_cache)))
+        self._lora_cache[key] = (placements, out)
+        return out
+
+    def _build_decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, Any]:
         k = n_tokens * r_bucket
         out = {}
         for m in self.config.lora_modules:
@@ -421,7 +445,7 @@ class PagedEngine:
             offsets[1 : len(chunks) + 1] = np.cumsum(counts)
             offsets[len(chunks) + 1 :] = n
             out[m] = DecodeLora(tok, a, bb, offsets)
-        for group in self.config.lora_groups():  # shared launches over the members' pairs, in their place
+        for group in self.lora_groups:  # shared launches over the members' pairs, in their place
             members = [out.pop(m) for m in group]
             cat = lambda field, members=members: np.concatenate([getattr(d, field) for d in members])  # noqa: E731
             out["+".join(group)] = DecodeGroup(cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"), group)

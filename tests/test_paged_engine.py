@@ -247,3 +247,32 @@ def test_fuse_lora_auto_follows_the_kernels(monkeypatch, fuse_lora, path, fused)
     monkeypatch.setattr(type(config), "resolved_implementation", lambda self: path)
     want = (("q_proj", "k_proj", "v_proj"),) if fused else ()
     assert config.lora_groups() == want
+
+
+def test_decode_lora_cache_follows_adapter_placement(tiny):
+    """The decode LoRA metadata of a repeated batch composition is reused, and an adapter evicted and
+    loaded again (at other pages) is never served from the cached entry of its old placement."""
+    from jlora.scheduler import ScheduledChunk
+
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    paged = engine.paged
+    one = jlora.SamplingParams(max_tokens=1, temperature=0.0)
+    engine.load_adapter("qv_r4", paths["qv_r4"])
+    engine.generate([[5, 6]], one, adapters=["qv_r4"])  # placed on the device when first used
+    chunks = [ScheduledChunk(i, [1], 4, [1], "qv_r4", True, 0) for i in range(2)]
+    first = paged._decode_lora(chunks, 4, 16)
+    assert paged._decode_lora(chunks, 4, 16) is first  # the repeated composition: reused
+    old_rows = paged.memory.adapters["qv_r4"].placement.a_start["q_proj"].copy()
+    engine.unload_adapter("qv_r4")
+    engine.load_adapter("mlp_r64", paths["mlp_r64"])
+    engine.generate([[5, 6]], one, adapters=["mlp_r64"])  # takes the freed pages first
+    engine.load_adapter("qv_r4", paths["qv_r4"])
+    engine.generate([[5, 6]], one, adapters=["qv_r4"])
+    new_rows = paged.memory.adapters["qv_r4"].placement.a_start["q_proj"]
+    assert not np.array_equal(old_rows, new_rows)
+    again = paged._decode_lora(chunks, 4, 16)
+    assert again is not first
+    q = next(v for k, v in again.items() if "q_proj" in k)
+    assert set(new_rows) <= set(np.asarray(q.a_start).tolist())
+    assert not set(old_rows) & set(np.asarray(q.a_start).tolist())

@@ -1,0 +1,82 @@
+"""Host time per engine step for the decode-7b batch shape: 32 requests, each its own rank-16
+q/k/v/o adapter, 16-token pages, prompt 128, 128 new tokens - on a tiny random model, so that the
+device's share is small and what is left is the runner's own work (schedule, prepare, launch,
+consume). Runs anywhere; at mp 4 on the GPU this host work, not the device, set the step time.
+
+python -m bench.host_step [--new 128] [--fuse-lora auto] [--overlap 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+BATCH, PROMPT, RANK = 32, 128, 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=128, help="new tokens per request")
+    ap.add_argument("--fuse-lora", default="auto")
+    ap.add_argument("--overlap", type=int, default=1)
+    args = ap.parse_args()
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+    from bench.common import write_result
+    from checkpoints.peft import write_random_peft_adapter
+    from jlora.config import EngineConfig, ModelConfig
+    from jlora.loader import LoadedModel
+    from jlora.model.llama import random_params
+    from jlora.scheduler import SchedulerConfig
+
+    config = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
+                         max_position_embeddings=4096)
+    params = random_params(config, jax.random.PRNGKey(0), jnp.float32)
+    pages = (PROMPT + args.new + 15) // 16
+    ec = EngineConfig(
+        page_size=16, num_pages=BATCH * pages + BATCH * 8 + 64, max_model_len=PROMPT + args.new, max_batch=BATCH,
+        decode_batch_buckets=(BATCH,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(pages,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
+        fuse_lora=args.fuse_lora, overlap=bool(args.overlap),
+    )
+    sched = SchedulerConfig(max_batch=BATCH, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
+                            max_model_len=PROMPT + args.new)
+    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
+    names = [f"a{i}" for i in range(BATCH)]
+    with tempfile.TemporaryDirectory() as folder:
+        for i, n in enumerate(names):
+            write_random_peft_adapter(os.path.join(folder, n), num_layers=config.num_hidden_layers,
+                                      module_shapes=config.module_shapes(), rank=RANK, alpha=2 * RANK,
+                                      target_modules=list(TARGETS), seed=i, std=0.01)
+            engine.load_adapter(n, os.path.join(folder, n))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, PROMPT).tolist() for _ in range(BATCH)]
+    sampling = jlora.SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=names)
+    phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
+    start = time.perf_counter()
+    engine.generate(prompts, sampling, adapters=names)
+    seconds = time.perf_counter() - start
+    steps = engine.runner.steps - steps0
+    host_ms = {k: (v - phases0.get(k, 0.0)) / steps * 1e3 for k, v in engine.runner.phase_seconds.items()}
+    payload = {
+        "workload": {"batch": BATCH, "prompt": PROMPT, "new_tokens": args.new, "rank": RANK, "targets": list(TARGETS),
+                     "fuse_lora": args.fuse_lora, "overlap": bool(args.overlap), "model": "tiny random (2 layers)"},
+        "steps": steps, "step_ms": seconds / steps * 1e3, "host_ms_per_step": host_ms,
+        "host_work_ms_per_step": sum(v for k, v in host_ms.items() if k != "wait"),
+    }
+    print(f"{steps} steps, {payload['step_ms']:.2f} ms/step; host ms/step:",
+          {k: round(v, 3) for k, v in host_ms.items()}, f"work {payload['host_work_ms_per_step']:.2f} ms")
+    print("wrote", write_result("host-step", payload))
+
+
+if __name__ == "__main__":
+    main()
