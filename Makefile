@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check jlora pallas_kernels checkpoints tests bench
+	$(BIN)/ruff format --check jlora pallas_kernels checkpoints tests bench
 	$(BIN)/python -m pytest -q -x -m 'not slow' --durations=15
 
 lint: $(STAMP)

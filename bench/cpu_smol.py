@@ -31,10 +31,12 @@ def build_adapters(hf_model, folder: str) -> tuple[object, list[str]]:
 
 
 def prompts(tokenizer) -> list[list[int]]:
-    text = ("The history of science is the study of the development of science and scientific knowledge, "
-            "including both the natural and social sciences. Science is a body of empirical, theoretical, and "
-            "practical knowledge about the natural world, produced by scientists who emphasize the observation, "
-            "explanation, and prediction of real-world phenomena. ") * 4
+    text = (
+        "The history of science is the study of the development of science and scientific knowledge, "
+        "including both the natural and social sciences. Science is a body of empirical, theoretical, and "
+        "practical knowledge about the natural world, produced by scientists who emphasize the observation, "
+        "explanation, and prediction of real-world phenomena. "
+    ) * 4
     ids = tokenizer.encode(text)
     return [ids[i * 3 : i * 3 + PROMPT] for i in range(BATCH)]
 
@@ -48,8 +50,14 @@ def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
         peft_model.generate(ids[:, :8], adapter_names=names, max_new_tokens=2, do_sample=False)  # warm up
         for _ in range(repeats):
             start = time.perf_counter()
-            out = peft_model.generate(ids, adapter_names=names, max_new_tokens=NEW, min_new_tokens=NEW,
-                                      do_sample=False, attention_mask=torch.ones_like(ids))
+            out = peft_model.generate(
+                ids,
+                adapter_names=names,
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                attention_mask=torch.ones_like(ids),
+            )
             seconds = time.perf_counter() - start
             assert out.shape[1] - PROMPT == NEW
             best = max(best, BATCH * NEW / seconds)
@@ -63,14 +71,27 @@ def run_jlora(folder: str, names, batch_prompts, repeats: int) -> tuple[float, f
     from jlora.scheduler import SchedulerConfig
 
     config = EngineConfig(
-        max_model_len=256, num_pages=256, max_batch=BATCH, decode_batch_buckets=(BATCH,),
-        prefill_batch_buckets=(BATCH,), prefill_chunk_buckets=(PROMPT,), page_buckets=(8,),
-        lora_rank_buckets=(RANK,), lora_modules=tuple(TARGETS),
+        max_model_len=256,
+        num_pages=256,
+        max_batch=BATCH,
+        decode_batch_buckets=(BATCH,),
+        prefill_batch_buckets=(BATCH,),
+        prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(8,),
+        lora_rank_buckets=(RANK,),
+        lora_modules=tuple(TARGETS),
     )
-    sched = SchedulerConfig(max_batch=BATCH, max_prefill_tokens=BATCH * PROMPT, max_prefill_seqs=BATCH, max_model_len=256,
-                            max_chunk=PROMPT)
+    sched = SchedulerConfig(
+        max_batch=BATCH,
+        max_prefill_tokens=BATCH * PROMPT,
+        max_prefill_seqs=BATCH,
+        max_model_len=256,
+        max_chunk=PROMPT,
+    )
     start = time.perf_counter()
-    engine = jlora.Engine(loader.load("smollm2-135m", "float32", progress=False), config, scheduler_config=sched)
+    engine = jlora.Engine(
+        loader.load("smollm2-135m", "float32", progress=False), config, scheduler_config=sched
+    )
     startup = time.perf_counter() - start
     for n in names:
         engine.load_adapter(n, os.path.join(folder, n))
@@ -102,8 +123,9 @@ def main() -> None:
     path = embedded_model_path()
     tok = JloraTokenizer.from_gguf(GGUFFile(path).tokenizer_data())
     batch_prompts = prompts(tok)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     with tempfile.TemporaryDirectory() as folder:
         peft_model, names = build_adapters(hf, folder)
         peft_tps = run_peft(peft_model, names, batch_prompts, args.repeats)
@@ -112,13 +134,31 @@ def main() -> None:
     ratio = jlora_tps / peft_tps
     print(f"HF PEFT mixed batch: {peft_tps:.1f} tok/s")
     print(f"jlora paged engine:  {jlora_tps:.1f} tok/s  ({ratio:.2f}x; target T8 >= 3x)")
-    out = write_result("cpu-smol", {
-        "workload": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", "dtype": "float32", "batch": BATCH,
-                     "prompt": PROMPT, "new_tokens": NEW, "adapters": BATCH, "rank": RANK, "targets": TARGETS,
-                     "greedy": True, "repeats": args.repeats, "figure": "best of repeats"},
-        "hf_peft_tok_s": round(peft_tps, 2), "jlora_tok_s": round(jlora_tps, 2), "speedup": round(ratio, 3),
-        "target_T8": ">= 3x", "met": ratio >= 3.0, "jlora_startup_s": round(startup, 1), **info,
-    })
+    out = write_result(
+        "cpu-smol",
+        {
+            "workload": {
+                "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+                "dtype": "float32",
+                "batch": BATCH,
+                "prompt": PROMPT,
+                "new_tokens": NEW,
+                "adapters": BATCH,
+                "rank": RANK,
+                "targets": TARGETS,
+                "greedy": True,
+                "repeats": args.repeats,
+                "figure": "best of repeats",
+            },
+            "hf_peft_tok_s": round(peft_tps, 2),
+            "jlora_tok_s": round(jlora_tps, 2),
+            "speedup": round(ratio, 3),
+            "target_T8": ">= 3x",
+            "met": ratio >= 3.0,
+            "jlora_startup_s": round(startup, 1),
+            **info,
+        },
+    )
     print(f"wrote {out}")
 
 

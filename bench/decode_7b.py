@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--layer-loop", default="unrolled", help="scan | unrolled")
     ap.add_argument("--hlo", default=None, help="write the compiled mixed decode step's HLO here")
     ap.add_argument("--tag", default="", help="appended to the result name")
-    ap.add_argument("--profile", action="store_true", help="trace 10 decode steps of each run: kernel time by name")
+    ap.add_argument(
+        "--profile", action="store_true", help="trace 10 decode steps of each run: kernel time by name"
+    )
     ap.add_argument("--geometry", default="llama2-7b", help="a preset of jlora.config.PRESETS")
     ap.add_argument("--mp", type=int, default=1, help="model-parallel ways (tensor parallelism over a mesh)")
     ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
@@ -86,16 +88,33 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     pages_per_seq = (PROMPT + NEW) // 16
     ec = EngineConfig(
-        page_size=16, num_pages=b * pages_per_seq + b * 8 + 64, max_model_len=PROMPT + NEW, max_batch=b,
-        decode_batch_buckets=(b,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
-        page_buckets=(pages_per_seq,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
-        implementation=args.impl, layer_loop=args.layer_loop, prefill_attention=args.prefill_attention,
+        page_size=16,
+        num_pages=b * pages_per_seq + b * 8 + 64,
+        max_model_len=PROMPT + NEW,
+        max_batch=b,
+        decode_batch_buckets=(b,),
+        prefill_batch_buckets=(8,),
+        prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(pages_per_seq,),
+        lora_rank_buckets=(RANK,),
+        lora_modules=TARGETS,
+        compilation_cache_dir=None,
+        implementation=args.impl,
+        layer_loop=args.layer_loop,
+        prefill_attention=args.prefill_attention,
         fuse_lora=args.fuse_lora,
     )
-    sched = SchedulerConfig(max_batch=b, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
-                            max_model_len=PROMPT + NEW)
+    sched = SchedulerConfig(
+        max_batch=b,
+        max_prefill_tokens=8 * PROMPT,
+        max_prefill_seqs=8,
+        max_chunk=PROMPT,
+        max_model_len=PROMPT + NEW,
+    )
     start = time.perf_counter()
-    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched, mesh=mesh)
+    engine = jlora.Engine(
+        LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched, mesh=mesh
+    )
 
     compile_s = time.perf_counter() - start
     if args.hlo:
@@ -106,12 +125,22 @@ def main() -> None:
     names = [f"a{i}" for i in range(b)]
     with tempfile.TemporaryDirectory() as folder:
         for i, n in enumerate(names):
-            write_random_peft_adapter(os.path.join(folder, n), num_layers=config.num_hidden_layers,
-                                      module_shapes=config.module_shapes(), rank=RANK, alpha=2 * RANK,
-                                      target_modules=list(TARGETS), seed=i, std=0.01)
+            write_random_peft_adapter(
+                os.path.join(folder, n),
+                num_layers=config.num_hidden_layers,
+                module_shapes=config.module_shapes(),
+                rank=RANK,
+                alpha=2 * RANK,
+                target_modules=list(TARGETS),
+                seed=i,
+                std=0.01,
+            )
             engine.load_adapter(n, os.path.join(folder, n))
-    adapter_bytes = (engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS})
-                     * engine.paged.layout.page_bytes(2) * engine.paged.shards)
+    adapter_bytes = (
+        engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS})
+        * engine.paged.layout.page_bytes(2)
+        * engine.paged.shards
+    )
 
     # a decode step's time: the interval between the ends of consecutive decode-only steps (with host
     # overlap the next step is already queued when one ends, so this is the step period)
@@ -153,16 +182,23 @@ def main() -> None:
     runs = (("mixed", names),) if args.skip_base else (("base", [None] * b), ("mixed", names))
     for label, adapters in runs:
         timed_collect.label = "warm"
-        engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters)
+        engine.generate(
+            prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=adapters
+        )
         timed_collect.label = label
         phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
         start = time.perf_counter()
         engine.generate(prompts, params_, adapters=adapters)
         seconds = time.perf_counter() - start
         n_steps = engine.runner.steps - steps0
-        host_ms = {k: (v - phases0.get(k, 0.0)) / n_steps * 1e3 for k, v in engine.runner.phase_seconds.items()}
-        print(label, f"{b * NEW / seconds:.0f} tok/s end to end, decode step {np.median(step_times[label]) * 1e3:.2f} ms",
-              flush=True)
+        host_ms = {
+            k: (v - phases0.get(k, 0.0)) / n_steps * 1e3 for k, v in engine.runner.phase_seconds.items()
+        }
+        print(
+            label,
+            f"{b * NEW / seconds:.0f} tok/s end to end, decode step {np.median(step_times[label]) * 1e3:.2f} ms",
+            flush=True,
+        )
         if args.profile:
             timed_collect.label = f"profile:{label}"
             engine.generate(prompts, params_, adapters=adapters)
@@ -172,8 +208,11 @@ def main() -> None:
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
         floor_s = floor_bytes / args.mp / (bw["copy_TBps"] * 1e12)  # every device reads its shard
         results[label] = {
-            "tok_s_end_to_end": b * NEW / seconds, "decode_step_ms": decode * 1e3, "decode_tok_s": b / decode,
-            "step_floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / decode,
+            "tok_s_end_to_end": b * NEW / seconds,
+            "decode_step_ms": decode * 1e3,
+            "decode_tok_s": b / decode,
+            "step_floor_ms": floor_s * 1e3,
+            "roofline_fraction": floor_s / decode,
             "host_ms_per_step": host_ms,  # the runner's phases (all steps, prefill included)
         }
         print(label, "host ms/step:", {k: round(v, 3) for k, v in host_ms.items()}, flush=True)
@@ -181,36 +220,64 @@ def main() -> None:
     base = results.get("base")  # None with --skip-base: no T3 without a base run beside it
     lora_floor_ms = 1.1 * adapter_bytes * b / args.mp / (bw["copy_TBps"] * 1e12) * 1e3
     payload = {
-        "workload": {"geometry": args.geometry, "mp": args.mp, "layers": config.num_hidden_layers, "dtype": "bfloat16", "batch": b,
-                     "prompt": PROMPT, "new_tokens": NEW, "adapters": b, "rank": RANK, "targets": list(TARGETS),
-                     "implementation": ec.implementation, "layer_loop": ec.layer_loop,
-                     "prefill_attention": ec.prefill_attention, "fuse_lora": ec.fuse_lora,
-                     "lora_groups": [list(g) for g in ec.lora_groups()]},
-        "bandwidth": bw, "weight_bytes": weight_bytes, "adapter_bytes_each": adapter_bytes, "compile_s": compile_s,
+        "workload": {
+            "geometry": args.geometry,
+            "mp": args.mp,
+            "layers": config.num_hidden_layers,
+            "dtype": "bfloat16",
+            "batch": b,
+            "prompt": PROMPT,
+            "new_tokens": NEW,
+            "adapters": b,
+            "rank": RANK,
+            "targets": list(TARGETS),
+            "implementation": ec.implementation,
+            "layer_loop": ec.layer_loop,
+            "prefill_attention": ec.prefill_attention,
+            "fuse_lora": ec.fuse_lora,
+            "lora_groups": [list(g) for g in ec.lora_groups()],
+        },
+        "bandwidth": bw,
+        "weight_bytes": weight_bytes,
+        "adapter_bytes_each": adapter_bytes,
+        "compile_s": compile_s,
         "jlora": results,
         "profile": profiles,
     }
     if base is not None:
-        payload["T3"] = {"mixed_step_ms": mixed["decode_step_ms"], "allowed_ms": base["decode_step_ms"] + lora_floor_ms,
-                         "met": mixed["decode_step_ms"] <= base["decode_step_ms"] + lora_floor_ms}
+        payload["T3"] = {
+            "mixed_step_ms": mixed["decode_step_ms"],
+            "allowed_ms": base["decode_step_ms"] + lora_floor_ms,
+            "met": mixed["decode_step_ms"] <= base["decode_step_ms"] + lora_floor_ms,
+        }
     if args.peer and os.path.exists(args.peer):
         with open(args.peer) as f:
             peer = json.load(f)
         payload["hf"] = peer
         ratio = mixed["tok_s_end_to_end"] / peer["hf_peft_mixed_tok_s"]
-        payload["T2"] = {"vs_peft_mixed": ratio, "roofline_fraction": mixed["roofline_fraction"],
-                         "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8}
+        payload["T2"] = {
+            "vs_peft_mixed": ratio,
+            "roofline_fraction": mixed["roofline_fraction"],
+            "met": ratio >= 100 and mixed["roofline_fraction"] >= 0.8,
+        }
     print(json.dumps(payload, indent=1, default=_plain))
     for label, prof in profiles.items():
-        print(label, f"collectives {prof.get('collective_ms_per_step', 0):.2f} ms/step, device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
-              f"{prof.get('kernels_per_step', 0):.0f} kernels/step, idle {prof.get('idle_ms_per_step_in_step_gaps', 0):.2f}"
-              f" ms in gaps < 0.1 ms and {prof.get('idle_ms_per_step_between_steps', 0):.2f} ms in longer gaps")
+        print(
+            label,
+            f"collectives {prof.get('collective_ms_per_step', 0):.2f} ms/step, device busy {prof.get('device_busy_ms_per_step', 0):.2f} ms/step,",
+            f"{prof.get('kernels_per_step', 0):.0f} kernels/step, idle {prof.get('idle_ms_per_step_in_step_gaps', 0):.2f}"
+            f" ms in gaps < 0.1 ms and {prof.get('idle_ms_per_step_between_steps', 0):.2f} ms in longer gaps",
+        )
         for row in prof.get("top", [])[:15]:
             print(f"   {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
     if base is not None:
-        print(f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), ", end="")
-    print(f"mixed {mixed['decode_step_ms']:.2f} ms ({mixed['roofline_fraction']:.0%} of floor), "
-          f"T3 allows {lora_floor_ms:.2f} ms over base")
+        print(
+            f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), ", end=""
+        )
+    print(
+        f"mixed {mixed['decode_step_ms']:.2f} ms ({mixed['roofline_fraction']:.0%} of floor), "
+        f"T3 allows {lora_floor_ms:.2f} ms over base"
+    )
     print("wrote", write_result("decode-7b" + args.tag, payload))
 
 

@@ -24,8 +24,15 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 32000, (args.batch, args.prompt), device="cuda")
@@ -36,14 +43,18 @@ def main() -> None:
             m.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False, **kw)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            out = m.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+            out = m.generate(
+                ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw
+            )
             torch.cuda.synchronize()
         assert out.shape[1] == args.prompt + new
         return args.batch * new / (time.perf_counter() - start)
 
     result = {"hf_base_tok_s": timed(model, args.new)}
     names = [f"a{i}" for i in range(args.batch)]
-    lcfg = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    lcfg = dict(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     peft_model = get_peft_model(model, LoraConfig(**lcfg), adapter_name=names[0])
     for n in names[1:]:
         peft_model.add_adapter(n, LoraConfig(**lcfg))

@@ -36,31 +36,62 @@ def main() -> None:
     from jlora.model.llama import random_params
     from jlora.scheduler import SchedulerConfig
 
-    config = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
-                         max_position_embeddings=4096)
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=4096,
+    )
     params = random_params(config, jax.random.PRNGKey(0), jnp.float32)
     pages = (PROMPT + args.new + 15) // 16
     ec = EngineConfig(
-        page_size=16, num_pages=BATCH * pages + BATCH * 8 + 64, max_model_len=PROMPT + args.new, max_batch=BATCH,
-        decode_batch_buckets=(BATCH,), prefill_batch_buckets=(8,), prefill_chunk_buckets=(PROMPT,),
-        page_buckets=(pages,), lora_rank_buckets=(RANK,), lora_modules=TARGETS, compilation_cache_dir=None,
-        fuse_lora=args.fuse_lora, overlap=bool(args.overlap),
+        page_size=16,
+        num_pages=BATCH * pages + BATCH * 8 + 64,
+        max_model_len=PROMPT + args.new,
+        max_batch=BATCH,
+        decode_batch_buckets=(BATCH,),
+        prefill_batch_buckets=(8,),
+        prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(pages,),
+        lora_rank_buckets=(RANK,),
+        lora_modules=TARGETS,
+        compilation_cache_dir=None,
+        fuse_lora=args.fuse_lora,
+        overlap=bool(args.overlap),
     )
-    sched = SchedulerConfig(max_batch=BATCH, max_prefill_tokens=8 * PROMPT, max_prefill_seqs=8, max_chunk=PROMPT,
-                            max_model_len=PROMPT + args.new)
+    sched = SchedulerConfig(
+        max_batch=BATCH,
+        max_prefill_tokens=8 * PROMPT,
+        max_prefill_seqs=8,
+        max_chunk=PROMPT,
+        max_model_len=PROMPT + args.new,
+    )
     engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
     names = [f"a{i}" for i in range(BATCH)]
     with tempfile.TemporaryDirectory() as folder:
         for i, n in enumerate(names):
-            write_random_peft_adapter(os.path.join(folder, n), num_layers=config.num_hidden_layers,
-                                      module_shapes=config.module_shapes(), rank=RANK, alpha=2 * RANK,
-                                      target_modules=list(TARGETS), seed=i, std=0.01)
+            write_random_peft_adapter(
+                os.path.join(folder, n),
+                num_layers=config.num_hidden_layers,
+                module_shapes=config.module_shapes(),
+                rank=RANK,
+                alpha=2 * RANK,
+                target_modules=list(TARGETS),
+                seed=i,
+                std=0.01,
+            )
             engine.load_adapter(n, os.path.join(folder, n))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, PROMPT).tolist() for _ in range(BATCH)]
     sampling = jlora.SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=names)
+    engine.generate(
+        prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=names
+    )
     phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
     start = time.perf_counter()
     engine.generate(prompts, sampling, adapters=names)
@@ -68,13 +99,26 @@ def main() -> None:
     steps = engine.runner.steps - steps0
     host_ms = {k: (v - phases0.get(k, 0.0)) / steps * 1e3 for k, v in engine.runner.phase_seconds.items()}
     payload = {
-        "workload": {"batch": BATCH, "prompt": PROMPT, "new_tokens": args.new, "rank": RANK, "targets": list(TARGETS),
-                     "fuse_lora": args.fuse_lora, "overlap": bool(args.overlap), "model": "tiny random (2 layers)"},
-        "steps": steps, "step_ms": seconds / steps * 1e3, "host_ms_per_step": host_ms,
+        "workload": {
+            "batch": BATCH,
+            "prompt": PROMPT,
+            "new_tokens": args.new,
+            "rank": RANK,
+            "targets": list(TARGETS),
+            "fuse_lora": args.fuse_lora,
+            "overlap": bool(args.overlap),
+            "model": "tiny random (2 layers)",
+        },
+        "steps": steps,
+        "step_ms": seconds / steps * 1e3,
+        "host_ms_per_step": host_ms,
         "host_work_ms_per_step": sum(v for k, v in host_ms.items() if k != "wait"),
     }
-    print(f"{steps} steps, {payload['step_ms']:.2f} ms/step; host ms/step:",
-          {k: round(v, 3) for k, v in host_ms.items()}, f"work {payload['host_work_ms_per_step']:.2f} ms")
+    print(
+        f"{steps} steps, {payload['step_ms']:.2f} ms/step; host ms/step:",
+        {k: round(v, 3) for k, v in host_ms.items()},
+        f"work {payload['host_work_ms_per_step']:.2f} ms",
+    )
     print("wrote", write_result("host-step", payload))
 
 

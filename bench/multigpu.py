@@ -28,16 +28,31 @@ def row(path: str) -> dict[str, Any]:
     if "devices_traced" not in prof and w["mp"] > 1:
         # profiles before commit 712adc1 merged the devices' stream lines: another device's main stream
         # (as long as the step's busy time) is dropped, and the side streams are split between devices
-        side = sum(v for k, v in prof.get("lines", {}).items()
-                   if "Compute" in k and k != prof.get("kernel_line") and v < 0.5 * prof.get("device_busy_ms_per_step", 0))
+        side = sum(
+            v
+            for k, v in prof.get("lines", {}).items()
+            if "Compute" in k
+            and k != prof.get("kernel_line")
+            and v < 0.5 * prof.get("device_busy_ms_per_step", 0)
+        )
         side /= w["mp"]
     return {
-        "file": os.path.basename(path), "device": r["device"], "commit": r["commit"], "geometry": w["geometry"],
-        "layers": w["layers"], "mp": w["mp"], "batch": w["batch"], "decode_step_ms": step,
-        "decode_tok_s": run["decode_tok_s"], "tok_s_end_to_end": run["tok_s_end_to_end"],
-        "roofline_fraction": run["roofline_fraction"], "device_busy_ms": prof.get("device_busy_ms_per_step"),
-        "collective_ms_named": named, "collective_share_named": named / step,
-        "side_stream_ms": side, "collective_share_upper": (named + side) / step,
+        "file": os.path.basename(path),
+        "device": r["device"],
+        "commit": r["commit"],
+        "geometry": w["geometry"],
+        "layers": w["layers"],
+        "mp": w["mp"],
+        "batch": w["batch"],
+        "decode_step_ms": step,
+        "decode_tok_s": run["decode_tok_s"],
+        "tok_s_end_to_end": run["tok_s_end_to_end"],
+        "roofline_fraction": run["roofline_fraction"],
+        "device_busy_ms": prof.get("device_busy_ms_per_step"),
+        "collective_ms_named": named,
+        "collective_share_named": named / step,
+        "side_stream_ms": side,
+        "collective_share_upper": (named + side) / step,
     }
 
 
@@ -85,9 +100,11 @@ def plot(summary: dict[str, Any], stem: str) -> str | None:
 def main() -> None:
     summary = summarize(sys.argv[1:])
     for r in summary["rows"]:
-        print(f"{r['geometry']:11s} L{r['layers']} mp{r['mp']}: {r['decode_step_ms']:.2f} ms/step, {r['decode_tok_s']:.0f} tok/s, "
-              f"x{r['speedup_over_mp1'] or float('nan'):.2f} over mp1, collectives {100 * r['collective_share_named']:.1f}% named, "
-              f"<= {100 * r['collective_share_upper']:.1f}% with side streams")
+        print(
+            f"{r['geometry']:11s} L{r['layers']} mp{r['mp']}: {r['decode_step_ms']:.2f} ms/step, {r['decode_tok_s']:.0f} tok/s, "
+            f"x{r['speedup_over_mp1'] or float('nan'):.2f} over mp1, collectives {100 * r['collective_share_named']:.1f}% named, "
+            f"<= {100 * r['collective_share_upper']:.1f}% with side streams"
+        )
     path = write_result("decode-multigpu-summary", summary)
     print("wrote", path, plot(summary, os.path.splitext(path)[0]))
 

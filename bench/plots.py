@@ -27,7 +27,9 @@ def plot(path: str) -> list[str]:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ns = [r["n"] for r in by_n]
     ax[0].plot(ns, [r["throughput_req_s"] for r in by_n], "o-")
-    ax[0].set(xscale="log", xlabel="adapters (n)", ylabel="throughput (req/s)", title=f"rate {base_rate} req/s")
+    ax[0].set(
+        xscale="log", xlabel="adapters (n)", ylabel="throughput (req/s)", title=f"rate {base_rate} req/s"
+    )
     ax[0].set_ylim(bottom=0)  # a flat line must look flat
     ax[1].plot(ns, [r["slo_attainment"] for r in by_n], "o-", label="first token within 6 s")
     ax[1].plot(ns, [r["roofline_fraction"] for r in by_n], "s--", label="fraction of roofline")

@@ -31,17 +31,24 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
         return {"error": "no GPU plane in the trace"}
     # the line with the most events holds the kernels (stream lines); "XLA Ops" names HLO ops
     kernel_line = max(lines, key=lambda n: sum(c for _, c in lines[n].values()))
-    out = {"steps": steps, "lines": {n: sum(v[0] for v in d.values()) / steps for n, d in lines.items()},
-           "kernel_line": kernel_line}
+    out = {
+        "steps": steps,
+        "lines": {n: sum(v[0] for v in d.values()) / steps for n, d in lines.items()},
+        "kernel_line": kernel_line,
+    }
     for label, name in (("top", kernel_line), ("top_xla_ops", "XLA Ops")):
         by_name = lines.get(name, {})
         rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-        out[label] = [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows[:top]]
+        out[label] = [
+            {"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows[:top]
+        ]
     by_name = lines[kernel_line]
     out["device_busy_ms_per_step"] = sum(v[0] for v in by_name.values()) / steps
     collective = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.IGNORECASE)
     # NCCL kernels run on their own streams: count them on every line of the device
-    out["collective_ms_per_step"] = sum(v[0] for d in lines.values() for k, v in d.items() if collective.search(k)) / steps
+    out["collective_ms_per_step"] = (
+        sum(v[0] for d in lines.values() for k, v in d.items() if collective.search(k)) / steps
+    )
     out["collective_kernels"] = sorted({k for d in lines.values() for k in d if collective.search(k)})[:10]
     out["devices_traced"] = len(gpus)
     out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps

@@ -49,8 +49,10 @@ class StepRecorder:
         adapter_bytes = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
         self._info[id(calls)] = {  # weights are read once per call
             "bytes": len(calls) * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
-            "tokens": sum(len(ch.tokens) for ch in chunks), "decodes": len(schedule.decodes),
-            "adapters": len(adapters), "occupancy": 1 - memory.num_free / (memory.layout.num_pages - 1),
+            "tokens": sum(len(ch.tokens) for ch in chunks),
+            "decodes": len(schedule.decodes),
+            "adapters": len(adapters),
+            "occupancy": 1 - memory.num_free / (memory.layout.num_pages - 1),
         }
         return calls
 
@@ -82,8 +84,15 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def replay(
-    engine: jlora.Engine, trace: list[TraceRequest], adapter_names: list[str], *, vocab: int,
-    bandwidth_Bps: float, weight_bytes: int, slo_s: float = 6.0, seed: int = 0,
+    engine: jlora.Engine,
+    trace: list[TraceRequest],
+    adapter_names: list[str],
+    *,
+    vocab: int,
+    bandwidth_Bps: float,
+    weight_bytes: int,
+    slo_s: float = 6.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run the trace in real time; the metrics of the run."""
     runner = engine.runner
@@ -103,7 +112,13 @@ def replay(
                 params = jlora.SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
                 resident = engine.paged.memory.is_resident(name)
                 rid = runner.add(engine._prepare(prompt, params, name), name)
-                meta[rid] = {"arrival": r.arrival, "first": None, "last": None, "tokens": 0, "cold": not resident}
+                meta[rid] = {
+                    "arrival": r.arrival,
+                    "first": None,
+                    "last": None,
+                    "tokens": 0,
+                    "cold": not resident,
+                }
             if not runner.has_work():
                 time.sleep(max(0.0, min(pending[0].arrival - now, 0.05)))
                 continue
@@ -130,15 +145,24 @@ def replay(
     floor_s = sum(s["bytes"] for s in steps) / bandwidth_Bps
     stats = {k: v - stats0.get(k, 0) for k, v in runner.scheduler.stats.items()}
     return {
-        "requests": len(trace), "completed": len(done), "wall_s": wall,
-        "throughput_req_s": len(done) / wall, "throughput_tok_s": sum(m["tokens"] for m in done) / wall,
-        "ttft_s": _pct(ttft), "tpot_s": _pct(tpot), "e2e_s": _pct(e2e),
-        "slo_attainment": float(np.mean([t <= slo_s for t in ttft])) if ttft else 0.0, "slo_s": slo_s,
+        "requests": len(trace),
+        "completed": len(done),
+        "wall_s": wall,
+        "throughput_req_s": len(done) / wall,
+        "throughput_tok_s": sum(m["tokens"] for m in done) / wall,
+        "ttft_s": _pct(ttft),
+        "tpot_s": _pct(tpot),
+        "e2e_s": _pct(e2e),
+        "slo_attainment": float(np.mean([t <= slo_s for t in ttft])) if ttft else 0.0,
+        "slo_s": slo_s,
         "ttft_cold_s": _pct([m["first"] - m["arrival"] for m in done if m["cold"]]),
         "ttft_warm_s": _pct([m["first"] - m["arrival"] for m in done if not m["cold"]]),
-        "adapter_loads": stats.get("adapter_loads", 0), "adapter_evictions": stats.get("adapter_evictions", 0),
+        "adapter_loads": stats.get("adapter_loads", 0),
+        "adapter_evictions": stats.get("adapter_evictions", 0),
         "preemptions": stats.get("preemptions", 0),
-        "steps": len(steps), "step_wall_s": step_wall, "roofline_s": floor_s,
+        "steps": len(steps),
+        "step_wall_s": step_wall,
+        "roofline_s": floor_s,
         "roofline_fraction": floor_s / step_wall if step_wall else 0.0,
         "mean_batch_decodes": float(np.mean([s["decodes"] for s in steps])) if steps else 0.0,
         "mean_adapters_per_step": float(np.mean([s["adapters"] for s in steps])) if steps else 0.0,
@@ -146,7 +170,9 @@ def replay(
     }
 
 
-def cold_vs_warm(engine: jlora.Engine, names: list[str], *, vocab: int, prompt_len: int = 32) -> dict[str, Any]:
+def cold_vs_warm(
+    engine: jlora.Engine, names: list[str], *, vocab: int, prompt_len: int = 32
+) -> dict[str, Any]:
     """T7: first-token time of a lone request whose adapter is not on the device (cold), then again
     with it resident (warm), against the decode step time of the same engine."""
     rng = np.random.default_rng(1)
@@ -164,5 +190,12 @@ def cold_vs_warm(engine: jlora.Engine, names: list[str], *, vocab: int, prompt_l
             out[label].append(stamps[0] - start)
             out["decode_step"].append(float(np.median(np.diff(stamps))))
     cold, warm, step = (float(np.median(out[k])) for k in ("cold", "warm", "decode_step"))
-    return {"ttft_cold_s": cold, "ttft_warm_s": warm, "decode_step_s": step, "extra_s": cold - warm,
-            "extra_in_decode_steps": (cold - warm) / step, "T7_met": cold - warm <= step, "samples": len(names)}
+    return {
+        "ttft_cold_s": cold,
+        "ttft_warm_s": warm,
+        "decode_step_s": step,
+        "extra_s": cold - warm,
+        "extra_in_decode_steps": (cold - warm) / step,
+        "T7_met": cold - warm <= step,
+        "samples": len(names),
+    }

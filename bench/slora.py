@@ -40,18 +40,33 @@ def build_engine(model: str, args):
         loaded = LoadedModel(config, params, None, {}, "random")
     pages = -(-max_len // 16)
     ec = EngineConfig(
-        page_size=16, num_pages=args.pages, max_model_len=max_len, max_batch=args.batch,
-        decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})), prefill_batch_buckets=(4,),
-        prefill_chunk_buckets=(args.chunk,), page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages), lora_rank_buckets=(16, 64),
-        lora_modules=tuple(TARGETS), compilation_cache_dir=None, implementation=args.impl,
+        page_size=16,
+        num_pages=args.pages,
+        max_model_len=max_len,
+        max_batch=args.batch,
+        decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})),
+        prefill_batch_buckets=(4,),
+        prefill_chunk_buckets=(args.chunk,),
+        page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages),
+        lora_rank_buckets=(16, 64),
+        lora_modules=tuple(TARGETS),
+        compilation_cache_dir=None,
+        implementation=args.impl,
         layer_loop=args.layer_loop,
     )
-    sched = SchedulerConfig(max_batch=args.batch, max_prefill_tokens=args.chunk, max_chunk=args.chunk,
-                            max_prefill_seqs=4, max_model_len=max_len)
+    sched = SchedulerConfig(
+        max_batch=args.batch,
+        max_prefill_tokens=args.chunk,
+        max_chunk=args.chunk,
+        max_prefill_seqs=4,
+        max_model_len=max_len,
+    )
     start = time.perf_counter()
     engine = jlora.Engine(loaded, ec, scheduler_config=sched)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
-    if ec.resolved_layer_loop() == "unrolled":  # the engine keeps its own per-layer copy: drop the stacked one
+    if (
+        ec.resolved_layer_loop() == "unrolled"
+    ):  # the engine keeps its own per-layer copy: drop the stacked one
         engine.model = dataclasses.replace(engine.model, params=None)
     return engine, weight_bytes, time.perf_counter() - start
 
@@ -74,7 +89,9 @@ def main() -> None:
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--layer-loop", default="scan")
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
-    ap.add_argument("--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)")
+    ap.add_argument(
+        "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
+    )
     ap.add_argument("--rate-sweep", default="", help="extra rates run at the first n (latency vs rate)")
     args = ap.parse_args()
     args.input = tuple(int(v) for v in args.input.split(","))
@@ -90,7 +107,10 @@ def main() -> None:
     bw = bandwidth()
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
-    print(f"engine up in {startup:.0f}s ({len(engine.paged.compiled)} steps compiled); bandwidth {bw}", flush=True)
+    print(
+        f"engine up in {startup:.0f}s ({len(engine.paged.compiled)} steps compiled); bandwidth {bw}",
+        flush=True,
+    )
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         paths: dict[int, list[str]] = {}
@@ -100,16 +120,27 @@ def main() -> None:
                 paths[rank] = []
                 for j in range(DISTINCT):
                     p = os.path.join(folder, f"r{rank}_{j}")
-                    write_random_peft_adapter(p, num_layers=c.num_hidden_layers, module_shapes=c.module_shapes(),
-                                              rank=rank, alpha=2 * rank, target_modules=TARGETS, seed=rank * 100 + j,
-                                              std=0.01)
+                    write_random_peft_adapter(
+                        p,
+                        num_layers=c.num_hidden_layers,
+                        module_shapes=c.module_shapes(),
+                        rank=rank,
+                        alpha=2 * rank,
+                        target_modules=TARGETS,
+                        seed=rank * 100 + j,
+                        std=0.01,
+                    )
                     paths[rank].append(p)
             return paths[rank][i % DISTINCT]
 
         plan = [(int(v), args.rate) for v in args.n.split(",")]
         plan += [(plan[0][0], float(r)) for r in args.rate_sweep.split(",") if r]
         for n, rate in plan:
-            ranks = adapter_ranks(n, tuple(int(r) for r in args.ranks.split(","))) if n <= args.mixed_up_to else [8] * n
+            ranks = (
+                adapter_ranks(n, tuple(int(r) for r in args.ranks.split(",")))
+                if n <= args.mixed_up_to
+                else [8] * n
+            )
             names = [f"n{n}_a{i}" for i in range(n)]
             start = time.perf_counter()
             for i, (name, rank) in enumerate(zip(names, ranks)):
@@ -117,8 +148,14 @@ def main() -> None:
             load_s = time.perf_counter() - start
             trace = slora_trace(n, args.alpha, rate, args.cv, args.duration, args.input, args.output)
             print(f"n={n}: {len(names)} adapters loaded in {load_s:.1f}s; {len(trace)} requests", flush=True)
-            result = replay(engine, trace, names, vocab=c.vocab_size, bandwidth_Bps=bw["copy_TBps"] * 1e12,
-                            weight_bytes=weight_bytes)
+            result = replay(
+                engine,
+                trace,
+                names,
+                vocab=c.vocab_size,
+                bandwidth_Bps=bw["copy_TBps"] * 1e12,
+                weight_bytes=weight_bytes,
+            )
             result.update({"n": n, "rate": rate, "ranks": sorted(set(ranks)), "adapter_load_s": load_s})
             if args.cold_warm:
                 cold = [nm for nm in names if not engine.paged.memory.is_resident(nm)][: args.cold_warm]
@@ -130,23 +167,44 @@ def main() -> None:
                 engine.unload_adapter(name)
     by_n = [r for r in runs if r["rate"] == args.rate]
     payload = {
-        "workload": {"model": args.model, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
-                     "duration_s": args.duration, "input": args.input, "output": args.output,
-                     "targets": TARGETS, "max_batch": args.batch, "pages": args.pages, "impl": args.impl,
-                     "layer_loop": args.layer_loop},
-        "bandwidth": bw, "weight_bytes": weight_bytes, "startup_s": startup, "runs": runs,
-        "T4": {"roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
-               "slo_at_largest_n": by_n[-1]["slo_attainment"],
-               "met": all(r["roofline_fraction"] >= 0.9 for r in by_n) and by_n[-1]["slo_attainment"] >= 0.95},
+        "workload": {
+            "model": args.model,
+            "rate": args.rate,
+            "cv": args.cv,
+            "alpha": args.alpha,
+            "duration_s": args.duration,
+            "input": args.input,
+            "output": args.output,
+            "targets": TARGETS,
+            "max_batch": args.batch,
+            "pages": args.pages,
+            "impl": args.impl,
+            "layer_loop": args.layer_loop,
+        },
+        "bandwidth": bw,
+        "weight_bytes": weight_bytes,
+        "startup_s": startup,
+        "runs": runs,
+        "T4": {
+            "roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
+            "slo_at_largest_n": by_n[-1]["slo_attainment"],
+            "met": all(r["roofline_fraction"] >= 0.9 for r in by_n) and by_n[-1]["slo_attainment"] >= 0.95,
+        },
     }
-    print(f"{'n':>6} {'rate':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'slo':>5} {'roofline':>9} {'loads':>6}")
+    print(
+        f"{'n':>6} {'rate':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'slo':>5} {'roofline':>9} {'loads':>6}"
+    )
     for r in runs:
-        print(f"{r['n']:6d} {r['rate']:5.1f} {r['throughput_req_s']:7.2f} {r['throughput_tok_s']:8.1f} {r['ttft_s']['p50']:9.3f} "
-              f"{r['ttft_s']['p99']:9.3f} {r['slo_attainment']:5.2f} {r['roofline_fraction']:9.2f} {r['adapter_loads']:6d}")
+        print(
+            f"{r['n']:6d} {r['rate']:5.1f} {r['throughput_req_s']:7.2f} {r['throughput_tok_s']:8.1f} {r['ttft_s']['p50']:9.3f} "
+            f"{r['ttft_s']['p99']:9.3f} {r['slo_attainment']:5.2f} {r['roofline_fraction']:9.2f} {r['adapter_loads']:6d}"
+        )
         if "T7" in r:
             t7 = r["T7"]
-            print(f"       T7: cold {t7['ttft_cold_s'] * 1e3:.1f} ms, warm {t7['ttft_warm_s'] * 1e3:.1f} ms, "
-                  f"decode step {t7['decode_step_s'] * 1e3:.1f} ms -> {t7['extra_in_decode_steps']:.2f} steps")
+            print(
+                f"       T7: cold {t7['ttft_cold_s'] * 1e3:.1f} ms, warm {t7['ttft_warm_s'] * 1e3:.1f} ms, "
+                f"decode step {t7['decode_step_s'] * 1e3:.1f} ms -> {t7['extra_in_decode_steps']:.2f} steps"
+            )
     path = write_result(f"slora-trace-{args.model}", payload)
     print("wrote", path)
     print("plots", plot(path))

@@ -22,8 +22,14 @@ class TraceRequest:
 
 
 def slora_trace(
-    n_adapters: int, alpha: float, rate: float, cv: float, duration: float,
-    input_range: tuple[int, int] = (8, 512), output_range: tuple[int, int] = (8, 512), seed: int = 42,
+    n_adapters: int,
+    alpha: float,
+    rate: float,
+    cv: float,
+    duration: float,
+    input_range: tuple[int, int] = (8, 512),
+    output_range: tuple[int, int] = (8, 512),
+    seed: int = 42,
 ) -> list[TraceRequest]:
     rng = np.random.RandomState(seed)
     total = int(rate * duration)
@@ -34,8 +40,10 @@ def slora_trace(
     shape, scale = 1.0 / (cv * cv), cv * cv / rate
     intervals = rng.gamma(shape, scale, total)
     arrivals = np.cumsum(intervals)
-    return [TraceRequest(i, int(adapters[i]), int(input_lens[i]), int(output_lens[i]), float(arrivals[i]))
-            for i in range(total)]
+    return [
+        TraceRequest(i, int(adapters[i]), int(input_lens[i]), int(output_lens[i]), float(arrivals[i]))
+        for i in range(total)
+    ]
 
 
 def adapter_ranks(n_adapters: int, ranks: tuple[int, ...], seed: int = 0) -> list[int]:

@@ -113,7 +113,9 @@ class GGUFFile:
                 "factor": float(self._get("rope.scaling.factor", 8.0)),
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
-                "original_max_position_embeddings": int(self._get("rope.scaling.original_context_length", 8192)),
+                "original_max_position_embeddings": int(
+                    self._get("rope.scaling.original_context_length", 8192)
+                ),
             }
         return cfg
 
@@ -129,7 +131,9 @@ class GGUFFile:
             try:
                 array = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError as e:
-                raise ValueError(f"{self.path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
+                raise ValueError(
+                    f"{self.path}: tensor {t.name} has unsupported type {t.tensor_type.name}"
+                ) from e
             array = np.asarray(array, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 array = unpermute_rope_rows(array, cfg["num_attention_heads"])

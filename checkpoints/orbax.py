@@ -21,7 +21,12 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(path, MARKER_FILE))
 
 
-def save(path: str | os.PathLike[str], params: Any, hf_config: dict[str, Any], extra_files: dict[str, str] | None = None) -> None:
+def save(
+    path: str | os.PathLike[str],
+    params: Any,
+    hf_config: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> None:
     """Write params (any pytree of arrays) and the model's config to a new folder."""
     import orbax.checkpoint as ocp
 

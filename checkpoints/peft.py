@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in KNOWN_MODULES}
+_PARENT = {
+    m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in KNOWN_MODULES
+}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 CONFIG_FILE = "adapter_config.json"
@@ -96,7 +98,9 @@ def _check_config(cfg: dict[str, Any]) -> None:
     if cfg.get("use_dora"):
         raise PeftFormatError("DoRA adapters (use_dora) are not supported")
     if cfg.get("modules_to_save"):
-        raise PeftFormatError(f"modules_to_save {cfg['modules_to_save']} is not supported (full weights, not LoRA)")
+        raise PeftFormatError(
+            f"modules_to_save {cfg['modules_to_save']} is not supported (full weights, not LoRA)"
+        )
     if cfg.get("target_parameters"):
         raise PeftFormatError("target_parameters is not supported")
     ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
@@ -123,7 +127,9 @@ def load_peft_adapter(
     names = os.listdir(folder)
     pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
     if pickles:
-        raise PeftFormatError(f"{folder}: pickle files {pickles} are refused (never unpickled); use safetensors")
+        raise PeftFormatError(
+            f"{folder}: pickle files {pickles} are refused (never unpickled); use safetensors"
+        )
     if CONFIG_FILE not in names:
         raise PeftFormatError(f"{folder}: no {CONFIG_FILE}")
     if WEIGHTS_FILE not in names:
@@ -155,7 +161,9 @@ def load_peft_adapter(
             raise PeftFormatError(f"{folder}: unexpected tensor {key}")
         layer, module = int(match.group(1)), match.group(3)
         if layer >= num_layers:
-            raise PeftFormatError(f"{folder}: tensor {key} is for layer {layer}; the model has {num_layers} (another model?)")
+            raise PeftFormatError(
+                f"{folder}: tensor {key} is for layer {layer}; the model has {num_layers} (another model?)"
+            )
         if (layer, module) not in targets:
             raise PeftFormatError(f"{folder}: tensor {key} is not in the adapter's target modules")
         found.setdefault((layer, module), {})[match.group(4)] = array
@@ -212,8 +220,14 @@ def write_random_peft_adapter(
             tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((h_out, rank)) * std).astype(np.float32)
     save_file(tensors, os.path.join(folder, WEIGHTS_FILE))
     cfg = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": target_modules,
-        "use_rslora": use_rslora, "use_dora": False, "modules_to_save": None, "bias": "none",
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": target_modules,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "bias": "none",
     }
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump(cfg, f, indent=1)

@@ -33,6 +33,8 @@ class StreamChunk:
     text: str  # the new text since the previous chunk
     logprob: float | None
     finish_reason: str | None
+
+
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -85,14 +87,22 @@ class Engine:
                 max_prefill_seqs=max(self.engine_config.prefill_batch_buckets),
                 max_model_len=limit,
             )
-            if sched.max_chunk > self.engine_config.max_prefill_tokens or sched.max_batch > self.engine_config.max_batch:
+            if (
+                sched.max_chunk > self.engine_config.max_prefill_tokens
+                or sched.max_batch > self.engine_config.max_batch
+            ):
                 raise ValueError("scheduler_config: max_chunk and max_batch must fit the engine's buckets")
             self.runner = Runner(self.paged, self.tokenizer, sched, overlap=self.engine_config.overlap)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str = loader.DEFAULT_MODEL, dtype: str = "float32", *, max_model_len: int | None = None,
-        progress: bool = True, **kwargs: Any,
+        cls,
+        name_or_path: str = loader.DEFAULT_MODEL,
+        dtype: str = "float32",
+        *,
+        max_model_len: int | None = None,
+        progress: bool = True,
+        **kwargs: Any,
     ) -> Engine:
         """A model by name ('smollm2-135m') or path: a .gguf file, an HF folder, or an orbax folder.
         mesh= (a Mesh or MeshConfig) loads the weights straight into their shards."""
@@ -124,11 +134,17 @@ class Engine:
             ec = self.engine_config
             outside = sorted(set(ranks) - set(ec.lora_modules))
             if outside:
-                raise AdapterLoadError(f"adapter targets {outside}; this engine serves LoRA on {list(ec.lora_modules)}")
+                raise AdapterLoadError(
+                    f"adapter targets {outside}; this engine serves LoRA on {list(ec.lora_modules)}"
+                )
             if max(ranks.values()) > ec.max_lora_rank:
-                raise AdapterLoadError(f"adapter rank {max(ranks.values())} exceeds the engine's max {ec.max_lora_rank}")
+                raise AdapterLoadError(
+                    f"adapter rank {max(ranks.values())} exceeds the engine's max {ec.max_lora_rank}"
+                )
             if self.paged.memory.adapter_pages_needed(ranks) > ec.num_pages - 1 - ec.pages_per_sequence():
-                raise AdapterLoadError("adapter is too large for the device pool (it must fit beside one sequence)")
+                raise AdapterLoadError(
+                    "adapter is too large for the device pool (it must fit beside one sequence)"
+                )
         with self._lock:
             if name in self._adapter_info:
                 raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
@@ -176,7 +192,9 @@ class Engine:
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
             ids = list(prompt)
         else:
-            raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            raise InvalidRequestError(
+                f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+            )
         validate_prompt_ids(ids, self.config.vocab_size)
         return ids
 
@@ -200,7 +218,9 @@ class Engine:
         if adapter is not None:
             check_adapter_name(adapter)
             if adapter not in self._adapter_info:
-                raise AdapterNotFoundError(f"unknown adapter {adapter!r}; loaded: {sorted(self._adapter_info)}")
+                raise AdapterNotFoundError(
+                    f"unknown adapter {adapter!r}; loaded: {sorted(self._adapter_info)}"
+                )
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         rows = dict(self._adapters.rows[adapter]) if adapter is not None and self.reference else {}
         return SequenceState(prompt=ids, params=p, seed=seed, stop_ids=self._stop_ids(p), lora_rows=rows)
@@ -212,7 +232,9 @@ class Engine:
         adapters: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Generate for a batch of prompts; each prompt may name its own adapter (or None for base)."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if not prompts:
@@ -276,8 +298,12 @@ class Engine:
                     events = [e for e in self.runner.step() if e.request_id == rid]
                 for e in events:
                     done = e.finish_reason is not None
-                    text = state.text if done else (self.tokenizer.decode(state.generated) if self.tokenizer else "")
-                    delta, emitted = text[len(emitted):], text
+                    text = (
+                        state.text
+                        if done
+                        else (self.tokenizer.decode(state.generated) if self.tokenizer else "")
+                    )
+                    delta, emitted = text[len(emitted) :], text
                     yield StreamChunk(e.token, delta, e.logprob, e.finish_reason)
         finally:
             if not done:
@@ -296,5 +322,8 @@ class Engine:
         if not messages:
             raise InvalidRequestError("no messages")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False) for c in conversations]  # type: ignore[arg-type]
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)
+            for c in conversations
+        ]  # type: ignore[arg-type]
         return self.generate(prompts, params, adapters)

@@ -103,7 +103,11 @@ class AsyncEngine:
 
     # ---- the event loop side ------------------------------------------------------------------------
     def submit(
-        self, prompt: Prompt, params: SamplingParams, adapter: str | None = None, deadline: float | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        adapter: str | None = None,
+        deadline: float | None = None,
     ) -> tuple[int, asyncio.Queue, SequenceState]:
         """Validate and enqueue; raises jlora errors at once for bad input or a full queue."""
         if self.max_queue is not None and len(self._listeners) >= self.max_queue:
@@ -122,7 +126,10 @@ class AsyncEngine:
             self._wake.set()
 
     async def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None,
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
         deadline: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
         key, queue, state = self.submit(prompt, params or SamplingParams(), adapter, deadline)
@@ -136,7 +143,7 @@ class AsyncEngine:
                     raise item
                 done = item.finish_reason is not None
                 text = state.text if done else (tokenizer.decode(state.generated) if tokenizer else "")
-                delta, emitted = text[len(emitted):], text
+                delta, emitted = text[len(emitted) :], text
                 yield StreamChunk(item.token, delta, item.logprob, item.finish_reason)
         finally:
             if done:
@@ -145,7 +152,10 @@ class AsyncEngine:
                 self.cancel(key)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None,
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
         deadline: float | None = None,
     ) -> RequestOutput:
         params = params or SamplingParams()
@@ -163,8 +173,14 @@ class AsyncEngine:
             prompt_ids = self.engine.tokenizer.encode(prompt) if self.engine.tokenizer else []
         else:
             prompt_ids = list(prompt)
-        return RequestOutput(text=text, token_ids=tokens, logprobs=logprobs if params.logprobs else None,
-                             finish_reason=reason, prompt_token_ids=list(prompt_ids), adapter=adapter)
+        return RequestOutput(
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs if params.logprobs else None,
+            finish_reason=reason,
+            prompt_token_ids=list(prompt_ids),
+            adapter=adapter,
+        )
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -28,22 +28,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     engine = _engine(args.model, args.dtype)
     params = jlora.SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    engine.chat([{"role": "user", "content": "hi"}], jlora.SamplingParams(max_tokens=2, temperature=0.0))  # compile
+    engine.chat(
+        [{"role": "user", "content": "hi"}], jlora.SamplingParams(max_tokens=2, temperature=0.0)
+    )  # compile
     for question in DEMO_QUESTIONS:
         start = time.perf_counter()
         out = engine.chat([{"role": "user", "content": question}], params)[0]
         seconds = time.perf_counter() - start
-        print(f"\n> {question}\n{out.text.strip()}\n[{len(out.token_ids)} tokens, {len(out.token_ids) / seconds:.1f} tok/s]")
+        print(
+            f"\n> {question}\n{out.text.strip()}\n[{len(out.token_ids)} tokens, {len(out.token_ids) / seconds:.1f} tok/s]"
+        )
 
     print("\n== one batch, a different LoRA adapter per request, beside a base-only request ==")
     c = engine.config
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [("qv-r8", 8, ["q_proj", "v_proj"]), ("attn-r16", 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-                 ("mlp-r32", 32, ["gate_proj", "up_proj", "down_proj"])]
+        specs = [
+            ("qv-r8", 8, ["q_proj", "v_proj"]),
+            ("attn-r16", 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            ("mlp-r32", 32, ["gate_proj", "up_proj", "down_proj"]),
+        ]
         for i, (name, rank, targets) in enumerate(specs):
             path = write_random_peft_adapter(
-                os.path.join(tmp, name), num_layers=c.num_hidden_layers, module_shapes=c.module_shapes(),
-                rank=rank, alpha=2 * rank, target_modules=targets, seed=i, std=0.05,
+                os.path.join(tmp, name),
+                num_layers=c.num_hidden_layers,
+                module_shapes=c.module_shapes(),
+                rank=rank,
+                alpha=2 * rank,
+                target_modules=targets,
+                seed=i,
+                std=0.05,
             )
             engine.load_adapter(name, path)
         names = [None] + [s[0] for s in specs]
@@ -54,7 +67,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name, out in zip(names, outs):
             print(f"[{name or 'base'}] {out.text.strip()[:100]!r}")
         total = sum(len(o.token_ids) for o in outs)
-        print(f"[batch of {len(names)}: {total} tokens, {total / seconds:.1f} tok/s; adapters are random, so their answers drift]")
+        print(
+            f"[batch of {len(names)}: {total} tokens, {total / seconds:.1f} tok/s; adapters are random, so their answers drift]"
+        )
     return 0
 
 
@@ -66,7 +81,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         name, _, path = spec.partition("=")
         engine.load_adapter(name, path)
     params = jlora.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     prompts = args.prompt
     if args.chat:
@@ -89,10 +108,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name, _, path = spec.partition("=")
         engine.load_adapter(name, path)
     options = ServerOptions(
-        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("JLORA_API_KEY"),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        max_message_bytes=args.max_message_bytes, max_queue=args.max_queue, grace_seconds=args.grace,
-        adapter_root=args.adapter_root, model_name=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("JLORA_API_KEY"),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_message_bytes=args.max_message_bytes,
+        max_queue=args.max_queue,
+        grace_seconds=args.grace,
+        adapter_root=args.adapter_root,
+        model_name=args.model,
     )
     asyncio.run(serve(AsyncEngine(engine, max_queue=args.max_queue), options))
     return 0
@@ -139,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=50051)
-    srv.add_argument("--api-key", default=None, help="clients send 'authorization: Bearer KEY' (or set JLORA_API_KEY)")
+    srv.add_argument(
+        "--api-key", default=None, help="clients send 'authorization: Bearer KEY' (or set JLORA_API_KEY)"
+    )
     srv.add_argument("--tls-cert", default=None)
     srv.add_argument("--tls-key", default=None)
-    srv.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    srv.add_argument(
+        "--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)"
+    )
     srv.add_argument("--max-message-bytes", type=int, default=16 << 20)
     srv.add_argument("--max-queue", type=int, default=256)
     srv.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")

@@ -11,10 +11,19 @@ from jlora.server import jlora_pb2_grpc as pb_grpc
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None, max_message_bytes: int = 16 << 20):
-        opts = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        max_message_bytes: int = 16 << 20,
+    ):
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         if root_certificates:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(target, creds, options=opts)
@@ -24,18 +33,25 @@ class Client:
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     @staticmethod
-    def request(prompt: str | Sequence[int], adapter: str | None = None, chat: bool = False, **params) -> pb.GenerateRequest:
+    def request(
+        prompt: str | Sequence[int], adapter: str | None = None, chat: bool = False, **params
+    ) -> pb.GenerateRequest:
         sp = pb.SamplingParams(**params)
         if isinstance(prompt, str):
             return pb.GenerateRequest(text=prompt, adapter=adapter or "", params=sp, chat=chat)
         return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(prompt)), adapter=adapter or "", params=sp)
 
     def generate(self, prompt, adapter=None, chat=False, timeout=None, **params) -> pb.GenerateResponse:
-        return self.stub.Generate(self.request(prompt, adapter, chat, **params), timeout=timeout, metadata=self.metadata)
+        return self.stub.Generate(
+            self.request(prompt, adapter, chat, **params), timeout=timeout, metadata=self.metadata
+        )
 
-    def stream(self, prompt, adapter=None, chat=False, timeout=None, **params) -> Iterator[pb.GenerateStreamResponse]:
-        return self.stub.GenerateStream(self.request(prompt, adapter, chat, **params), timeout=timeout,
-                                        metadata=self.metadata)
+    def stream(
+        self, prompt, adapter=None, chat=False, timeout=None, **params
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stub.GenerateStream(
+            self.request(prompt, adapter, chat, **params), timeout=timeout, metadata=self.metadata
+        )
 
     def load_adapter(self, name: str, path: str) -> None:
         self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path), metadata=self.metadata)

@@ -140,22 +140,44 @@ def _preset(**kw: Any) -> ModelConfig:
 # Geometries for random-weight benchmarks (weights of real checkpoints come from their files).
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": _preset(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
     ),
     "llama2-70b": _preset(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
     ),
     "llama3-8b": _preset(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
-        rope_theta=500000.0, bos_token_id=128000, eos_token_ids=(128001, 128009),
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
         rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
     ),
     "tiny": _preset(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
     ),
 }
 
@@ -198,7 +220,9 @@ class EngineConfig:
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("JLORA_CACHE", os.path.expanduser("~/.cache/jlora/xla"))
     )
-    implementation: str = "auto"  # "auto": Pallas kernels on GPU, references elsewhere; "reference"; "interpret"
+    implementation: str = (
+        "auto"  # "auto": Pallas kernels on GPU, references elsewhere; "reference"; "interpret"
+    )
     # "scan" over stacked layers, "unrolled" (per-layer buffers: no per-layer weight copy; longer
     # compiles), or "auto": unrolled on GPU (decode-7b on the H200: 11.7 vs 18.9 ms/step), scan
     # elsewhere (SmolLM2 on this 2-core CPU: 76 vs 35 tok/s)
@@ -245,7 +269,9 @@ class EngineConfig:
         if self.layer_loop not in ("scan", "unrolled", "auto"):
             raise ValueError(f"layer_loop must be 'scan', 'unrolled' or 'auto', not {self.layer_loop!r}")
         if self.prefill_attention not in ("kernel", "reference", "auto"):
-            raise ValueError(f"prefill_attention must be 'kernel', 'reference' or 'auto', not {self.prefill_attention!r}")
+            raise ValueError(
+                f"prefill_attention must be 'kernel', 'reference' or 'auto', not {self.prefill_attention!r}"
+            )
         if self.fuse_lora not in ("off", "on", "auto"):
             raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
@@ -254,7 +280,9 @@ class EngineConfig:
 
     def lora_groups(self) -> tuple[tuple[str, ...], ...]:
         """The projection groups whose decode LoRA launches are shared (empty when not fused)."""
-        if self.fuse_lora == "off" or (self.fuse_lora == "auto" and self.resolved_implementation() != "pallas"):
+        if self.fuse_lora == "off" or (
+            self.fuse_lora == "auto" and self.resolved_implementation() != "pallas"
+        ):
             return ()
         groups = (tuple(m for m in g if m in self.lora_modules) for g in SHARED_INPUT_MODULES)
         return tuple(g for g in groups if len(g) >= 2)

@@ -127,8 +127,14 @@ class PagedEngine:
     params are placed with their shardings, the pool is split by KV head, and each step runs the model
     under shard_map. Without a mesh everything lives on the default device."""
 
-    def __init__(self, model_config: ModelConfig, params: dict[str, Any], config: EngineConfig, compile_now: bool = True,
-                 mesh: Mesh | None = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: dict[str, Any],
+        config: EngineConfig,
+        compile_now: bool = True,
+        mesh: Mesh | None = None,
+    ):
         config.validate()
         enable_compilation_cache(config.compilation_cache_dir)
         if mesh is not None and mesh.shape["data"] != 1:
@@ -137,19 +143,26 @@ class PagedEngine:
         self.config = config
         self.mesh = mesh
         self.shards = model_ways(mesh)
-        local = local_config(model_config, self.shards)  # one shard's geometry (the whole model without a mesh)
+        local = local_config(
+            model_config, self.shards
+        )  # one shard's geometry (the whole model without a mesh)
         params = unstack_layers(params) if config.resolved_layer_loop() == "unrolled" else params
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
         shapes = local_module_shapes(model_config, self.shards)
         self.layout = PoolLayout(
-            num_layers=model_config.num_hidden_layers, num_pages=config.num_pages, page_size=config.page_size,
-            num_kv_heads=local.num_key_value_heads, head_dim=model_config.head_dim,
+            num_layers=model_config.num_hidden_layers,
+            num_pages=config.num_pages,
+            page_size=config.page_size,
+            num_kv_heads=local.num_key_value_heads,
+            head_dim=model_config.head_dim,
             module_shapes=tuple((m, *shapes[m]) for m in config.lora_modules),
         )
         self.layout.check()
         self.memory = PoolManager(self.layout)
-        self.pool = new_pool(self.layout, self.dtype, self.shards, pool_sharding(mesh) if mesh is not None else None)
+        self.pool = new_pool(
+            self.layout, self.dtype, self.shards, pool_sharding(mesh) if mesh is not None else None
+        )
         # token carry: two halves (alternate steps write alternate halves, so a step never overwrites
         # what the step before it wrote while that is still being read), each with room for a decode
         # call's rows and then a prefill call's rows
@@ -157,12 +170,18 @@ class PagedEngine:
         carry = np.zeros(2 * self._carry_half, np.int32)
         self.carry = jax.device_put(carry, replicated(mesh)) if mesh is not None else jnp.asarray(carry)
         self._half = 0
-        forward = functools.partial(forward_paged, config=local, page_size=config.page_size, impl=config.implementation,
-                                    prefill_kernel=config.prefill_kernel())
+        forward = functools.partial(
+            forward_paged,
+            config=local,
+            page_size=config.page_size,
+            impl=config.implementation,
+            prefill_kernel=config.prefill_kernel(),
+        )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)
-        self._step_fn = jax.jit(functools.partial(self._step, forward=forward), static_argnames=("spec",),
-                                donate_argnums=(1, 2))
+        self._step_fn = jax.jit(
+            functools.partial(self._step, forward=forward), static_argnames=("spec",), donate_argnums=(1, 2)
+        )
         self.lora_groups = config.lora_groups()
         self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
         self.compiled: dict[str, Any] = {}
@@ -178,9 +197,11 @@ class PagedEngine:
 
         def sharded(params, pool, batch, lora):
             return shard_map(
-                functools.partial(forward, tp_axis="model"), mesh=mesh,
+                functools.partial(forward, tp_axis="model"),
+                mesh=mesh,
                 in_specs=(specs, logical_spec(POOL_AXES), PartitionSpec(), PartitionSpec()),
-                out_specs=(logical_spec(POOL_AXES), PartitionSpec()), check_vma=False,
+                out_specs=(logical_spec(POOL_AXES), PartitionSpec()),
+                check_vma=False,
             )(params, pool, batch, lora)
 
         return sharded
@@ -205,7 +226,11 @@ class PagedEngine:
         for p in c.resolved_page_buckets():
             for r in (0, *c.lora_rank_buckets):
                 out += [Bucket("decode", b, 1, p, r) for b in c.decode_batch_buckets]
-                out += [Bucket("prefill", b, t, p, r) for b in c.prefill_batch_buckets for t in c.prefill_chunk_buckets]
+                out += [
+                    Bucket("prefill", b, t, p, r)
+                    for b in c.prefill_batch_buckets
+                    for t in c.prefill_chunk_buckets
+                ]
         return out
 
     def _abstract_args(self, bucket: Bucket) -> tuple:
@@ -215,8 +240,15 @@ class PagedEngine:
         def s(*shape, dtype=i32):
             return jax.ShapeDtypeStruct(shape, dtype)
 
-        batch = PagedBatch(tokens=s(b, t), positions=s(b, t), write_units=s(b, t), page_tables=s(b, p),
-                           cached_lens=s(b), new_lens=s(b), logits_at=s(b))
+        batch = PagedBatch(
+            tokens=s(b, t),
+            positions=s(b, t),
+            write_units=s(b, t),
+            page_tables=s(b, p),
+            cached_lens=s(b),
+            new_lens=s(b),
+            logits_at=s(b),
+        )
         lora = None
         if bucket.lora:
             if bucket.kind == "decode":
@@ -226,18 +258,28 @@ class PagedEngine:
                     for m in group:
                         del lora[m]
                     g = len(group)
-                    lora["+".join(group)] = DecodeGroup(s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group)
+                    lora["+".join(group)] = DecodeGroup(
+                        s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group
+                    )
             else:
-                lora = {m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules}
-        sampling = SamplingArrays(temperature=s(b, dtype=jnp.float32), top_k=s(b), top_p=s(b, dtype=jnp.float32),
-                                  keys=s(b, 2, dtype=jnp.uint32))
+                lora = {
+                    m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules
+                }
+        sampling = SamplingArrays(
+            temperature=s(b, dtype=jnp.float32),
+            top_k=s(b),
+            top_p=s(b, dtype=jnp.float32),
+            keys=s(b, 2, dtype=jnp.uint32),
+        )
         return batch, lora, sampling, s(b, dtype=jnp.uint32), TokenFeed(s(b, t), s(b))
 
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
         self.write_block(*empty_block(self.layout, self.shards))
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+        params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+        )
         pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype, sharding=self.pool.sharding)
         carry = jax.ShapeDtypeStruct(self.carry.shape, self.carry.dtype, sharding=self.carry.sharding)
         packed_sharding = replicated(self.mesh) if self.mesh is not None else None
@@ -245,7 +287,9 @@ class PagedEngine:
             if bucket.name not in self.compiled:
                 spec = spec_of(self._abstract_args(bucket))
                 packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
-                self.compiled[bucket.name] = self._step_fn.lower(params, pool, carry, packed, spec=spec).compile()
+                self.compiled[bucket.name] = self._step_fn.lower(
+                    params, pool, carry, packed, spec=spec
+                ).compile()
                 self._specs[bucket.name] = spec
         self.bucket_names = sorted(self.compiled)  # the order the multihost leader and followers share
         self._bucket_index = {name: i for i, name in enumerate(self.bucket_names)}
@@ -263,8 +307,11 @@ class PagedEngine:
         placement = self.memory.adapters[name].placement
         for ids, block in write_blocks(self.layout, placement, pages):
             if multihost.is_multiprocess():  # the followers make the same write
-                multihost.announce(multihost.WRITE, 0, np.concatenate([ids.astype(np.float32),
-                                                                       block.reshape(-1).astype(np.float32)]))
+                multihost.announce(
+                    multihost.WRITE,
+                    0,
+                    np.concatenate([ids.astype(np.float32), block.reshape(-1).astype(np.float32)]),
+                )
             self.write_block(ids, block)
 
     def write_block(self, ids: np.ndarray, block: np.ndarray) -> None:
@@ -293,8 +340,9 @@ class PagedEngine:
         """Run the schedule's decode and prefill batches; (token, logprob) for each chunk that samples."""
         return self.collect(self.launch(self.prepare(schedule, sampling)))
 
-    def prepare(self, schedule: Schedule, sampling: dict[int, SamplingRow],
-                sources: Mapping[int, int] | None = None) -> list[PreparedCall]:
+    def prepare(
+        self, schedule: Schedule, sampling: dict[int, SamplingRow], sources: Mapping[int, int] | None = None
+    ) -> list[PreparedCall]:
         """The schedule's compiled calls with their metadata packed. A chunk token that is still PENDING
         is read on the device from the token carry, at sources[request] (InFlight.sources of the step
         that samples it, which must be the last one launched)."""
@@ -328,12 +376,21 @@ class PagedEngine:
                 results[rid] = (int(new_tokens[i]), float(new_logprobs[i]))
         return results
 
-    def _prepare_call(self, kind: str, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow],
-                      sources: Mapping[int, int]) -> PreparedCall:
+    def _prepare_call(
+        self,
+        kind: str,
+        chunks: list[ScheduledChunk],
+        sampling: dict[int, SamplingRow],
+        sources: Mapping[int, int],
+    ) -> PreparedCall:
         c = self.config
         n = len(chunks)
         b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
-        t = 1 if kind == "decode" else _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
+        t = (
+            1
+            if kind == "decode"
+            else _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
+        )
         p = _smallest(c.resolved_page_buckets(), max(len(ch.page_table) for ch in chunks))
         ranks = [self.memory.adapters[ch.adapter].placement.ranks for ch in chunks if ch.adapter]
         max_rank = max((r for rk in ranks for r in rk.values()), default=0)
@@ -351,7 +408,11 @@ class PagedEngine:
 
         lora = None
         if r_bucket:
-            lora = self._decode_lora(chunks, b * t, r_bucket) if kind == "decode" else self._prefill_lora(chunks, b, r_bucket)
+            lora = (
+                self._decode_lora(chunks, b * t, r_bucket)
+                if kind == "decode"
+                else self._prefill_lora(chunks, b, r_bucket)
+            )
         if bucket.name not in self.compiled:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
         source = np.full((b, t), -1, np.int32)
@@ -359,7 +420,9 @@ class PagedEngine:
         for i, j in zip(rows, cols):
             rid = chunks[i].request_id
             if rid not in sources:
-                raise RuntimeError(f"request {rid} has a pending token that the last launched step does not sample")
+                raise RuntimeError(
+                    f"request {rid} has a pending token that the last launched step does not sample"
+                )
             source[i, j] = sources[rid]
         tokens[rows, cols] = 0
         sample_rows = [i for i, ch in enumerate(chunks) if ch.sample]
@@ -370,12 +433,18 @@ class PagedEngine:
         dest[sample_rows] = carry_slots
         packed = pack((batch, lora, samp, counters, TokenFeed(source, dest)), self._specs[bucket.name])
         return PreparedCall(
-            bucket=bucket.name, packed=packed, sample_requests=[chunks[i].request_id for i in sample_rows],
-            sample_rows=sample_rows, carry_slots=carry_slots, kind=kind, tokens=sum(len(ch.tokens) for ch in chunks),
+            bucket=bucket.name,
+            packed=packed,
+            sample_requests=[chunks[i].request_id for i in sample_rows],
+            sample_rows=sample_rows,
+            carry_slots=carry_slots,
+            kind=kind,
+            tokens=sum(len(ch.tokens) for ch in chunks),
         )
 
-    def _fill_rows(self, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow], b: int, t: int,
-                   p: int) -> tuple[PagedBatch, SamplingArrays, np.ndarray]:
+    def _fill_rows(
+        self, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow], b: int, t: int, p: int
+    ) -> tuple[PagedBatch, SamplingArrays, np.ndarray]:
         """The call's per-row arrays, padded to its bucket (b rows of t tokens, p pages)."""
         layout, n = self.layout, len(chunks)
         lens = np.array([len(ch.tokens) for ch in chunks], np.int32)
@@ -418,7 +487,9 @@ class PagedEngine:
         Successive decode steps mostly repeat the last composition (the same adapters in the same rows):
         it is kept, keyed by the placements themselves, which the cache holds so that an evicted
         adapter's placement cannot be mistaken for a new one."""
-        placements = tuple(self.memory.adapters[ch.adapter].placement if ch.adapter else None for ch in chunks)
+        placements = tuple(
+            self.memory.adapters[ch.adapter].placement if ch.adapter else None for ch in chunks
+        )
         key = (n_tokens, r_bucket, tuple(map(id, placements)))
         hit = self._lora_cache.get(key)
         if hit is not None:
@@ -429,7 +500,9 @@ class PagedEngine:
         self._lora_cache[key] = (placements, out)
         return out
 
-    def _build_decode_lora(self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int) -> dict[str, Any]:
+    def _build_decode_lora(
+        self, chunks: list[ScheduledChunk], n_tokens: int, r_bucket: int
+    ) -> dict[str, Any]:
         k = n_tokens * r_bucket
         out = {}
         for m in self.config.lora_modules:
@@ -448,7 +521,9 @@ class PagedEngine:
         for group in self.lora_groups:  # shared launches over the members' pairs, in their place
             members = [out.pop(m) for m in group]
             cat = lambda field, members=members: np.concatenate([getattr(d, field) for d in members])  # noqa: E731
-            out["+".join(group)] = DecodeGroup(cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"), group)
+            out["+".join(group)] = DecodeGroup(
+                cat("token_index"), cat("a_start"), cat("b_start"), cat("offsets"), group
+            )
         return out
 
     def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:

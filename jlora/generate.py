@@ -101,12 +101,16 @@ class ReferenceGenerator:
 
     @staticmethod
     def _step_fn(params, cache, batch, logits_at, lora, sampling, step_index, *, config, lora_impl):
-        cache, logits = forward(params, cache, batch, config=config, lora=lora, logits_at=logits_at, lora_impl=lora_impl)
+        cache, logits = forward(
+            params, cache, batch, config=config, lora=lora, logits_at=logits_at, lora_impl=lora_impl
+        )
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, step_index)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys))
         return cache, tokens, logprobs
 
-    def run(self, params: dict[str, Any], seqs: list[SequenceState], lora_weights: dict[str, LoraWeights] | None) -> None:
+    def run(
+        self, params: dict[str, Any], seqs: list[SequenceState], lora_weights: dict[str, LoraWeights] | None
+    ) -> None:
         """Generate until every sequence has finished; results are written into `seqs`."""
         n = len(seqs)
         b = next_power_of_two(n)
@@ -138,7 +142,9 @@ class ReferenceGenerator:
                 lora = (lora_weights, build_pairs([s.lora_rows for s in seqs], flat))
             batch = ContiguousBatch(tokens=jnp.asarray(tokens), positions=jnp.asarray(positions))
             counters = jnp.full((b,), step, jnp.uint32)
-            cache, new_tokens, new_logprobs = self._step(params, cache, batch, jnp.asarray(logits_at), lora, sampling, counters)
+            cache, new_tokens, new_logprobs = self._step(
+                params, cache, batch, jnp.asarray(logits_at), lora, sampling, counters
+            )
             new_tokens, new_logprobs = np.asarray(new_tokens), np.asarray(new_logprobs)
             for i, s in enumerate(seqs):
                 if s.finish_reason is None:

@@ -67,7 +67,9 @@ def dtype_of(dtype: str | Any) -> Any:
     return dtype
 
 
-def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True, mesh: Any = None) -> LoadedModel:
+def load(
+    name_or_path: str, dtype: str | Any = "float32", progress: bool = True, mesh: Any = None
+) -> LoadedModel:
     """mesh: a jax.sharding.Mesh: parameters go straight to their shards (orbax restores with target
     shardings), never whole on one device."""
     path = resolve(name_or_path)
@@ -80,8 +82,9 @@ def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True,
             g = GGUFFile(path)
             hf_cfg = g.hf_config()
             config = ModelConfig.from_hf_dict(hf_cfg)
-            params = params_from_tensors(config, g.tensors(), jdtype, total=g.num_tensors, progress=progress,
-                                         place=place)
+            params = params_from_tensors(
+                config, g.tensors(), jdtype, total=g.num_tensors, progress=progress, place=place
+            )
             tokenizer = JloraTokenizer.from_gguf(g.tokenizer_data())
         except ValueError as e:
             raise ModelLoadError(str(e)) from e
@@ -92,7 +95,9 @@ def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True,
         if mesh is not None:
             meta = orbax_format.metadata(path)
             shardings = param_shardings(meta, mesh)
-            target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, jdtype, sharding=sh), meta, shardings)
+            target = jax.tree.map(
+                lambda m, sh: jax.ShapeDtypeStruct(m.shape, jdtype, sharding=sh), meta, shardings
+            )
             params = orbax_format.restore(path, target)
         else:
             params = orbax_format.restore(path)
@@ -102,8 +107,9 @@ def load(name_or_path: str, dtype: str | Any = "float32", progress: bool = True,
         hf_cfg = hf_format.read_config(path)
         config = ModelConfig.from_hf_dict(hf_cfg)
         tensors = hf_format.tensors(path)
-        params = params_from_tensors(config, tensors, jdtype, total=hf_format.count_tensors(path), progress=progress,
-                                     place=place)
+        params = params_from_tensors(
+            config, tensors, jdtype, total=hf_format.count_tensors(path), progress=progress, place=place
+        )
     except (ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: {e}") from e
     return LoadedModel(config, params, JloraTokenizer.from_folder(path), hf_cfg, path)

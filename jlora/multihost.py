@@ -22,11 +22,14 @@ import numpy as np
 STOP, STEP, WRITE = 0, 1, 2
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int, local_device_ids: list[int] | None = None) -> None:
+def initialize(
+    coordinator: str, num_processes: int, process_id: int, local_device_ids: list[int] | None = None
+) -> None:
     """Join the processes (collectives between CPU devices go over gloo; GPUs use NCCL)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids)
+    jax.distributed.initialize(
+        coordinator, num_processes=num_processes, process_id=process_id, local_device_ids=local_device_ids
+    )
 
 
 def is_multiprocess() -> bool:

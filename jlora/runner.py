@@ -32,7 +32,9 @@ class HostAdapters:
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.items: collections.OrderedDict[str, tuple[np.ndarray, dict[str, int]]] = collections.OrderedDict()
+        self.items: collections.OrderedDict[str, tuple[np.ndarray, dict[str, int]]] = (
+            collections.OrderedDict()
+        )
 
     def add(self, name: str, pages: np.ndarray, ranks: dict[str, int]) -> None:
         self.items[name] = (pages, ranks)
@@ -47,8 +49,13 @@ class HostAdapters:
 
 
 class Runner:
-    def __init__(self, engine: PagedEngine, tokenizer: JloraTokenizer | None, scheduler_config: SchedulerConfig,
-                 overlap: bool = True):
+    def __init__(
+        self,
+        engine: PagedEngine,
+        tokenizer: JloraTokenizer | None,
+        scheduler_config: SchedulerConfig,
+        overlap: bool = True,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config, engine.memory)
@@ -85,12 +92,21 @@ class Runner:
             raise AdapterNotFoundError(f"unknown adapter {adapter!r}")
         rid = next(self._ids)
         ranks = self.adapters.get(adapter)[1] if adapter else None
-        self.scheduler.add(SchedRequest(
-            request_id=rid, prompt=list(state.prompt), max_tokens=state.params.max_tokens, adapter=adapter,
-            adapter_ranks=ranks, arrival=time.monotonic(), deadline=deadline,
-        ))
+        self.scheduler.add(
+            SchedRequest(
+                request_id=rid,
+                prompt=list(state.prompt),
+                max_tokens=state.params.max_tokens,
+                adapter=adapter,
+                adapter_ranks=ranks,
+                arrival=time.monotonic(),
+                deadline=deadline,
+            )
+        )
         p = state.params
-        self._sampling[rid] = SamplingRow(float(p.temperature), int(p.top_k), float(p.top_p), seed_key(state.seed))
+        self._sampling[rid] = SamplingRow(
+            float(p.temperature), int(p.top_k), float(p.top_p), seed_key(state.seed)
+        )
         self.states[rid] = state
         self.adapter_of[rid] = adapter
         return rid
@@ -164,15 +180,22 @@ class Runner:
                 t4 += clock() - t
                 events += self._consume(results)
         t5 = clock()
-        for phase, seconds in (("schedule", t1 - t0), ("prepare", t2 - t1), ("launch", t3 - t2), ("wait", t4 - t3),
-                               ("consume", t5 - t4)):  # without overlap, wait includes the step's own collect
+        for phase, seconds in (
+            ("schedule", t1 - t0),
+            ("prepare", t2 - t1),
+            ("launch", t3 - t2),
+            ("wait", t4 - t3),
+            ("consume", t5 - t4),
+        ):  # without overlap, wait includes the step's own collect
             self.phase_seconds[phase] += seconds
         return events
 
     def _collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
         results = self.engine.collect(inflight)
         if all(call.kind == "prefill" for call in inflight.calls):
-            self.scheduler.observe_prefill(sum(c.tokens for c in inflight.calls), time.perf_counter() - inflight.launched_at)
+            self.scheduler.observe_prefill(
+                sum(c.tokens for c in inflight.calls), time.perf_counter() - inflight.launched_at
+            )
         return results
 
     def _consume(self, results: dict[int, tuple[int, float]]) -> list[TokenEvent]:

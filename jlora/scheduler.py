@@ -192,13 +192,21 @@ class Scheduler:
         # decodes first: every running sequence with exactly one token to feed
         in_use = {r.adapter for r in self.running if r.adapter}
         for req in sorted(self.running, key=lambda r: r.arrival):
-            if req.status is not Status.RUNNING or len(req.tokens) - req.num_computed != 1 or req.num_generated == 0:
+            if (
+                req.status is not Status.RUNNING
+                or len(req.tokens) - req.num_computed != 1
+                or req.num_generated == 0
+            ):
                 continue
             if req.num_generated >= req.max_tokens:  # done; the runner ends it once the last token is read
                 continue
             need = self.memory.kv_pages_needed(req.request_id, req.num_computed + 1)
             while need and self.memory.num_free < need and not self._free_pages(need, in_use, s):
-                victims = [r for r in self.running if r is not req and r.request_id not in {d.request_id for d in s.decodes}]
+                victims = [
+                    r
+                    for r in self.running
+                    if r is not req and r.request_id not in {d.request_id for d in s.decodes}
+                ]
                 if not victims:
                     break
                 self._preempt(max(victims, key=lambda r: r.arrival), s)
@@ -237,7 +245,9 @@ class Scheduler:
             adapter_need = 0
             if req.adapter and not self.memory.is_resident(req.adapter):
                 adapter_need = self.memory.adapter_pages_needed(req.adapter_ranks or {})
-            if self.memory.num_free < full + adapter_need and not self._free_pages(full + adapter_need, protect, s):
+            if self.memory.num_free < full + adapter_need and not self._free_pages(
+                full + adapter_need, protect, s
+            ):
                 break  # FIFO: wait for memory
             if not self._ensure_adapter(req, protect, s, evict=True):
                 break

@@ -56,8 +56,11 @@ LAYER_PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("up_proj", "kernel"): ("embed", "mlp"),
     ("down_proj", "kernel"): ("mlp", "embed"),
 }
-TOP_PARAM_AXES: dict[str, tuple[str, ...]] = {"embed": ("embed_vocab", "embed"), "norm": ("embed",),
-                                              "lm_head": ("embed", "vocab")}
+TOP_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("embed_vocab", "embed"),
+    "norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+}
 POOL_AXES = ("layers", "pool_units", "head_dim")  # [L, shards * U_local, Dh]
 
 
@@ -68,7 +71,9 @@ def spec(logical: tuple[str, ...]) -> PartitionSpec:
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if len(devices) < config.size:
-        raise ValueError(f"mesh {config.data}x{config.model} needs {config.size} devices; {len(devices)} visible")
+        raise ValueError(
+            f"mesh {config.data}x{config.model} needs {config.size} devices; {len(devices)} visible"
+        )
     grid = np.asarray(devices[: config.size], dtype=object).reshape(config.data, config.model)
     return Mesh(grid, AXES)
 
@@ -79,9 +84,12 @@ def model_ways(mesh: Mesh | None) -> int:
 
 def check_divisible(config: ModelConfig, ways: int) -> None:
     """Heads, KV heads, MLP columns and vocab must split evenly."""
-    for name, n in (("num_attention_heads", config.num_attention_heads),
-                    ("num_key_value_heads", config.num_key_value_heads),
-                    ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
+    for name, n in (
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads),
+        ("intermediate_size", config.intermediate_size),
+        ("vocab_size", config.vocab_size),
+    ):
         if n % ways:
             raise ValueError(f"{name}={n} does not split {ways} ways")
 
@@ -92,7 +100,8 @@ def local_config(config: ModelConfig, ways: int) -> ModelConfig:
         return config
     check_divisible(config, ways)
     return dataclasses.replace(
-        config, num_attention_heads=config.num_attention_heads // ways,
+        config,
+        num_attention_heads=config.num_attention_heads // ways,
         num_key_value_heads=config.num_key_value_heads // ways,
         intermediate_size=config.intermediate_size // ways,
     )
@@ -106,7 +115,9 @@ def local_module_shapes(config: ModelConfig, ways: int) -> dict[str, tuple[int, 
     return out
 
 
-def shard_lora_rows(module: str, a: np.ndarray, b: np.ndarray, shard: int, ways: int) -> tuple[np.ndarray, np.ndarray]:
+def shard_lora_rows(
+    module: str, a: np.ndarray, b: np.ndarray, shard: int, ways: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One shard's slice of an adapter's rows (A^T rows [..., H_in], B rows [..., H_out])."""
     if ways == 1:
         return a, b
@@ -122,7 +133,10 @@ def param_specs(params: dict[str, Any]) -> dict[str, Any]:
 
     def layer_specs(tree: dict[str, Any], stacked: bool) -> dict[str, Any]:
         lead = ("layers",) if stacked else ()
-        return {m: {leaf: spec(lead + LAYER_PARAM_AXES[(m, leaf)]) for leaf in leaves} for m, leaves in tree.items()}
+        return {
+            m: {leaf: spec(lead + LAYER_PARAM_AXES[(m, leaf)]) for leaf in leaves}
+            for m, leaves in tree.items()
+        }
 
     out: dict[str, Any] = {k: spec(TOP_PARAM_AXES[k]) for k in params if k != "layers"}
     layers = params["layers"]
@@ -134,8 +148,9 @@ def param_specs(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def param_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_specs(params),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda p: NamedSharding(mesh, p), param_specs(params), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def shard_params(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:

@@ -35,10 +35,14 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     """The split llama.cpp applies for this `tokenizer.ggml.pre` value."""
     if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"):
         split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     if pre in ("qwen2", "deepseek-r1-qwen"):
         split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     if pre in ("smollm", "starcoder", "refact"):  # digits one by one, then GPT-2's split
         return pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -81,7 +85,9 @@ class JloraTokenizer:
     @classmethod
     def from_gguf(cls, data: GGUFTokenizerData) -> JloraTokenizer:
         if data.model != "gpt2":
-            raise ModelLoadError(f"GGUF tokenizer model {data.model!r} is not supported (byte-level BPE 'gpt2' is)")
+            raise ModelLoadError(
+                f"GGUF tokenizer model {data.model!r} is not supported (byte-level BPE 'gpt2' is)"
+            )
         vocab = {token: i for i, token in enumerate(data.tokens)}
         merges = [tuple(m.split(" ", 1)) for m in data.merges]
         bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False)
@@ -91,11 +97,13 @@ class JloraTokenizer:
         types = data.token_types or [1] * len(data.tokens)
         special = [
             AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(data.tokens, types) if kind == CONTROL_TOKEN_TYPE
+            for t, kind in zip(data.tokens, types)
+            if kind == CONTROL_TOKEN_TYPE
         ]
         user = [
             AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(data.tokens, types) if kind == USER_DEFINED_TOKEN_TYPE
+            for t, kind in zip(data.tokens, types)
+            if kind == USER_DEFINED_TOKEN_TYPE
         ]
         tok.add_special_tokens(special)
         if user:
@@ -126,7 +134,9 @@ class JloraTokenizer:
                 value = value.get("content")
             return tok.token_to_id(value) if value else cfg.get(f"{key}_id")
 
-        return cls(tok, token_id("bos_token"), token_id("eos_token"), bool(cfg.get("add_bos_token", False)), template)
+        return cls(
+            tok, token_id("bos_token"), token_id("eos_token"), bool(cfg.get("add_bos_token", False)), template
+        )
 
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (what from_folder reads)."""
@@ -151,7 +161,9 @@ class JloraTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         if self._template is None:
             raise InvalidRequestError("this model has no chat template")
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):

@@ -59,8 +59,9 @@ def tiny_tp(tmp_path_factory):
     from tests.test_multi_lora import adapter_specs, build_peft
 
     tmp = tmp_path_factory.mktemp("tp")
-    model = tiny_hf_model("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
-                          intermediate_size=160)
+    model = tiny_hf_model(
+        "llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, intermediate_size=160
+    )
     model.save_pretrained(tmp / "base", safe_serialization=True)
     _, paths = build_peft(model, adapter_specs(3), tmp / "adapters")
     return loader.load(str(tmp / "base"), progress=False), paths

@@ -40,8 +40,15 @@ def tiny_hf_model(kind: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     )
     common.update(overrides)
     if kind == "llama":
@@ -55,7 +62,9 @@ def tiny_hf_model(kind: str, seed: int = 0, **overrides):
     with torch.no_grad():  # random init is ~N(0, 0.02): make it larger so differences show
         for p in model.parameters():
             if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if p.shape[0] == common["hidden_size"] else p.normal_(0, 0.2)
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if p.shape[0] == common[
+                    "hidden_size"
+                ] else p.normal_(0, 0.2)
             else:
                 p.normal_(0, 0.08)
     return model.eval()

@@ -28,8 +28,9 @@ def main() -> None:
     with open(adapters_json) as f:
         spec = json.load(f)
     config = EngineConfig(**spec["engine"])
-    engine = jlora.Engine.from_pretrained(model_dir, progress=False, engine_config=config,
-                                          mesh=MeshConfig(model=4))
+    engine = jlora.Engine.from_pretrained(
+        model_dir, progress=False, engine_config=config, mesh=MeshConfig(model=4)
+    )
     if jax.process_index() == 0:
         for name, path in spec["adapters"].items():
             engine.load_adapter(name, path)

@@ -94,7 +94,10 @@ BAD_CASES = {
     "modules_to_save": (lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
     "rank_zero": (lambda f: _edit_config(f, r=0), "rank must be a positive integer"),
     "rank_negative_pattern": (lambda f: _edit_config(f, rank_pattern={"q_proj": -2}), "rank must be"),
-    "unknown_target": (lambda f: _edit_config(f, target_modules=["q_proj", "lm_head"]), "unknown target modules"),
+    "unknown_target": (
+        lambda f: _edit_config(f, target_modules=["q_proj", "lm_head"]),
+        "unknown target modules",
+    ),
     "rank_mismatch": (lambda f: _edit_config(f, r=4), "do not fit"),
     "nan": (lambda f: _edit_tensors(f, _nan), "NaN or Inf"),
     "inf": (lambda f: _edit_tensors(f, _inf), "NaN or Inf"),
@@ -102,9 +105,18 @@ BAD_CASES = {
     "unexpected_key": (lambda f: _edit_tensors(f, _extra), "not in the adapter's target modules"),
     "unexpected_module": (lambda f: _edit_tensors(f, _extra_unknown), "unexpected tensor"),
     "wrong_shape": (lambda f: _edit_tensors(f, _transpose), "do not fit"),
-    "pickle": (lambda f: open(os.path.join(f, "adapter_model.bin"), "wb").write(b"\x80\x04evil"), "never unpickled"),
-    "bad_json": (lambda f: open(os.path.join(f, "adapter_config.json"), "w").write("{not json"), "unreadable"),
-    "bad_safetensors": (lambda f: open(os.path.join(f, "adapter_model.safetensors"), "wb").write(b"\x00" * 20), "unreadable"),
+    "pickle": (
+        lambda f: open(os.path.join(f, "adapter_model.bin"), "wb").write(b"\x80\x04evil"),
+        "never unpickled",
+    ),
+    "bad_json": (
+        lambda f: open(os.path.join(f, "adapter_config.json"), "w").write("{not json"),
+        "unreadable",
+    ),
+    "bad_safetensors": (
+        lambda f: open(os.path.join(f, "adapter_model.safetensors"), "wb").write(b"\x00" * 20),
+        "unreadable",
+    ),
     "no_config": (lambda f: os.remove(os.path.join(f, "adapter_config.json")), "no adapter_config.json"),
     "bad_regex": (lambda f: _edit_config(f, target_modules="(unclosed"), "not a valid regex"),
 }
@@ -127,7 +139,9 @@ def test_adapter_for_another_geometry_is_refused(setup, tmp_path):
     engine, _, _, _, expected = setup
     for i, overrides in enumerate([dict(hidden_size=96), dict(num_hidden_layers=5)]):
         other = tiny_hf_model("llama", **overrides)
-        _, paths = build_peft(other, {"other": dict(r=8, lora_alpha=8, target_modules=["q_proj"])}, tmp_path / str(i))
+        _, paths = build_peft(
+            other, {"other": dict(r=8, lora_alpha=8, target_modules=["q_proj"])}, tmp_path / str(i)
+        )
         with pytest.raises(jlora.AdapterLoadError, match="another model"):
             engine.load_adapter("other", paths["other"])
     assert engine.generate([PROMPT], GREEDY, adapters=["good"])[0].token_ids == expected
@@ -153,7 +167,9 @@ def test_unload_reload_and_unload_while_in_use(setup):
     assert engine.generate([PROMPT], GREEDY, adapters=["second"])[0].token_ids == expected
     long = jlora.SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("out", engine.generate([PROMPT], long, adapters=["second"])))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("out", engine.generate([PROMPT], long, adapters=["second"]))
+    )
     worker.start()
     deadline = time.time() + 30
     while not engine._in_use.get("second") and time.time() < deadline:

@@ -72,13 +72,21 @@ def test_seeded_sampling_reproduces_and_seeds_differ(smol_engine):
     a = smol_engine.generate(["Tell me a story"], p)[0]
     b = smol_engine.generate(["Tell me a story", "other"], [p, p])[0]  # batch position/size does not matter
     assert a.token_ids == b.token_ids
-    outs = {tuple(smol_engine.generate(["Tell me a story"], jlora.SamplingParams(max_tokens=12, seed=s))[0].token_ids)
-            for s in range(4)}
+    outs = {
+        tuple(
+            smol_engine.generate(["Tell me a story"], jlora.SamplingParams(max_tokens=12, seed=s))[
+                0
+            ].token_ids
+        )
+        for s in range(4)
+    }
     assert len(outs) > 1
 
 
 def test_top_k_one_is_greedy_and_logprobs_are_raw(smol_engine):
-    greedy = smol_engine.generate(["The sky is"], jlora.SamplingParams(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    greedy = smol_engine.generate(
+        ["The sky is"], jlora.SamplingParams(max_tokens=8, temperature=0.0, logprobs=True)
+    )[0]
     topk1 = smol_engine.generate(
         ["The sky is"], jlora.SamplingParams(max_tokens=8, temperature=5.0, top_k=1, seed=3, logprobs=True)
     )[0]
@@ -94,8 +102,9 @@ def test_stop_strings_tokens_and_length(smol_engine):
     assert full.text.startswith("The capital of France is Paris")
     cut = smol_engine.chat(PROMPT, jlora.SamplingParams(max_tokens=16, temperature=0.0, stop=[" Paris"]))[0]
     assert cut.text == "The capital of France is" and cut.finish_reason == "stop"
-    by_token = smol_engine.chat(PROMPT, jlora.SamplingParams(max_tokens=16, temperature=0.0,
-                                                             stop_token_ids=[full.token_ids[2]]))[0]
+    by_token = smol_engine.chat(
+        PROMPT, jlora.SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[full.token_ids[2]])
+    )[0]
     assert by_token.token_ids == full.token_ids[:3] and by_token.finish_reason == "stop"
     short = smol_engine.chat(PROMPT, jlora.SamplingParams(max_tokens=3, temperature=0.0))[0]
     assert short.token_ids == full.token_ids[:3] and short.finish_reason == "length"

@@ -32,7 +32,11 @@ def test_bgmv_shrink_lowers(dtype):
     n, k = 8, 48
     text = _lower_for_cuda(
         lambda x, pool, layer, tok, a: bgmv_shrink(x, pool, layer, tok, a, tunables=LoraTunables()),
-        S((n, 512), dtype), S((LAYERS, UNITS, DH), dtype), S((), I32), S((k,), I32), S((k,), I32),
+        S((n, 512), dtype),
+        S((LAYERS, UNITS, DH), dtype),
+        S((), I32),
+        S((k,), I32),
+        S((k,), I32),
     )
     assert "bgmv_shrink" in text
 
@@ -42,9 +46,21 @@ def test_bgmv_shrink_lowers(dtype):
 def test_bgmv_expand_lowers(h_outs, max_rank):
     g, n, k = len(h_outs), 8, 48
     text = _lower_for_cuda(
-        lambda s, pool, layer, b, off: bgmv_expand(s, pool, layer, b, off, h_outs=h_outs, dtype=jnp.dtype(jnp.bfloat16),
-                                                   tunables=LoraTunables(), max_rank=max_rank),
-        S((g * k,), jnp.float32), S((LAYERS, UNITS, DH), jnp.bfloat16), S((), I32), S((g * k,), I32),
+        lambda s, pool, layer, b, off: bgmv_expand(
+            s,
+            pool,
+            layer,
+            b,
+            off,
+            h_outs=h_outs,
+            dtype=jnp.dtype(jnp.bfloat16),
+            tunables=LoraTunables(),
+            max_rank=max_rank,
+        ),
+        S((g * k,), jnp.float32),
+        S((LAYERS, UNITS, DH), jnp.bfloat16),
+        S((), I32),
+        S((g * k,), I32),
         S((g * (n + 1),), I32),
     )
     assert "bgmv_expand" in text
@@ -54,8 +70,14 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
 def test_sgmv_lowers(dtype):
     b, t, r = 2, 64, 16
     text = _lower_for_cuda(
-        lambda x, pool, layer, a, bb: lora_prefill_kernel(x, pool, layer, a, bb, h_out=256, tunables=LoraTunables()),
-        S((b, t, 512), dtype), S((LAYERS, UNITS, DH), dtype), S((), I32), S((b, r), I32), S((b, r), I32),
+        lambda x, pool, layer, a, bb: lora_prefill_kernel(
+            x, pool, layer, a, bb, h_out=256, tunables=LoraTunables()
+        ),
+        S((b, t, 512), dtype),
+        S((LAYERS, UNITS, DH), dtype),
+        S((), I32),
+        S((b, r), I32),
+        S((b, r), I32),
     )
     assert text.count("xla.gpu.triton") == 2  # shrink and expand
 
@@ -65,8 +87,16 @@ def _attention_shapes(b, t, hq, hkv, dtype, page_size=16, max_pages=8):
     q_shape = (b, hq, DH) if t is None else (b, t, hq, DH)
     kv_shape = (b, hkv, DH) if t is None else (b, t, hkv, DH)
     pos_shape = (b,) if t is None else (b, t)
-    return [S(q_shape, dtype), S(kv_shape, dtype), S(kv_shape, dtype), S((LAYERS, pool_units, DH), dtype),
-            S((), I32), S((b, max_pages), I32), S(pos_shape, I32), S((b,), I32)]
+    return [
+        S(q_shape, dtype),
+        S(kv_shape, dtype),
+        S(kv_shape, dtype),
+        S((LAYERS, pool_units, DH), dtype),
+        S((), I32),
+        S((b, max_pages), I32),
+        S(pos_shape, I32),
+        S((b,), I32),
+    ]
 
 
 @pytest.mark.parametrize("mma", [True, False])
@@ -86,6 +116,8 @@ def test_decode_attention_lowers(mma, hq, hkv, window):
 def test_prefill_attention_lowers(dtype, hq, hkv, t, window):
     shapes = _attention_shapes(2, t, hq, hkv, dtype) + [S((2,), I32)]
     _lower_for_cuda(
-        lambda *a: paged_prefill_attention_kernel(*a, page_size=16, sliding_window=window, tunables=PrefillTunables()),
+        lambda *a: paged_prefill_attention_kernel(
+            *a, page_size=16, sliding_window=window, tunables=PrefillTunables()
+        ),
         *shapes,
     )

@@ -12,8 +12,13 @@ CASES = {
     "llama": dict(),
     "llama-rope3-tied": dict(
         tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
         rope_theta=500000.0,
     ),
     "mistral": dict(),
@@ -26,20 +31,25 @@ def test_tiny_model_matches_transformers(tmp_path, case):
     kind = case.split("-")[0]
     model = tiny_hf_model(kind, seed=len(case), **CASES[case])
     # a sharded save for one case exercises model.safetensors.index.json
-    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="50KB" if kind == "mistral" else "1GB")
+    model.save_pretrained(
+        tmp_path, safe_serialization=True, max_shard_size="50KB" if kind == "mistral" else "1GB"
+    )
     engine = jlora.Engine.from_pretrained(str(tmp_path), dtype="float32", progress=False)
     rng = np.random.default_rng(0)
     for length in (5, 40):
         ids = rng.integers(0, model.config.vocab_size, length).tolist()
-        diff = np.abs(jlora_logsoftmax(engine.model.params, engine.config, ids) - hf_logsoftmax(model, ids)).max()
+        diff = np.abs(
+            jlora_logsoftmax(engine.model.params, engine.config, ids) - hf_logsoftmax(model, ids)
+        ).max()
         assert diff < 5e-4, (case, length, diff)
 
     import torch
 
     prompt = rng.integers(0, model.config.vocab_size, 7).tolist()
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, 7:].tolist()
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, 7:].tolist()
     out = engine.generate([prompt], jlora.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
     assert out.token_ids == ref
     assert out.text == ""  # no tokenizer in the folder: token ids only

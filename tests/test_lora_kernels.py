@@ -79,8 +79,18 @@ def test_bgmv_matches_reference(n_tokens, rank_choices, h_in, h_out, dh, dtype):
     got = lora_decode(x, pool, layer, tok, a, b, h_out, implementation=_impl())
     _check(got, want, dtype)
     # offsets given up front give the same result
-    got2 = lora_decode(x, pool, layer, tok, a, b, h_out, decode_offsets(tok, n_tokens), implementation=_impl(),
-                       max_rank=max(rank_choices))  # one gathered load per token
+    got2 = lora_decode(
+        x,
+        pool,
+        layer,
+        tok,
+        a,
+        b,
+        h_out,
+        decode_offsets(tok, n_tokens),
+        implementation=_impl(),
+        max_rank=max(rank_choices),
+    )  # one gathered load per token
     _check(got2, want, dtype)
 
 
@@ -97,22 +107,50 @@ def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
     x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, h, h, 16, dtype, pad_to=sum(ranks) + 3)
     layer = jnp.int32(1)
     members = [(a, b), (b, a), (a, a)]  # three projections over the same tokens, other rows each
-    shrunk = lora_decode_shrink(x, pool, layer, jnp.concatenate([tok] * 3), jnp.concatenate([m[0] for m in members]),
-                                implementation=impl)
+    shrunk = lora_decode_shrink(
+        x,
+        pool,
+        layer,
+        jnp.concatenate([tok] * 3),
+        jnp.concatenate([m[0] for m in members]),
+        implementation=impl,
+    )
     offsets = decode_offsets(tok, n_tokens)
     k = tok.shape[0]
     for i, (a_i, b_i) in enumerate(members):
         want = lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference")
-        got = lora_decode_expand_group(shrunk[i * k : (i + 1) * k], pool, layer, tok, b_i, offsets, (h,), x.dtype,
-                                       implementation=impl, max_rank=8)
+        got = lora_decode_expand_group(
+            shrunk[i * k : (i + 1) * k],
+            pool,
+            layer,
+            tok,
+            b_i,
+            offsets,
+            (h,),
+            x.dtype,
+            implementation=impl,
+            max_rank=8,
+        )
         _check(got, want, dtype)
     # and all three expands in one launch: the deltas side by side
-    both = lora_decode_expand_group(shrunk, pool, layer, jnp.concatenate([tok] * 3),
-                                    jnp.concatenate([m[1] for m in members]), jnp.concatenate([offsets] * 3),
-                                    (h, h, h), x.dtype, implementation=impl, max_rank=8)
+    both = lora_decode_expand_group(
+        shrunk,
+        pool,
+        layer,
+        jnp.concatenate([tok] * 3),
+        jnp.concatenate([m[1] for m in members]),
+        jnp.concatenate([offsets] * 3),
+        (h, h, h),
+        x.dtype,
+        implementation=impl,
+        max_rank=8,
+    )
     for i, (a_i, b_i) in enumerate(members):
-        _check(both[:, i * h : (i + 1) * h], lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference"),
-               dtype)
+        _check(
+            both[:, i * h : (i + 1) * h],
+            lora_decode(x, pool, layer, tok, a_i, b_i, h, implementation="reference"),
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
@@ -123,8 +161,12 @@ def test_grouped_expand_with_unequal_widths(impl):
     n_tokens, h_in, widths = 6, 64, (64, 32, 32)
     ranks = [int(rng.choice((1, 4, 16))) for _ in range(n_tokens)]
     layer = jnp.int32(1)
-    cases = [_decode_case(np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2)
-             for i, w in enumerate(widths)]
+    cases = [
+        _decode_case(
+            np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2
+        )
+        for i, w in enumerate(widths)
+    ]
     # one pool for all: stack the cases' pools along units and shift their row starts
     pools, shift, tok, a_all, b_all = [], 0, [], [], []
     for _, pool_i, tok_i, a_i, b_i in cases:
@@ -138,8 +180,18 @@ def test_grouped_expand_with_unequal_widths(impl):
     tok_all = jnp.concatenate(tok)
     shrunk = lora_decode_shrink(x, pool, layer, tok_all, jnp.concatenate(a_all), implementation=impl)
     offsets = jnp.concatenate([decode_offsets(t, n_tokens) for t in tok])
-    got = lora_decode_expand_group(shrunk, pool, layer, tok_all, jnp.concatenate(b_all), offsets, widths,
-                                   jnp.float32, implementation=impl, max_rank=16)
+    got = lora_decode_expand_group(
+        shrunk,
+        pool,
+        layer,
+        tok_all,
+        jnp.concatenate(b_all),
+        offsets,
+        widths,
+        jnp.float32,
+        implementation=impl,
+        max_rank=16,
+    )
     col = 0
     for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
         want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
@@ -173,7 +225,9 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
 def test_bgmv_gpu_sweep(n_tokens):
     rng = np.random.default_rng(n_tokens)
     ranks = [int(rng.choice((1, 8, 16, 64, 128))) for _ in range(n_tokens)]
-    x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, 512, 256, 128, jnp.bfloat16, pad_to=sum(ranks) + 3)
+    x, pool, tok, a, b = _decode_case(
+        rng, n_tokens, ranks, 512, 256, 128, jnp.bfloat16, pad_to=sum(ranks) + 3
+    )
     layer = jnp.int32(0)
     want = lora_decode(x, pool, layer, tok, a, b, 256, implementation="reference")
     got = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas")

@@ -21,13 +21,17 @@ def adapter_specs(num_layers: int) -> dict[str, dict]:
         "qv_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "all_r8_rslora": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=ATTN + MLP),
         "attn_r16_patterns": dict(
-            r=16, lora_alpha=16, target_modules=ATTN,
+            r=16,
+            lora_alpha=16,
+            target_modules=ATTN,
             rank_pattern={"k_proj": 4, f"model.layers.{min(1, last)}.self_attn.q_proj": 32},
             alpha_pattern={"o_proj": 3},
         ),
         "mlp_r64": dict(r=64, lora_alpha=32, target_modules=MLP),
         "regex_r12": dict(r=12, lora_alpha=24, target_modules=r"model\.layers\.(0|2)\.self_attn\.(q|v)_proj"),
-        "layers_r8": dict(r=8, lora_alpha=8, target_modules=["up_proj", "o_proj"], layers_to_transform=[0, last]),
+        "layers_r8": dict(
+            r=8, lora_alpha=8, target_modules=["up_proj", "o_proj"], layers_to_transform=[0, last]
+        ),
     }
 
 
@@ -38,8 +42,11 @@ def build_peft(base_model, specs: dict[str, dict], folder, seed: int = 0):
 
     torch.manual_seed(seed)
     names = list(specs)
-    peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(init_lora_weights=False, **specs[names[0]]),
-                                adapter_name=names[0])
+    peft_model = get_peft_model(
+        copy.deepcopy(base_model),
+        LoraConfig(init_lora_weights=False, **specs[names[0]]),
+        adapter_name=names[0],
+    )
     for name in names[1:]:
         peft_model.add_adapter(name, LoraConfig(init_lora_weights=False, **specs[name]))
     paths = {}

@@ -35,8 +35,17 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
     k = rng.standard_normal((b, 1, hkv, dh))
     v = rng.standard_normal((b, 1, hkv, dh))
     as_ = lambda a, dt=dtype: jnp.asarray(a, dt)  # noqa: E731
-    return (as_(q), as_(k), as_(v), as_(pool), jnp.int32(layers - 1), jnp.asarray(tables),
-            jnp.asarray(lens[:, None], jnp.int32), jnp.asarray(lens, jnp.int32), jnp.ones((b,), jnp.int32))
+    return (
+        as_(q),
+        as_(k),
+        as_(v),
+        as_(pool),
+        jnp.int32(layers - 1),
+        jnp.asarray(tables),
+        jnp.asarray(lens[:, None], jnp.int32),
+        jnp.asarray(lens, jnp.int32),
+        jnp.ones((b,), jnp.int32),
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -56,8 +65,9 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
     tunables = AttentionTunables(mma=mma)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
-    got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl(),
-                          tunables=tunables)
+    got = paged_attention(
+        *args, page_size=page_size, sliding_window=window, implementation=_impl(), tunables=tunables
+    )
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[dtype]
@@ -79,8 +89,18 @@ def test_bad_pool_raises():
     q = jnp.ones((1, 1, 4, 16))
     k = jnp.ones((1, 1, 2, 16))
     with pytest.raises(ValueError, match="whole pages"):
-        paged_attention(q, k, k, jnp.ones((1, 10, 16)), jnp.int32(0), jnp.zeros((1, 2), jnp.int32),
-                        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32), page_size=4)
+        paged_attention(
+            q,
+            k,
+            k,
+            jnp.ones((1, 10, 16)),
+            jnp.int32(0),
+            jnp.zeros((1, 2), jnp.int32),
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            jnp.ones((1,), jnp.int32),
+            page_size=4,
+        )
 
 
 def _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
@@ -104,8 +124,17 @@ def _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype, layers=2)
     k = rng.standard_normal((b, t, hkv, dh))
     v = rng.standard_normal((b, t, hkv, dh))
     as_ = lambda a, dt=dtype: jnp.asarray(a, dt)  # noqa: E731
-    args = (as_(q), as_(k), as_(v), as_(pool), jnp.int32(layers - 1), jnp.asarray(tables), jnp.asarray(positions),
-            jnp.asarray(cached, jnp.int32), jnp.asarray(new, jnp.int32))
+    args = (
+        as_(q),
+        as_(k),
+        as_(v),
+        as_(pool),
+        jnp.int32(layers - 1),
+        jnp.asarray(tables),
+        jnp.asarray(positions),
+        jnp.asarray(cached, jnp.int32),
+        jnp.asarray(new, jnp.int32),
+    )
     return args, new
 
 
@@ -125,8 +154,9 @@ def test_prefill_kernel_matches_reference(b, t, hq, hkv, dh, page_size, max_page
     rng = np.random.default_rng(b * 7 + t + hq)
     args, new = _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
-    got = paged_attention(*args, page_size=page_size, sliding_window=window, implementation=_impl(),
-                          prefill_kernel=True)
+    got = paged_attention(
+        *args, page_size=page_size, sliding_window=window, implementation=_impl(), prefill_kernel=True
+    )
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     real = np.arange(t)[None, :] < new[:, None]
     assert np.isfinite(got[real]).all()

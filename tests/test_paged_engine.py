@@ -19,9 +19,17 @@ PARAMS = jlora.SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, ign
 
 
 def small_config(**kw) -> EngineConfig:
-    base = dict(page_size=8, num_pages=400, max_model_len=96, max_batch=4, decode_batch_buckets=(4,),
-                prefill_batch_buckets=(2,), prefill_chunk_buckets=(8,), page_buckets=(12,),
-                lora_rank_buckets=(16, 64))
+    base = dict(
+        page_size=8,
+        num_pages=400,
+        max_model_len=96,
+        max_batch=4,
+        decode_batch_buckets=(4,),
+        prefill_batch_buckets=(2,),
+        prefill_chunk_buckets=(8,),
+        page_buckets=(12,),
+        lora_rank_buckets=(16, 64),
+    )
     base.update(kw)
     return EngineConfig(**base)
 
@@ -48,8 +56,9 @@ def requests(n: int, seed: int, long_decodes: bool = False):
         max_tokens = int(rng.integers(40, 60) if long_decodes else rng.integers(1, 14))
         p = jlora.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True, ignore_eos=True)
         if i % 3 == 2:  # seeded sampling must agree too
-            p = jlora.SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=i, logprobs=True,
-                                     ignore_eos=True)
+            p = jlora.SamplingParams(
+                max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=i, logprobs=True, ignore_eos=True
+            )
         out.append((prompt, p, names[i % len(names)]))
     return out
 
@@ -73,17 +82,32 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
     return [results[i] for i in ids]
 
 
-@pytest.mark.parametrize("variant", ["roomy", "small_pool_preempts", "kernels_interpret", "kernels_interpret_prefill_reference",
-                                     "kernels_interpret_lora_fused", "unrolled", "no_overlap", "lora_fused"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "roomy",
+        "small_pool_preempts",
+        "kernels_interpret",
+        "kernels_interpret_prefill_reference",
+        "kernels_interpret_lora_fused",
+        "unrolled",
+        "no_overlap",
+        "lora_fused",
+    ],
+)
 def test_paged_equals_reference(tiny, variant):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
-    config = small_config(num_pages=128 if variant == "small_pool_preempts" else 400, implementation=impl,
-                          layer_loop="unrolled" if variant == "unrolled" else "scan", overlap=variant != "no_overlap",
-                          prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
-                          fuse_lora="on" if variant.endswith("lora_fused") else "auto")
+    config = small_config(
+        num_pages=128 if variant == "small_pool_preempts" else 400,
+        implementation=impl,
+        layer_loop="unrolled" if variant == "unrolled" else "scan",
+        overlap=variant != "no_overlap",
+        prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
+        fuse_lora="on" if variant.endswith("lora_fused") else "auto",
+    )
     engine = jlora.Engine(loaded, config)
     for name, path in paths.items():
         engine.load_adapter(name, path)
@@ -143,7 +167,8 @@ def test_serving_never_recompiles(tiny):
         engine.generate([list(range(40))], PARAMS)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener) if hasattr(
-            jax.monitoring, "unregister_event_duration_listener") else None
+            jax.monitoring, "unregister_event_duration_listener"
+        ) else None
     assert compiles == [], f"recompiled while serving: {compiles}"
     assert engine.compile_count() == len(engine.paged.buckets())
 
@@ -157,7 +182,9 @@ def test_stream_matches_generate_and_cancel_frees_pages(tiny):
     chunks = list(engine.stream(prompt, PARAMS, adapter="all_r8_rslora"))
     assert [c.token_id for c in chunks] == want.token_ids
     assert [c.logprob for c in chunks] == pytest.approx(want.logprobs, abs=1e-6)
-    stream = engine.stream(prompt, jlora.SamplingParams(max_tokens=40, temperature=0.0), adapter="all_r8_rslora")
+    stream = engine.stream(
+        prompt, jlora.SamplingParams(max_tokens=40, temperature=0.0), adapter="all_r8_rslora"
+    )
     next(stream)
     next(stream)
     assert engine.paged.memory.page_tables  # the stream holds pages while it runs
@@ -181,11 +208,21 @@ def test_unknown_adapter_and_bad_input_leave_paged_engine_serving(tiny):
 
 def test_smollm_paged_equals_reference():
     loaded = loader.load("smollm2-135m", progress=False)
-    config = EngineConfig(max_model_len=256, num_pages=64, max_batch=4, decode_batch_buckets=(4,), prefill_batch_buckets=(1,),
-                          prefill_chunk_buckets=(64,), page_buckets=(16,), lora_rank_buckets=(16,))
+    config = EngineConfig(
+        max_model_len=256,
+        num_pages=64,
+        max_batch=4,
+        decode_batch_buckets=(4,),
+        prefill_batch_buckets=(1,),
+        prefill_chunk_buckets=(64,),
+        page_buckets=(16,),
+        lora_rank_buckets=(16,),
+    )
     paged = jlora.Engine(loaded, config)
     reference = jlora.Engine(loaded, reference=True)
-    convos = [[{"role": "user", "content": q}] for q in ["What is the capital of France?", "Name a color.", "Hi!"]]
+    convos = [
+        [{"role": "user", "content": q}] for q in ["What is the capital of France?", "Name a color.", "Hi!"]
+    ]
     p = jlora.SamplingParams(max_tokens=20, temperature=0.0, logprobs=True)
     for a, b in zip(paged.chat(convos, p), reference.chat(convos, p)):
         assert a.token_ids == b.token_ids and a.text == b.text
@@ -225,25 +262,36 @@ def test_async_engine_concurrent_streams_and_cancel(tiny):
     assert engine.runner.adapter_users("qv_r4") == 0
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("lora_modules", ("q_proj", "lm_head"), "unknown lora_modules"),
-    ("layer_loop", "sideways", "layer_loop"),
-    ("prefill_attention", "flash", "prefill_attention"),
-    ("fuse_lora", "yes", "fuse_lora"),
-    ("num_pages", 1, "num_pages"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lora_modules", ("q_proj", "lm_head"), "unknown lora_modules"),
+        ("layer_loop", "sideways", "layer_loop"),
+        ("prefill_attention", "flash", "prefill_attention"),
+        ("fuse_lora", "yes", "fuse_lora"),
+        ("num_pages", 1, "num_pages"),
+    ],
+)
 def test_bad_engine_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         small_config(**{field: value}).validate()
 
 
-@pytest.mark.parametrize("fuse_lora,path,fused", [
-    ("auto", "pallas", True), ("auto", "interpret", False), ("auto", "reference", False),
-    ("on", "reference", True), ("off", "pallas", False),
-])
+@pytest.mark.parametrize(
+    "fuse_lora,path,fused",
+    [
+        ("auto", "pallas", True),
+        ("auto", "interpret", False),
+        ("auto", "reference", False),
+        ("on", "reference", True),
+        ("off", "pallas", False),
+    ],
+)
 def test_fuse_lora_auto_follows_the_kernels(monkeypatch, fuse_lora, path, fused):
     """'auto' shares the q/k/v and gate/up launches where the GPU kernels run (measured faster there)."""
-    config = small_config(fuse_lora=fuse_lora, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))
+    config = small_config(
+        fuse_lora=fuse_lora, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj")
+    )
     monkeypatch.setattr(type(config), "resolved_implementation", lambda self: path)
     want = (("q_proj", "k_proj", "v_proj"),) if fused else ()
     assert config.lora_groups() == want

@@ -11,13 +11,26 @@ from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
 from jlora.scheduler import SchedRequest, Scheduler, SchedulerConfig
 
-SHAPES = (("q_proj", 64, 64), ("k_proj", 64, 32), ("v_proj", 64, 32), ("o_proj", 64, 64),
-          ("gate_proj", 64, 128), ("up_proj", 64, 128), ("down_proj", 128, 64))
+SHAPES = (
+    ("q_proj", 64, 64),
+    ("k_proj", 64, 32),
+    ("v_proj", 64, 32),
+    ("o_proj", 64, 64),
+    ("gate_proj", 64, 128),
+    ("up_proj", 64, 128),
+    ("down_proj", 128, 64),
+)
 
 
 def make(num_pages=64, page_size=4, **cfg) -> Scheduler:
-    layout = PoolLayout(num_layers=2, num_pages=num_pages, page_size=page_size, num_kv_heads=2, head_dim=16,
-                        module_shapes=SHAPES)
+    layout = PoolLayout(
+        num_layers=2,
+        num_pages=num_pages,
+        page_size=page_size,
+        num_kv_heads=2,
+        head_dim=16,
+        module_shapes=SHAPES,
+    )
     defaults = dict(max_batch=4, max_prefill_tokens=16, max_prefill_seqs=2, max_model_len=256, max_chunk=12)
     defaults.update(cfg)
     return Scheduler(SchedulerConfig(**defaults), PoolManager(layout))
@@ -137,19 +150,31 @@ def test_cancel_frees_pages_at_once():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pool_accounting_property_1000_random_requests(seed):
     rng = random.Random(seed)
-    sched = make(num_pages=48, page_size=4, max_batch=6, max_prefill_tokens=24, max_prefill_seqs=3, max_chunk=10)
+    sched = make(
+        num_pages=48, page_size=4, max_batch=6, max_prefill_tokens=24, max_prefill_seqs=3, max_chunk=10
+    )
     eng = MockEngine(sched, rng)
-    adapter_ranks = {f"ad{i}": {m: rng.choice([1, 4, 8, 16]) for m in rng.sample([s[0] for s in SHAPES], 3)}
-                     for i in range(12)}
+    adapter_ranks = {
+        f"ad{i}": {m: rng.choice([1, 4, 8, 16]) for m in rng.sample([s[0] for s in SHAPES], 3)}
+        for i in range(12)
+    }
     next_id, added = 0, 0
     while added < 1000 or sched.has_work():
         for _ in range(rng.randrange(4)):
             if added < 1000:
                 adapter = rng.choice([None, *adapter_ranks])
                 deadline = eng.now + rng.uniform(0, 1) if rng.random() < 0.1 else None
-                sched.add(SchedRequest(next_id, prompt=[1] * rng.randrange(1, 60), max_tokens=rng.randrange(1, 30),
-                                       adapter=adapter, adapter_ranks=adapter_ranks.get(adapter), arrival=eng.now,
-                                       deadline=deadline))
+                sched.add(
+                    SchedRequest(
+                        next_id,
+                        prompt=[1] * rng.randrange(1, 60),
+                        max_tokens=rng.randrange(1, 30),
+                        adapter=adapter,
+                        adapter_ranks=adapter_ranks.get(adapter),
+                        arrival=eng.now,
+                        deadline=deadline,
+                    )
+                )
                 next_id += 1
                 added += 1
         if sched.requests and rng.random() < 0.1:  # cancellations, waiting or running

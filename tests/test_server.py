@@ -51,16 +51,34 @@ class Running:
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     model = loader.load("smollm2-135m", progress=False)
-    config = EngineConfig(max_model_len=512, num_pages=400, max_batch=8, decode_batch_buckets=(8,),
-                          prefill_batch_buckets=(8,), prefill_chunk_buckets=(64,), page_buckets=(8,),
-                          lora_rank_buckets=(16,), lora_modules=("q_proj", "v_proj"))
-    sched = SchedulerConfig(max_batch=8, max_prefill_tokens=512, max_prefill_seqs=8, max_chunk=64, max_model_len=512)
+    config = EngineConfig(
+        max_model_len=512,
+        num_pages=400,
+        max_batch=8,
+        decode_batch_buckets=(8,),
+        prefill_batch_buckets=(8,),
+        prefill_chunk_buckets=(64,),
+        page_buckets=(8,),
+        lora_rank_buckets=(16,),
+        lora_modules=("q_proj", "v_proj"),
+    )
+    sched = SchedulerConfig(
+        max_batch=8, max_prefill_tokens=512, max_prefill_seqs=8, max_chunk=64, max_model_len=512
+    )
     engine = jlora.Engine(model, config, scheduler_config=sched)
     root = tmp / "adapters"
     c = model.config
     for i in range(100):
-        write_random_peft_adapter(root / f"ad{i}", num_layers=c.num_hidden_layers, module_shapes=c.module_shapes(),
-                                  rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=i, std=0.2)
+        write_random_peft_adapter(
+            root / f"ad{i}",
+            num_layers=c.num_hidden_layers,
+            module_shapes=c.module_shapes(),
+            rank=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            seed=i,
+            std=0.2,
+        )
     for i in range(3):
         engine.load_adapter(f"ad{i}", str(root / f"ad{i}"))
     front = AsyncEngine(engine, max_queue=200)
@@ -81,7 +99,9 @@ def code_of(call) -> grpc.StatusCode:
 def test_unary_stream_and_engine_agree_and_seeds_reproduce(setup):
     engine, _, _, client, _ = setup
     for adapter in (None, "ad1"):
-        want = engine.generate(["The capital of France is"], jlora.SamplingParams(**GREEDY), adapters=[adapter])[0]
+        want = engine.generate(
+            ["The capital of France is"], jlora.SamplingParams(**GREEDY), adapters=[adapter]
+        )[0]
         unary = client.generate("The capital of France is", adapter=adapter, **GREEDY)
         chunks = list(client.stream("The capital of France is", adapter=adapter, **GREEDY))
         assert list(unary.token_ids) == want.token_ids and unary.text == want.text
@@ -143,7 +163,10 @@ def test_status_codes(setup, tmp_path):
 def test_deadline_and_cancel_free_pages(setup):
     engine, front, _, client, _ = setup
     long = dict(max_tokens=400, temperature=0.0, ignore_eos=True)
-    assert code_of(lambda: client.generate("Tell me a long story", timeout=0.5, **long)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (
+        code_of(lambda: client.generate("Tell me a long story", timeout=0.5, **long))
+        == grpc.StatusCode.DEADLINE_EXCEEDED
+    )
     stream = client.stream("Tell me a long story", **long)
     next(stream)
     next(stream)
@@ -159,8 +182,10 @@ def test_queue_full_is_resource_exhausted(setup):
     _, front, running, client, _ = setup
     limit, front.max_queue = front.max_queue, 1  # one AsyncEngine per engine: adjust the shared front
     try:
-        first = client.stub.Generate.future(Client.request("Tell me a story", max_tokens=60, temperature=0.0,
-                                                           ignore_eos=True), metadata=client.metadata)
+        first = client.stub.Generate.future(
+            Client.request("Tell me a story", max_tokens=60, temperature=0.0, ignore_eos=True),
+            metadata=client.metadata,
+        )
         time.sleep(0.3)
         assert code_of(lambda: client.generate("hi", **GREEDY)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(first.result().token_ids) == 60
@@ -185,20 +210,66 @@ def test_tls_and_mutual_tls(setup, tmp_path):
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-            f"/CN={name}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
         (tmp_path / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-            f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
     read = lambda n: (tmp_path / n).read_bytes()  # noqa: E731
-    server = Running(front, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
-                     tls_client_ca=str(tmp_path / "ca.pem"))
+    server = Running(
+        front,
+        tls_cert=str(tmp_path / "server.pem"),
+        tls_key=str(tmp_path / "server.key"),
+        tls_client_ca=str(tmp_path / "ca.pem"),
+    )
     try:
-        good = Client(f"localhost:{server.port}", root_certificates=read("ca.pem"), private_key=read("client.key"),
-                      certificate_chain=read("client.pem"))
+        good = Client(
+            f"localhost:{server.port}",
+            root_certificates=read("ca.pem"),
+            private_key=read("client.key"),
+            certificate_chain=read("client.pem"),
+        )
         assert good.generate("hi", **GREEDY).token_ids
         no_cert = Client(f"localhost:{server.port}", root_certificates=read("ca.pem"))
         assert code_of(lambda: no_cert.generate("hi", **GREEDY)) == grpc.StatusCode.UNAVAILABLE
@@ -218,17 +289,28 @@ def test_load_2000_requests_100_adapters_then_drain(setup):
     prompts = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at"]
     params = dict(max_tokens=3, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)
-    plan = [(rng.randrange(4), f"ad{rng.randrange(100)}" if rng.random() < 0.9 else None,
-             rng.choice(["ok"] * 18 + ["cancel", "deadline"])) for _ in range(2000)]
+    plan = [
+        (
+            rng.randrange(4),
+            f"ad{rng.randrange(100)}" if rng.random() < 0.9 else None,
+            rng.choice(["ok"] * 18 + ["cancel", "deadline"]),
+        )
+        for _ in range(2000)
+    ]
 
     combos = sorted({(p, a) for p, a, kind in plan if kind == "ok"}, key=str)
     expected = {}
     for i in range(0, len(combos), 8):  # the engine's own answers, 8 at a time
         batch = combos[i : i + 8]
-        outs = engine.generate([prompts[p] for p, _ in batch], jlora.SamplingParams(**params), adapters=[a for _, a in batch])
+        outs = engine.generate(
+            [prompts[p] for p, _ in batch], jlora.SamplingParams(**params), adapters=[a for _, a in batch]
+        )
         expected.update({c: o.token_ids for c, o in zip(batch, outs)})
     for c in combos[:6]:  # and alone, for a sample
-        assert engine.generate([prompts[c[0]]], jlora.SamplingParams(**params), adapters=[c[1]])[0].token_ids == expected[c]
+        assert (
+            engine.generate([prompts[c[0]]], jlora.SamplingParams(**params), adapters=[c[1]])[0].token_ids
+            == expected[c]
+        )
 
     from jlora.server import jlora_pb2_grpc as pb_grpc
 
@@ -248,8 +330,10 @@ def test_load_2000_requests_100_adapters_then_drain(setup):
                 if i == len(plan) // 2:  # 50 bad LoadAdapter calls in the middle
                     for j in range(50):
                         try:
-                            await stub.LoadAdapter(pb.LoadAdapterRequest(name=f"bad{j}", path=["../x", "nope", "/"][j % 3]),
-                                                   metadata=md)
+                            await stub.LoadAdapter(
+                                pb.LoadAdapterRequest(name=f"bad{j}", path=["../x", "nope", "/"][j % 3]),
+                                metadata=md,
+                            )
                         except grpc.aio.AioRpcError as e:
                             bad_codes.append(e.code())
                 try:
@@ -288,8 +372,10 @@ def test_load_2000_requests_100_adapters_then_drain(setup):
     # drain: in-flight requests finish, new ones get UNAVAILABLE, health says NOT_SERVING
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    inflight = client.stub.Generate.future(Client.request("Tell me a story", max_tokens=30, temperature=0.0,
-                                                          ignore_eos=True), metadata=client.metadata)
+    inflight = client.stub.Generate.future(
+        Client.request("Tell me a story", max_tokens=30, temperature=0.0, ignore_eos=True),
+        metadata=client.metadata,
+    )
     time.sleep(0.3)
     drained = asyncio.run_coroutine_threadsafe(server.server.drain(grace=60), server.loop)
     time.sleep(0.2)

@@ -16,9 +16,18 @@ NAMES = [None, "qv_r4", "all_r8_rslora", "attn_r16_patterns", "mlp_r64", "regex_
 
 
 def config(**kw) -> EngineConfig:
-    base = dict(page_size=8, num_pages=300, max_model_len=64, max_batch=4, decode_batch_buckets=(4,),
-                prefill_batch_buckets=(2,), prefill_chunk_buckets=(8,), page_buckets=(8,),
-                lora_rank_buckets=(16, 64), compilation_cache_dir=None)
+    base = dict(
+        page_size=8,
+        num_pages=300,
+        max_model_len=64,
+        max_batch=4,
+        decode_batch_buckets=(4,),
+        prefill_batch_buckets=(2,),
+        prefill_chunk_buckets=(8,),
+        page_buckets=(8,),
+        lora_rank_buckets=(16, 64),
+        compilation_cache_dir=None,
+    )
     base.update(kw)
     return EngineConfig(**base)
 
@@ -37,14 +46,20 @@ def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop, fuse_lora):
     """fuse_lora="on": q/k/v and gate/up LoRA in shared launches, each shard over its own slices."""
     loaded, paths = tiny_tp
     want = run(jlora.Engine(loaded, config(layer_loop=layer_loop)), paths)
-    engine = jlora.Engine(loaded, config(layer_loop=layer_loop, fuse_lora=fuse_lora), mesh=MeshConfig(model=ways))
+    engine = jlora.Engine(
+        loaded, config(layer_loop=layer_loop, fuse_lora=fuse_lora), mesh=MeshConfig(model=ways)
+    )
     got = run(engine, paths)
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
         assert np.abs(np.array(g.logprobs) - np.array(w.logprobs)).max() < 1e-4
 
     paged = engine.paged
-    q = paged.params["layers"]["q_proj"]["kernel"] if layer_loop == "scan" else paged.params["layers"][0]["q_proj"]["kernel"]
+    q = (
+        paged.params["layers"]["q_proj"]["kernel"]
+        if layer_loop == "scan"
+        else paged.params["layers"][0]["q_proj"]["kernel"]
+    )
     assert q.sharding.shard_shape(q.shape)[-1] == q.shape[-1] // ways  # heads split, not replicated
     assert paged.pool.sharding.shard_shape(paged.pool.shape)[1] == paged.pool.shape[1] // ways
     assert len(paged.pool.sharding.device_set) == ways

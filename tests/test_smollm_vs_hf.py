@@ -33,7 +33,9 @@ def test_greedy_32_tokens_identical_to_transformers(smol_engine, hf_smol):
     convo = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(convo, add_generation_prompt=True, return_dict=True)["input_ids"]
     with torch.no_grad():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)[0, len(ids):]
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)[
+            0, len(ids) :
+        ]
     params = jlora.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=True)
     out = smol_engine.generate([ids], params)[0]
     assert out.token_ids == ref.tolist()
@@ -45,8 +47,10 @@ def test_greedy_32_tokens_identical_to_transformers(smol_engine, hf_smol):
 
 
 def test_chat_answers_paris(smol_engine):
-    out = smol_engine.chat([{"role": "user", "content": "What is the capital of France?"}],
-                           jlora.SamplingParams(max_tokens=16, temperature=0.0))[0]
+    out = smol_engine.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        jlora.SamplingParams(max_tokens=16, temperature=0.0),
+    )[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
 
@@ -55,12 +59,24 @@ def test_tokenizer_matches_transformers_and_round_trips(smol_engine, hf_smol):
     _, hf_tok = hf_smol
     tok = smol_engine.tokenizer
     texts = [
-        "Hello world", "The year 2024 had 366 days, costing $12.50!", "  two spaces\n\nnew lines\ttabs",
-        "émojis 🎉 and ünïcödé 日本語", "<|im_start|>user\nhi<|im_end|>", "x=1234567890", "don't won't I'm", "",
+        "Hello world",
+        "The year 2024 had 366 days, costing $12.50!",
+        "  two spaces\n\nnew lines\ttabs",
+        "émojis 🎉 and ünïcödé 日本語",
+        "<|im_start|>user\nhi<|im_end|>",
+        "x=1234567890",
+        "don't won't I'm",
+        "",
     ]
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == hf_tok.encode(text, add_special_tokens=False), text
         assert tok.decode(ids, skip_special_tokens=False) == text
-    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
-    assert tok.apply_chat_template(convo) == hf_tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    convo = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "?"},
+    ]
+    assert tok.apply_chat_template(convo) == hf_tok.apply_chat_template(
+        convo, tokenize=False, add_generation_prompt=True
+    )

@@ -27,16 +27,28 @@ def _case(batch: int, context: int, hq: int, hkv: int):
     pages_per_seq = context // PAGE
     page_units = PAGE * 2 * hkv
     n_pages = 1 + batch * pages_per_seq
-    pool = (jax.random.normal(jax.random.PRNGKey(0), (1, n_pages * page_units, DH), jnp.float32)).astype(jnp.bfloat16)
+    pool = (jax.random.normal(jax.random.PRNGKey(0), (1, n_pages * page_units, DH), jnp.float32)).astype(
+        jnp.bfloat16
+    )
     rng = np.random.default_rng(0)
     tables = (1 + rng.permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq).astype(np.int32)
     lens = np.full(batch, context - 1, np.int32)
-    fixed = (pool, jnp.asarray(tables), jnp.asarray(lens[:, None]), jnp.asarray(lens), jnp.ones((batch,), jnp.int32))
+    fixed = (
+        pool,
+        jnp.asarray(tables),
+        jnp.asarray(lens[:, None]),
+        jnp.asarray(lens),
+        jnp.ones((batch,), jnp.int32),
+    )
     rotations = []
     for i in range(2):
         k = jax.random.split(jax.random.PRNGKey(5 + i), 3)
-        rotations.append(tuple(jax.random.normal(kk, (batch, 1, h, DH), jnp.float32).astype(jnp.bfloat16)
-                               for kk, h in zip(k, (hq, hkv, hkv))))
+        rotations.append(
+            tuple(
+                jax.random.normal(kk, (batch, 1, h, DH), jnp.float32).astype(jnp.bfloat16)
+                for kk, h in zip(k, (hq, hkv, hkv))
+            )
+        )
     kv_bytes = batch * (context - 1) * 2 * hkv * DH * 2
     return fixed, rotations, kv_bytes
 
@@ -53,8 +65,20 @@ def main() -> None:
         fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv)
 
         def op(pool, tables, pos, lens, new, q, k, v, impl="pallas", tunables=None):
-            return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE,
-                                   implementation=impl, tunables=tunables)
+            return paged_attention(
+                q,
+                k,
+                v,
+                pool,
+                jnp.int32(0),
+                tables,
+                pos,
+                lens,
+                new,
+                page_size=PAGE,
+                implementation=impl,
+                tunables=tunables,
+            )
 
         want = op(*fixed, *rotations[0], impl="reference")
         sweep = []
@@ -67,11 +91,20 @@ def main() -> None:
             print(label, dataclasses.asdict(t), f"{us:.1f} us err {err:.2e}", flush=True)
         best = min(sweep, key=lambda s: s["us"])
         ref_us = chained_seconds(lambda *a: op(*a, impl="reference"), fixed, rotations, iters=20) * 1e6
-        row = {"case": label, "batch": args.batch, "context": args.context, "kv_bytes": kv_bytes,
-               "kernel_us": best["us"], "best": best, "reference_us": ref_us,
-               "kernel_TBps": kv_bytes / best["us"] / 1e6, "reference_TBps": kv_bytes / ref_us / 1e6,
-               "kernel_share_of_copy_bw": kv_bytes / best["us"] / 1e6 / bw["copy_TBps"],
-               "kernel_share_of_read_bw": kv_bytes / best["us"] / 1e6 / bw["read_TBps"], "sweep": sweep}
+        row = {
+            "case": label,
+            "batch": args.batch,
+            "context": args.context,
+            "kv_bytes": kv_bytes,
+            "kernel_us": best["us"],
+            "best": best,
+            "reference_us": ref_us,
+            "kernel_TBps": kv_bytes / best["us"] / 1e6,
+            "reference_TBps": kv_bytes / ref_us / 1e6,
+            "kernel_share_of_copy_bw": kv_bytes / best["us"] / 1e6 / bw["copy_TBps"],
+            "kernel_share_of_read_bw": kv_bytes / best["us"] / 1e6 / bw["read_TBps"],
+            "sweep": sweep,
+        }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
     prefill = prefill_rows(bw)
@@ -80,9 +113,10 @@ def main() -> None:
             json.dump({"bandwidth": bw, "cases": rows, "prefill": prefill}, f, indent=1)
     print("wrote", write_result("kernels-attention", {"bandwidth": bw, "cases": rows, "prefill": prefill}))
     for r in rows:
-        print(f"{r['case']:22s} kernel {r['kernel_us']:8.1f} us {r['kernel_TBps']:.2f} TB/s "
-              f"({100 * r['kernel_share_of_copy_bw']:.0f}% copy bw) reference {r['reference_us']:8.1f} us")
-
+        print(
+            f"{r['case']:22s} kernel {r['kernel_us']:8.1f} us {r['kernel_TBps']:.2f} TB/s "
+            f"({100 * r['kernel_share_of_copy_bw']:.0f}% copy bw) reference {r['reference_us']:8.1f} us"
+        )
 
 
 def prefill_rows(bw: dict, batch: int = 8, chunk: int = 256, cached: int = 1024) -> list[dict]:
@@ -97,12 +131,29 @@ def prefill_rows(bw: dict, batch: int = 8, chunk: int = 256, cached: int = 1024)
         rotations = []
         for i in range(2):
             k = jax.random.split(jax.random.PRNGKey(9 + i), 3)
-            rotations.append(tuple(jax.random.normal(kk, (batch, chunk, h, DH), jnp.float32).astype(jnp.bfloat16)
-                                   for kk, h in zip(k, (hq, hkv, hkv))))
+            rotations.append(
+                tuple(
+                    jax.random.normal(kk, (batch, chunk, h, DH), jnp.float32).astype(jnp.bfloat16)
+                    for kk, h in zip(k, (hq, hkv, hkv))
+                )
+            )
 
         def op(pool, tables, pos, lens, new, q, k, v, kernel=True, tunables=None):
-            return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE,
-                                   implementation="pallas", prefill_kernel=kernel, prefill_tunables=tunables)
+            return paged_attention(
+                q,
+                k,
+                v,
+                pool,
+                jnp.int32(0),
+                tables,
+                pos,
+                lens,
+                new,
+                page_size=PAGE,
+                implementation="pallas",
+                prefill_kernel=kernel,
+                prefill_tunables=tunables,
+            )
 
         fixed = (pool, tables, pos, lens, new)
         want = op(*fixed, *rotations[0], kernel=False)
@@ -117,8 +168,14 @@ def prefill_rows(bw: dict, batch: int = 8, chunk: int = 256, cached: int = 1024)
             except Exception as e:  # noqa: BLE001 - a tiling Triton refuses is a result, not a crash
                 out.append({"case": label, **dataclasses.asdict(t), "error": repr(e)[:300]})
                 continue
-            row = {"case": label, **dataclasses.asdict(t), "kernel_us": us, "reference_us": ref_us,
-                   "kernel_TFLOPs": flops / us / 1e6, "max_abs_err": err}
+            row = {
+                "case": label,
+                **dataclasses.asdict(t),
+                "kernel_us": us,
+                "reference_us": ref_us,
+                "kernel_TFLOPs": flops / us / 1e6,
+                "max_abs_err": err,
+            }
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

@@ -63,7 +63,9 @@ def _dense(ranks: list[int]):
 
 def gather_einsum(a, b, x, idx):
     s = jnp.einsum("NH,NHR->NR", x, a[idx], preferred_element_type=jnp.float32)
-    return jnp.einsum("NR,NRO->NO", s.astype(x.dtype), b[idx], preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("NR,NRO->NO", s.astype(x.dtype), b[idx], preferred_element_type=jnp.float32).astype(
+        x.dtype
+    )
 
 
 def one_hot_einsum(a, b, x, idx):
@@ -89,19 +91,39 @@ def run_case(name, n_tokens, ranks, bw, rng, peers=True, tunables=None, check=Tr
     floor_s = floor_bytes / (bw["copy_TBps"] * 1e12)
 
     def kernel(pool, x, tok, a, b, off, impl=KERNEL_IMPL):
-        return lora_decode(x, pool, jnp.int32(0), tok, a, b, H, off, implementation=impl, tunables=tunables,
-                           max_rank=max(ranks))
+        return lora_decode(
+            x,
+            pool,
+            jnp.int32(0),
+            tok,
+            a,
+            b,
+            H,
+            off,
+            implementation=impl,
+            tunables=tunables,
+            max_rank=max(ranks),
+        )
 
-    row = {"case": name, "tokens": n_tokens, "slots": len(ranks), "active_rank_rows": float(np.mean(used)),
-           "floor_us": floor_s * 1e6}
+    row = {
+        "case": name,
+        "tokens": n_tokens,
+        "slots": len(ranks),
+        "active_rank_rows": float(np.mean(used)),
+        "floor_us": floor_s * 1e6,
+    }
     if check:  # correctness at the timed shape, against the reference
         got = kernel(pool, *rotations[0])
         want = kernel(pool, *rotations[0], impl="reference")
-        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))) /
-                    jnp.max(jnp.abs(want.astype(jnp.float32))))
+        err = float(
+            jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))
+            / jnp.max(jnp.abs(want.astype(jnp.float32)))
+        )
         row["kernel_rel_err"] = err
     row["kernel_us"] = chained_seconds(kernel, (pool,), rotations) * 1e6
-    row["reference_us"] = chained_seconds(lambda p, *r: kernel(p, *r, impl="reference"), (pool,), rotations) * 1e6
+    row["reference_us"] = (
+        chained_seconds(lambda p, *r: kernel(p, *r, impl="reference"), (pool,), rotations) * 1e6
+    )
     if peers:
         a, b = _dense(ranks)
         idx_rot = [(rotations[i][0], jnp.asarray(slot_sets[i], jnp.int32)) for i in range(ROT)]
@@ -128,24 +150,37 @@ def main() -> None:
         print("tune", dataclasses.asdict(t), f"{r['kernel_us']:.1f} us", flush=True)
     best = min(sweep, key=lambda s: s["kernel_us"])
     tuned = LoraTunables(**{k: v for k, v in best.items() if k != "kernel_us"})
-    cases = [("T5 256 tok / 256 slots r16", 256, [16] * 256), ("32 tok / 32 slots r16", 32, [16] * 32),
-             ("256 tok / 1024 slots r16", 256, [16] * 1024), ("128 tok / 1024 slots r16", 128, [16] * 1024),
-             ("256 tok / 256 slots mixed r{8,16,32,64}", 256, list(rng.choice([8, 16, 32, 64], 256))),
-             ("256 tok / 256 slots r64", 256, [64] * 256)]
+    cases = [
+        ("T5 256 tok / 256 slots r16", 256, [16] * 256),
+        ("32 tok / 32 slots r16", 32, [16] * 32),
+        ("256 tok / 1024 slots r16", 256, [16] * 1024),
+        ("128 tok / 1024 slots r16", 128, [16] * 1024),
+        ("256 tok / 256 slots mixed r{8,16,32,64}", 256, list(rng.choice([8, 16, 32, 64], 256))),
+        ("256 tok / 256 slots r64", 256, [64] * 256),
+    ]
     for name, n, ranks in cases[: 2 if args.quick else None]:
         row = run_case(name, n, [int(r) for r in ranks], bw, rng, tunables=tuned)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"bandwidth": bw, "tuned": dataclasses.asdict(tuned), "sweep": sweep, "cases": rows,
-              "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"}}
+    result = {
+        "bandwidth": bw,
+        "tuned": dataclasses.asdict(tuned),
+        "sweep": sweep,
+        "cases": rows,
+        "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"},
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print("wrote", write_result("kernels-lora", result))
-    print(f"{'case':42s} {'floor':>7s} {'kernel':>7s} {'ref':>7s} {'gather':>7s} {'onehot':>7s} {'ragged':>8s}")
+    print(
+        f"{'case':42s} {'floor':>7s} {'kernel':>7s} {'ref':>7s} {'gather':>7s} {'onehot':>7s} {'ragged':>8s}"
+    )
     for r in rows:
-        print(f"{r['case']:42s} {r['floor_us']:7.1f} {r['kernel_us']:7.1f} {r['reference_us']:7.1f} "
-              f"{r.get('gather_einsum_us', 0):7.1f} {r.get('one_hot_us', 0):7.1f} {r.get('ragged_dot_us', 0):8.1f}")
+        print(
+            f"{r['case']:42s} {r['floor_us']:7.1f} {r['kernel_us']:7.1f} {r['reference_us']:7.1f} "
+            f"{r.get('gather_einsum_us', 0):7.1f} {r.get('one_hot_us', 0):7.1f} {r.get('ragged_dot_us', 0):8.1f}"
+        )
 
 
 if __name__ == "__main__":

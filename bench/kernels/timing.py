@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 
-def chained_seconds(op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 100, repeats: int = 5) -> float:
+def chained_seconds(
+    op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 100, repeats: int = 5
+) -> float:
     """Median seconds of one op(*fixed, *args) call. `fixed` (a pool, weights) is passed once;
     `rotations` is a list of argument tuples of equal shapes, iteration i uses rotations[i % len], and
     every output feeds a checksum (no dead code)."""

@@ -41,8 +41,15 @@ class DecoderLayer(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, h, positions, attn_state, attend: Attend, lora_fn: LoraFn | None = None,
-                 reduce: Callable[[jax.Array], jax.Array] | None = None):
+    def __call__(
+        self,
+        h,
+        positions,
+        attn_state,
+        attend: Attend,
+        lora_fn: LoraFn | None = None,
+        reduce: Callable[[jax.Array], jax.Array] | None = None,
+    ):
         # h [B, T, D]; positions [B, T]. reduce: the all-reduce of row-split layers' partial outputs
         # (tensor parallelism); their LoRA deltas are partial too and ride the same all-reduce.
         c = self.config
@@ -66,7 +73,9 @@ class DecoderLayer(nn.Module):
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
         gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
         up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
-        h = h + reduce(self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state))
+        h = h + reduce(
+            self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
+        )
         return h, attn_state
 
 
@@ -83,7 +92,9 @@ def lm_head(params: dict[str, Any], config: ModelConfig, h: jax.Array) -> jax.Ar
     return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def take_logits(params: dict[str, Any], config: ModelConfig, h: jax.Array, logits_at: jax.Array | None) -> jax.Array:
+def take_logits(
+    params: dict[str, Any], config: ModelConfig, h: jax.Array, logits_at: jax.Array | None
+) -> jax.Array:
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
     return lm_head(params, config, h)
@@ -105,15 +116,19 @@ def forward(
     pairs = lora[1] if lora is not None else None
 
     def attend(q, k, v, state):
-        out, ck, cv = contiguous_attention(q, k, v, state[0], state[1], batch.positions, config.sliding_window)
+        out, ck, cv = contiguous_attention(
+            q, k, v, state[0], state[1], batch.positions, config.sliding_window
+        )
         return out, (ck, cv)
 
     def body(h, xs):
         layer_params, ck, cv, layer_lora = xs
         lora_fn = None
         if layer_lora is not None:
+
             def lora_fn(name, x, state):
                 return lora_delta(x, layer_lora[name], pairs[name], lora_impl) if name in layer_lora else None
+
         h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)
 
@@ -143,5 +158,7 @@ def random_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32)
         "norm": jnp.ones((d,), dtype),
     }
     if not config.tie_word_embeddings:
-        params["lm_head"] = (jax.random.normal(k_head, (d, config.vocab_size), jnp.float32) * 0.02).astype(dtype)
+        params["lm_head"] = (jax.random.normal(k_head, (d, config.vocab_size), jnp.float32) * 0.02).astype(
+            dtype
+        )
     return params

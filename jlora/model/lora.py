@@ -39,7 +39,11 @@ def lora_delta(
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     delta = lora_rows(
-        flat, layer_weights.a, layer_weights.b, pairs.token_index, pairs.row_index,
+        flat,
+        layer_weights.a,
+        layer_weights.b,
+        pairs.token_index,
+        pairs.row_index,
         implementation=implementation,
     )
     return delta.reshape(b, t, -1)

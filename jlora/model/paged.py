@@ -58,8 +58,18 @@ def forward_paged(
 
         def attend(q, k, v, _state):
             out = paged_attention(
-                q, k, v, pool, layer, batch.page_tables, batch.positions, batch.cached_lens, batch.new_lens,
-                page_size=page_size, sliding_window=config.sliding_window, implementation=impl,
+                q,
+                k,
+                v,
+                pool,
+                layer,
+                batch.page_tables,
+                batch.positions,
+                batch.cached_lens,
+                batch.new_lens,
+                page_size=page_size,
+                sliding_window=config.sliding_window,
+                implementation=impl,
                 prefill_kernel=prefill_kernel,
             )
             return out.reshape(*out.shape[:2], -1), (k, v)
@@ -67,7 +77,9 @@ def forward_paged(
         lora_fn = None
         if lora is not None:
             groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
-            shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
+            shared: dict[
+                tuple[str, ...], tuple[jax.Array, jax.Array]
+            ] = {}  # group -> (its input, its deltas)
 
             def lora_fn(name, x, _state):
                 group = groups.get(name)
@@ -77,10 +89,21 @@ def forward_paged(
                     if group.modules not in shared or shared[group.modules][0] is not x:
                         x2 = x.reshape(b * t, h_in)
                         max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
-                        s = lora_decode_shrink(x2, pool, layer, group.token_index, group.a_start, implementation=impl)
-                        deltas = lora_decode_expand_group(s, pool, layer, group.token_index, group.b_start,
-                                                          group.offsets, widths, x.dtype, implementation=impl,
-                                                          max_rank=max_rank)
+                        s = lora_decode_shrink(
+                            x2, pool, layer, group.token_index, group.a_start, implementation=impl
+                        )
+                        deltas = lora_decode_expand_group(
+                            s,
+                            pool,
+                            layer,
+                            group.token_index,
+                            group.b_start,
+                            group.offsets,
+                            widths,
+                            x.dtype,
+                            implementation=impl,
+                            max_rank=max_rank,
+                        )
                         shared[group.modules] = (x, deltas)
                     i = group.modules.index(name)
                     col = sum(widths[:i])
@@ -91,13 +114,24 @@ def forward_paged(
                 h_out = shapes[name][1]
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
-                    delta = lora_decode(x.reshape(b * t, h_in), pool, layer, meta.token_index, meta.a_start,
-                                        meta.b_start, h_out, meta.offsets, implementation=impl,
-                                        max_rank=meta.token_index.shape[0] // (b * t))  # the rank bucket
+                    delta = lora_decode(
+                        x.reshape(b * t, h_in),
+                        pool,
+                        layer,
+                        meta.token_index,
+                        meta.a_start,
+                        meta.b_start,
+                        h_out,
+                        meta.offsets,
+                        implementation=impl,
+                        max_rank=meta.token_index.shape[0] // (b * t),
+                    )  # the rank bucket
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
-        h, (k, v) = layer_module.apply({"params": layer_params}, h, batch.positions, None, attend, lora_fn, reduce)
+        h, (k, v) = layer_module.apply(
+            {"params": layer_params}, h, batch.positions, None, attend, lora_fn, reduce
+        )
         return h, (k, v)
 
     if isinstance(params["layers"], list | tuple):  # unstacked: one buffer per layer, no slicing in a loop

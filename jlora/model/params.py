@@ -47,7 +47,9 @@ def params_from_tensors(
     stacked = {key: np.zeros((n_layers, *shape), np.float32) for key, shape in shapes.items()}
     seen: set[tuple[str, str, int]] = set()
     top: dict[str, np.ndarray] = {}
-    for name, array in tqdm(tensors, total=total, desc="loading weights", disable=not progress, unit="tensor"):
+    for name, array in tqdm(
+        tensors, total=total, desc="loading weights", disable=not progress, unit="tensor"
+    ):
         if _IGNORED.search(name):
             continue
         match = _LAYER.match(name)
@@ -71,7 +73,9 @@ def params_from_tensors(
         else:
             raise ModelLoadError(f"unexpected tensor {name}")
 
-    missing = [f"{m}.{leaf}[{i}]" for (m, leaf) in shapes for i in range(n_layers) if (m, leaf, i) not in seen]
+    missing = [
+        f"{m}.{leaf}[{i}]" for (m, leaf) in shapes for i in range(n_layers) if (m, leaf, i) not in seen
+    ]
     needed = ["embed", "norm"] + ([] if config.tie_word_embeddings else ["lm_head"])
     missing += [k for k in needed if k not in top]
     if missing:

@@ -36,7 +36,9 @@ class RowAllocator:
         self.free.extend(int(r) for r in rows)
 
 
-def adapter_rows(adapter: PeftAdapter, module: str, num_layers: int, h_in: int, h_out: int) -> tuple[np.ndarray, np.ndarray]:
+def adapter_rows(
+    adapter: PeftAdapter, module: str, num_layers: int, h_in: int, h_out: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The adapter's rows for one module: A^T rows [L, r, H_in] and scaled B rows [L, r, H_out]."""
     r = adapter.module_rank(module)
     a = np.zeros((num_layers, r, h_in), np.float32)
@@ -62,7 +64,9 @@ class AdapterPool:
     def _zeros(self, module: str, rows: int) -> LoraWeights:
         h_in, h_out = self.shapes[module]
         n = self.config.num_hidden_layers
-        return LoraWeights(a=jnp.zeros((n, rows, h_in), self.dtype), b=jnp.zeros((n, rows, h_out), self.dtype))
+        return LoraWeights(
+            a=jnp.zeros((n, rows, h_in), self.dtype), b=jnp.zeros((n, rows, h_out), self.dtype)
+        )
 
     def _grow(self, module: str, needed: int) -> None:
         alloc = self.allocators[module]
@@ -91,7 +95,8 @@ class AdapterPool:
             w = self.weights[m]
             idx = jnp.asarray(taken)
             self.weights[m] = LoraWeights(
-                a=w.a.at[:, idx].set(jnp.asarray(a, self.dtype)), b=w.b.at[:, idx].set(jnp.asarray(b, self.dtype))
+                a=w.a.at[:, idx].set(jnp.asarray(a, self.dtype)),
+                b=w.b.at[:, idx].set(jnp.asarray(b, self.dtype)),
             )
             rows[m] = taken
         self.rows[name] = rows

@@ -24,7 +24,10 @@ def new_pool(layout: PoolLayout, dtype: Any, shards: int = 1, sharding: Any = No
 
 
 def adapter_page_data(
-    layout: PoolLayout, adapter: PeftAdapter, ranks: dict[str, int], full_shapes: dict[str, tuple[int, int]],
+    layout: PoolLayout,
+    adapter: PeftAdapter,
+    ranks: dict[str, int],
+    full_shapes: dict[str, tuple[int, int]],
     shards: int = 1,
 ) -> np.ndarray:
     """The adapter's pages as host data [L, shards, n_pages, page_units, Dh] (rows placed as pack_rows
@@ -77,4 +80,6 @@ def write_pages(pool: jax.Array, layout: PoolLayout, ids: Any, block: Any) -> ja
 def empty_block(layout: PoolLayout, shards: int) -> tuple[np.ndarray, np.ndarray]:
     """A write whose page ids are all out of range (dropped): compiles the writer at start-up."""
     ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)
-    return ids, np.zeros((WRITE_CHUNK, layout.num_layers, shards, layout.page_units, layout.head_dim), np.float32)
+    return ids, np.zeros(
+        (WRITE_CHUNK, layout.num_layers, shards, layout.page_units, layout.head_dim), np.float32
+    )

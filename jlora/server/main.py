@@ -76,11 +76,16 @@ class JloraServer:
     async def start(self) -> int:
         o = self.options
         interceptors = [ApiKeyInterceptor(o.api_key)] if o.api_key else []
-        msg = [("grpc.max_send_message_length", o.max_message_bytes), ("grpc.max_receive_message_length", o.max_message_bytes)]
+        msg = [
+            ("grpc.max_send_message_length", o.max_message_bytes),
+            ("grpc.max_receive_message_length", o.max_message_bytes),
+        ]
         self.server = grpc.aio.server(interceptors=interceptors, options=msg)
         pb_grpc.add_JloraServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         address = f"{o.host}:{o.port}"
         if o.tls_cert:
             with open(o.tls_key, "rb") as f:
@@ -91,7 +96,9 @@ class JloraServer:
             if o.tls_client_ca:
                 with open(o.tls_client_ca, "rb") as f:
                     ca = f.read()
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
@@ -109,7 +116,9 @@ class JloraServer:
         """Refuse new work (UNAVAILABLE, health NOT_SERVING), let in-flight requests finish, stop."""
         self.servicer.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        deadline = asyncio.get_running_loop().time() + (self.options.grace_seconds if grace is None else grace)
+        deadline = asyncio.get_running_loop().time() + (
+            self.options.grace_seconds if grace is None else grace
+        )
         while self.front.num_active and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         await self.server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))

@@ -113,21 +113,33 @@ class JloraServicer(pb_grpc.JloraServicer):
         if reason == "deadline":
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "first-token deadline missed")
         n_prompt = self._prompt_len(request)
-        return pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs if request.params.logprobs else [],
-                                   finish_reason=reason, usage=pb.Usage(prompt_tokens=n_prompt, completion_tokens=len(ids)))
+        return pb.GenerateResponse(
+            text=text,
+            token_ids=ids,
+            logprobs=logprobs if request.params.logprobs else [],
+            finish_reason=reason,
+            usage=pb.Usage(prompt_tokens=n_prompt, completion_tokens=len(ids)),
+        )
 
     async def GenerateStream(self, request, context):
         count, reason = 0, "length"
         async for chunk in self._stream(request, context):
             if chunk.token_id is not None:
                 count += 1
-                yield pb.GenerateStreamResponse(token=pb.TokenChunk(token_id=chunk.token_id, text=chunk.text,
-                                                                    logprob=chunk.logprob or 0.0))
+                yield pb.GenerateStreamResponse(
+                    token=pb.TokenChunk(
+                        token_id=chunk.token_id, text=chunk.text, logprob=chunk.logprob or 0.0
+                    )
+                )
             reason = chunk.finish_reason or reason
         if reason == "deadline":
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "first-token deadline missed")
-        yield pb.GenerateStreamResponse(finish=pb.Finish(
-            finish_reason=reason, usage=pb.Usage(prompt_tokens=self._prompt_len(request), completion_tokens=count)))
+        yield pb.GenerateStreamResponse(
+            finish=pb.Finish(
+                finish_reason=reason,
+                usage=pb.Usage(prompt_tokens=self._prompt_len(request), completion_tokens=count),
+            )
+        )
 
     def _prompt_len(self, request) -> int:
         prompt = self._prompt(request)
@@ -152,16 +164,25 @@ class JloraServicer(pb_grpc.JloraServicer):
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        return pb.ListAdaptersResponse(adapters=[
-            pb.AdapterInfo(name=n, path=i["path"], ranks=i["ranks"], bytes=i["bytes"])
-            for n, i in self.engine.list_adapters().items()
-        ])
+        return pb.ListAdaptersResponse(
+            adapters=[
+                pb.AdapterInfo(name=n, path=i["path"], ranks=i["ranks"], bytes=i["bytes"])
+                for n, i in self.engine.list_adapters().items()
+            ]
+        )
 
     async def ListModels(self, request, context):
         c = self.engine.config
-        return pb.ListModelsResponse(models=[pb.ModelInfo(
-            name=self.model_name, architecture=c.architecture, max_model_len=self.engine.max_model_len,
-            vocab_size=c.vocab_size)])
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=self.model_name,
+                    architecture=c.architecture,
+                    max_model_len=self.engine.max_model_len,
+                    vocab_size=c.vocab_size,
+                )
+            ]
+        )
 
 
 async def _in_thread(fn, *args):

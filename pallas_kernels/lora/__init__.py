@@ -69,8 +69,18 @@ def _check_widths(h_in: int, h_out: int, dh: int) -> None:
 
 
 def lora_decode(
-    x, pool, layer, token_index, a_start, b_start, h_out: int, offsets=None, *, implementation: str = "reference",
-    tunables: LoraTunables | None = None, max_rank: int = 16,
+    x,
+    pool,
+    layer,
+    token_index,
+    a_start,
+    b_start,
+    h_out: int,
+    offsets=None,
+    *,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+    max_rank: int = 16,
 ) -> jax.Array:
     """BGMV delta [N, H_out]. Pairs must be grouped by token (nondecreasing token_index), padding
     pairs last with token_index N and a_start 0. offsets ([N + 1]) may be given to skip a search.
@@ -88,13 +98,29 @@ def lora_decode(
     if offsets is None:
         offsets = decode_offsets(token_index, x.shape[0])
     return lora_decode_kernel(
-        x, pool, layer, token_index, a_start, b_start, offsets, h_out=h_out,
-        tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank, interpret=path == "interpret",
+        x,
+        pool,
+        layer,
+        token_index,
+        a_start,
+        b_start,
+        offsets,
+        h_out=h_out,
+        tunables=tunables or tunables_for(pool.shape[2]),
+        max_rank=max_rank,
+        interpret=path == "interpret",
     )
 
 
 def lora_decode_shrink(
-    x, pool, layer, token_index, a_start, *, implementation: str = "reference", tunables: LoraTunables | None = None,
+    x,
+    pool,
+    layer,
+    token_index,
+    a_start,
+    *,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
 ) -> jax.Array:
     """BGMV shrink alone: [K] float32, x[token] . A row per pair. Projections that read the same x
     (q/k/v, gate/up) list their pairs one after another and share one launch, then one expand
@@ -107,21 +133,40 @@ def lora_decode_shrink(
     path = resolve(implementation)
     if path == "reference":
         return lora_decode_shrink_reference(x, pool, layer, token_index, a_start)
-    return bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables or tunables_for(pool.shape[2]),
-                       interpret=path == "interpret")
+    return bgmv_shrink(
+        x,
+        pool,
+        layer,
+        token_index,
+        a_start,
+        tunables=tunables or tunables_for(pool.shape[2]),
+        interpret=path == "interpret",
+    )
 
 
 def lora_decode_expand_group(
-    shrunk, pool, layer, token_index, b_start, offsets, h_outs: tuple[int, ...], dtype, *,
-    implementation: str = "reference", tunables: LoraTunables | None = None, max_rank: int = 16,
+    shrunk,
+    pool,
+    layer,
+    token_index,
+    b_start,
+    offsets,
+    h_outs: tuple[int, ...],
+    dtype,
+    *,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+    max_rank: int = 16,
 ) -> jax.Array:
     """BGMV expand of G projections in one launch: [N, sum(h_outs)], their deltas side by side.
     shrunk, token_index, b_start: [G*K] (projection m's pairs are the m-th K, each grouped by token);
     offsets: [G*(N+1)], projection m's offsets into its own K."""
     g = len(h_outs)
     if not (shrunk.shape == token_index.shape == b_start.shape) or shrunk.ndim != 1 or shrunk.shape[0] % g:
-        raise ValueError(f"shrunk {shrunk.shape}, token_index {token_index.shape}, b_start {b_start.shape} "
-                         f"must be equal [G*K] with G = {g}")
+        raise ValueError(
+            f"shrunk {shrunk.shape}, token_index {token_index.shape}, b_start {b_start.shape} "
+            f"must be equal [G*K] with G = {g}"
+        )
     if offsets.ndim != 1 or offsets.shape[0] % g:
         raise ValueError(f"offsets {offsets.shape} must be [G*(N+1)] with G = {g}")
     for h in h_outs:
@@ -129,25 +174,54 @@ def lora_decode_expand_group(
     path = resolve(implementation)
     if path == "reference":
         k, n = shrunk.shape[0] // g, offsets.shape[0] // g - 1
-        return jnp.concatenate([
-            lora_decode_expand_reference(shrunk[i * k : (i + 1) * k], pool, layer, token_index[i * k : (i + 1) * k],
-                                         b_start[i * k : (i + 1) * k], h, n, dtype)
-            for i, h in enumerate(h_outs)
-        ], axis=1)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=tuple(h_outs), dtype=jnp.dtype(dtype),
-                       tunables=tunables or tunables_for(pool.shape[2]), max_rank=max_rank,
-                       interpret=path == "interpret")
+        return jnp.concatenate(
+            [
+                lora_decode_expand_reference(
+                    shrunk[i * k : (i + 1) * k],
+                    pool,
+                    layer,
+                    token_index[i * k : (i + 1) * k],
+                    b_start[i * k : (i + 1) * k],
+                    h,
+                    n,
+                    dtype,
+                )
+                for i, h in enumerate(h_outs)
+            ],
+            axis=1,
+        )
+    return bgmv_expand(
+        shrunk,
+        pool,
+        layer,
+        b_start,
+        offsets,
+        h_outs=tuple(h_outs),
+        dtype=jnp.dtype(dtype),
+        tunables=tunables or tunables_for(pool.shape[2]),
+        max_rank=max_rank,
+        interpret=path == "interpret",
+    )
 
 
 def lora_prefill(
-    x, pool, layer, a_start, b_start, h_out: int, *, implementation: str = "reference",
+    x,
+    pool,
+    layer,
+    a_start,
+    b_start,
+    h_out: int,
+    *,
+    implementation: str = "reference",
     tunables: LoraTunables | None = None,
 ) -> jax.Array:
     """SGMV delta [B, T, H_out]: each sequence's chunk uses one adapter, rows padded to R with 0."""
     if x.ndim != 3 or pool.ndim != 3:
         raise ValueError(f"x must be [B, T, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
     if a_start.shape != b_start.shape or a_start.ndim != 2 or a_start.shape[0] != x.shape[0]:
-        raise ValueError(f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, R] with B = {x.shape[0]}")
+        raise ValueError(
+            f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, R] with B = {x.shape[0]}"
+        )
     _check_widths(x.shape[2], h_out, pool.shape[2])
     path = resolve(implementation)
     tunables = tunables or tunables_for(pool.shape[2])

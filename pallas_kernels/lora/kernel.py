@@ -88,8 +88,20 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
 
 
-def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, o_ref, *, out_units, pairs_per_load, n_pairs,
-                        n_tokens, block_starts):
+def _bgmv_expand_kernel(
+    layer_ref,
+    off_ref,
+    b_ref,
+    s_ref,
+    pool_ref,
+    o_ref,
+    *,
+    out_units,
+    pairs_per_load,
+    n_pairs,
+    n_tokens,
+    block_starts,
+):
     """Grid (token, block of output units). With several projections (block_starts: where each one's
     blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
     b_ref and of the shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own
@@ -178,8 +190,14 @@ def bgmv_expand(
     while pairs_per_load < max_rank:
         pairs_per_load *= 2
     out = pl.pallas_call(
-        functools.partial(_bgmv_expand_kernel, out_units=out_units, pairs_per_load=pairs_per_load,
-                          n_pairs=b_start.shape[0] // g, n_tokens=n, block_starts=starts),
+        functools.partial(
+            _bgmv_expand_kernel,
+            out_units=out_units,
+            pairs_per_load=pairs_per_load,
+            n_pairs=b_start.shape[0] // g,
+            n_tokens=n,
+            block_starts=starts,
+        ),
         out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
         compiler_params=_params(tunables),
@@ -204,8 +222,18 @@ def lora_decode_kernel(
     interpret: bool = False,
 ) -> jax.Array:  # [N, H_out] in x.dtype
     shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=(h_out,), dtype=x.dtype, tunables=tunables,
-                       max_rank=max_rank, interpret=interpret)
+    return bgmv_expand(
+        shrunk,
+        pool,
+        layer,
+        b_start,
+        offsets,
+        h_outs=(h_out,),
+        dtype=x.dtype,
+        tunables=tunables,
+        max_rank=max_rank,
+        interpret=interpret,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +251,9 @@ def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_token
         xs = x_ref[b, pl.ds(t0, block_tokens), c, :]  # [BT, Dh]
         tile = pool_ref[layer, rows_a + c, :]  # [R, Dh]; padding rows read the zero page
         if f32_dot:
-            return acc + pltriton.dot(xs.astype(jnp.float32), tile.astype(jnp.float32), trans_b=True, allow_tf32=False)
+            return acc + pltriton.dot(
+                xs.astype(jnp.float32), tile.astype(jnp.float32), trans_b=True, allow_tf32=False
+            )
         return acc + pltriton.dot(xs, tile.astype(xs.dtype), trans_b=True)
 
     acc = jax.lax.fori_loop(0, units_in, body, jnp.zeros((block_tokens, r), jnp.float32))

@@ -37,16 +37,22 @@ def _rows_from_pool(pool: jax.Array, layer: jax.Array, starts: jax.Array, width:
     return rows.reshape(*starts.shape, n_units * dh)[..., :width]
 
 
-def gather_rows(pool: jax.Array, layer: jax.Array, a_start: jax.Array, b_start: jax.Array, h_in: int, h_out: int):
+def gather_rows(
+    pool: jax.Array, layer: jax.Array, a_start: jax.Array, b_start: jax.Array, h_in: int, h_out: int
+):
     """The A^T and B rows named by a_start / b_start ([...] unit indices): ([..., H_in], [..., H_out])."""
     return _rows_from_pool(pool, layer, a_start, h_in), _rows_from_pool(pool, layer, b_start, h_out)
 
 
-def apply_decode_rows(x: jax.Array, a_rows: jax.Array, b_rows: jax.Array, token_index: jax.Array) -> jax.Array:
+def apply_decode_rows(
+    x: jax.Array, a_rows: jax.Array, b_rows: jax.Array, token_index: jax.Array
+) -> jax.Array:
     """BGMV on gathered rows. x [N, H_in]; a_rows [K, H_in]; b_rows [K, H_out]; token_index [K]."""
     x_rows = jnp.take(x, token_index, axis=0, mode="clip")
     shrunk = jnp.einsum("KH,KH->K", x_rows, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
-    delta = jax.ops.segment_sum(shrunk[:, None] * b_rows.astype(jnp.float32), token_index, num_segments=x.shape[0])
+    delta = jax.ops.segment_sum(
+        shrunk[:, None] * b_rows.astype(jnp.float32), token_index, num_segments=x.shape[0]
+    )
     return delta.astype(x.dtype)
 
 

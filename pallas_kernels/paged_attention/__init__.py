@@ -25,12 +25,22 @@ from pallas_kernels.paged_attention.reference import paged_attention_reference, 
 # where the reference takes 1,002 and 943 us.
 PREFILL_KERNEL = {"interpret": True, "pallas": True}
 
-__all__ = ["PREFILL_KERNEL", "AttentionTunables", "PrefillTunables", "paged_attention", "paged_attention_reference", "write_kv", "write_kv_reference"]
+__all__ = [
+    "PREFILL_KERNEL",
+    "AttentionTunables",
+    "PrefillTunables",
+    "paged_attention",
+    "paged_attention_reference",
+    "write_kv",
+    "write_kv_reference",
+]
 
 
 def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> jax.Array:
     if k.shape != v.shape or k.ndim != 5 or write_units.shape != k.shape[1:3]:
-        raise ValueError(f"k {k.shape}, v {v.shape} must be [L, B, T, Hkv, Dh]; write_units {write_units.shape} [B, T]")
+        raise ValueError(
+            f"k {k.shape}, v {v.shape} must be [L, B, T, Hkv, Dh]; write_units {write_units.shape} [B, T]"
+        )
     if pool.ndim != 3 or pool.shape[2] != k.shape[4] or pool.shape[0] != k.shape[0]:
         raise ValueError(f"pool {pool.shape} does not match k {k.shape}")
     resolve(implementation)  # one XLA scatter on every backend
@@ -38,9 +48,22 @@ def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> j
 
 
 def paged_attention(
-    q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens, *, page_size: int,
-    sliding_window: int | None = None, implementation: str = "reference", tunables: AttentionTunables | None = None,
-    prefill_kernel: bool | None = None, prefill_tunables: PrefillTunables | None = None,
+    q,
+    k_new,
+    v_new,
+    pool,
+    layer,
+    page_tables,
+    positions,
+    cached_lens,
+    new_lens,
+    *,
+    page_size: int,
+    sliding_window: int | None = None,
+    implementation: str = "reference",
+    tunables: AttentionTunables | None = None,
+    prefill_kernel: bool | None = None,
+    prefill_tunables: PrefillTunables | None = None,
 ) -> jax.Array:
     """[B, T, Hq, Dh] attention of the step's queries over the cached pages plus the step's own K/V."""
     if q.ndim != 4 or k_new.ndim != 4 or q.shape[2] % k_new.shape[2]:
@@ -50,26 +73,65 @@ def paged_attention(
     if pool.ndim != 3 or pool.shape[2] != q.shape[3]:
         raise ValueError(f"pool {pool.shape} must be [L, U, Dh] with Dh = {q.shape[3]}")
     if pool.shape[1] % (page_size * 2 * k_new.shape[2]):
-        raise ValueError(f"pool units {pool.shape[1]} are not whole pages of {page_size * 2 * k_new.shape[2]}")
+        raise ValueError(
+            f"pool units {pool.shape[1]} are not whole pages of {page_size * 2 * k_new.shape[2]}"
+        )
     b = q.shape[0]
-    if page_tables.shape[0] != b or positions.shape != q.shape[:2] or cached_lens.shape != (b,) or new_lens.shape != (b,):
+    if (
+        page_tables.shape[0] != b
+        or positions.shape != q.shape[:2]
+        or cached_lens.shape != (b,)
+        or new_lens.shape != (b,)
+    ):
         raise ValueError("page_tables, positions, cached_lens and new_lens must match q's batch")
     path = resolve(implementation)
-    if path != "reference" and q.shape[1] != 1 and (PREFILL_KERNEL[path] if prefill_kernel is None else prefill_kernel):
+    if (
+        path != "reference"
+        and q.shape[1] != 1
+        and (PREFILL_KERNEL[path] if prefill_kernel is None else prefill_kernel)
+    ):
         return paged_prefill_attention_kernel(
-            q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens, page_size=page_size,
+            q,
+            k_new,
+            v_new,
+            pool,
+            layer,
+            page_tables,
+            positions,
+            cached_lens,
+            new_lens,
+            page_size=page_size,
             sliding_window=sliding_window,
-            tunables=prefill_tunables or prefill_tunables_for(page_size, q.shape[3], q.shape[2] // k_new.shape[2]),
+            tunables=prefill_tunables
+            or prefill_tunables_for(page_size, q.shape[3], q.shape[2] // k_new.shape[2]),
             interpret=path == "interpret",
         )
     if path == "reference" or q.shape[1] != 1:
         return paged_attention_reference(
-            q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens,
-            page_size=page_size, sliding_window=sliding_window,
+            q,
+            k_new,
+            v_new,
+            pool,
+            layer,
+            page_tables,
+            positions,
+            cached_lens,
+            new_lens,
+            page_size=page_size,
+            sliding_window=sliding_window,
         )
     out = paged_decode_attention_kernel(
-        q[:, 0], k_new[:, 0], v_new[:, 0], pool, layer, page_tables, positions[:, 0], cached_lens,
-        page_size=page_size, sliding_window=sliding_window,
-        tunables=tunables or tunables_for(page_size, q.shape[3]), interpret=path == "interpret",
+        q[:, 0],
+        k_new[:, 0],
+        v_new[:, 0],
+        pool,
+        layer,
+        page_tables,
+        positions[:, 0],
+        cached_lens,
+        page_size=page_size,
+        sliding_window=sliding_window,
+        tunables=tunables or tunables_for(page_size, q.shape[3]),
+        interpret=path == "interpret",
     )
     return out[:, None]

@@ -34,7 +34,9 @@ class AttentionTunables:
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
-TUNED: dict[tuple[int, int], AttentionTunables] = {(16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True)}
+TUNED: dict[tuple[int, int], AttentionTunables] = {
+    (16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True)
+}
 
 
 def tunables_for(page_size: int, head_dim: int) -> AttentionTunables:
@@ -42,8 +44,24 @@ def tunables_for(page_size: int, head_dim: int) -> AttentionTunables:
 
 
 def _decode_kernel(
-    layer_ref, pt_ref, pos_ref, clen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
-    *, group, page_size, page_units, n_kv, block_keys, n_table, window, scale,
+    layer_ref,
+    pt_ref,
+    pos_ref,
+    clen_ref,
+    q_ref,
+    kn_ref,
+    vn_ref,
+    pool_ref,
+    o_ref,
+    *,
+    group,
+    page_size,
+    page_units,
+    n_kv,
+    block_keys,
+    n_table,
+    window,
+    scale,
 ):
     b = pl.program_id(0)
     h = pl.program_id(1)
@@ -57,7 +75,9 @@ def _decode_kernel(
     def block(i, carry):
         k0 = i * block_keys
         kpos = k0 + key  # [BK] position of each key
-        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
+        units = key_units(
+            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
+        )
         kt = pool_ref[layer, units, :].astype(jnp.float32)  # [BK, Dh]
         vt = pool_ref[layer, units + n_kv, :].astype(jnp.float32)
         ok = (kpos < clen) & (kpos <= pos)
@@ -70,10 +90,14 @@ def _decode_kernel(
             m_new = jnp.maximum(m, jnp.max(s, axis=0))
             p = jnp.exp(s - m_new)
             alpha = jnp.exp(m - m_new)
-            out.append((m_new, denom * alpha + jnp.sum(p, axis=0), acc * alpha + jnp.sum(p[:, None] * vt, axis=0)))
+            out.append(
+                (m_new, denom * alpha + jnp.sum(p, axis=0), acc * alpha + jnp.sum(p[:, None] * vt, axis=0))
+            )
         return tuple(out)
 
-    init = tuple((jnp.float32(NEG_INF), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(group))
+    init = tuple(
+        (jnp.float32(NEG_INF), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(group)
+    )
     n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
     start = jnp.int32(0)
     if window is not None:
@@ -93,8 +117,24 @@ def _decode_kernel(
 
 
 def _decode_mma_kernel(
-    layer_ref, pt_ref, pos_ref, clen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
-    *, page_size, page_units, n_kv, block_keys, n_table, window, scale, f32_dot,
+    layer_ref,
+    pt_ref,
+    pos_ref,
+    clen_ref,
+    q_ref,
+    kn_ref,
+    vn_ref,
+    pool_ref,
+    o_ref,
+    *,
+    page_size,
+    page_units,
+    n_kv,
+    block_keys,
+    n_table,
+    window,
+    scale,
+    f32_dot,
 ):
     """One program per (sequence, KV head): q is the group's heads padded to GP >= 16 rows."""
     b = pl.program_id(0)
@@ -108,14 +148,27 @@ def _decode_mma_kernel(
 
     def block(i, carry):
         kpos = i * block_keys + key
-        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
+        units = key_units(
+            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
+        )
         ok = (kpos < clen) & (kpos <= pos)
         if window is not None:
             ok = ok & (pos - kpos < window)
-        return online_softmax_step(carry, q, pool_ref[layer, units, :], pool_ref[layer, units + n_kv, :], ok[None, :],
-                                   scale=scale, f32=f32_dot)
+        return online_softmax_step(
+            carry,
+            q,
+            pool_ref[layer, units, :],
+            pool_ref[layer, units + n_kv, :],
+            ok[None, :],
+            scale=scale,
+            f32=f32_dot,
+        )
 
-    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32), jnp.zeros((gp, dh), jnp.float32))
+    init = (
+        jnp.full((gp,), NEG_INF, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+        jnp.zeros((gp, dh), jnp.float32),
+    )
     n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
     start = jnp.int32(0)
     if window is not None:
@@ -155,8 +208,15 @@ def paged_decode_attention_kernel(
     while ppb * 2 <= min(tunables.pages_per_block, p):
         ppb *= 2
     group = hq // hkv
-    common = dict(page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv, block_keys=ppb * page_size,
-                  n_table=p, window=sliding_window, scale=1.0 / float(dh) ** 0.5)
+    common = dict(
+        page_size=page_size,
+        page_units=page_size * 2 * hkv,
+        n_kv=hkv,
+        block_keys=ppb * page_size,
+        n_table=p,
+        window=sliding_window,
+        scale=1.0 / float(dh) ** 0.5,
+    )
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, positions, cached_lens)
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
     if tunables.mma:
@@ -165,11 +225,17 @@ def paged_decode_attention_kernel(
         out = pl.pallas_call(
             functools.partial(_decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32),
             out_shape=jax.ShapeDtypeStruct((b, hkv, gp, dh), q.dtype),
-            grid=(b, hkv), compiler_params=params, interpret=interpret, name="paged_decode_attention_mma",
+            grid=(b, hkv),
+            compiler_params=params,
+            interpret=interpret,
+            name="paged_decode_attention_mma",
         )(*scalars, qg, k_new, v_new, pool)
         return out[:, :, :group].reshape(b, hq, dh)
     return pl.pallas_call(
         functools.partial(_decode_kernel, group=group, **common),
         out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
-        grid=(b, hkv), compiler_params=params, interpret=interpret, name="paged_decode_attention",
+        grid=(b, hkv),
+        compiler_params=params,
+        interpret=interpret,
+        name="paged_decode_attention",
     )(*scalars, q, k_new, v_new, pool)

@@ -53,8 +53,28 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def _prefill_kernel(
-    layer_ref, pt_ref, pos_ref, clen_ref, nlen_ref, q_ref, kn_ref, vn_ref, pool_ref, o_ref,
-    *, gp, block_q, page_size, page_units, n_kv, cached_keys, chunk_keys, n_table, window, scale, f32_dot,
+    layer_ref,
+    pt_ref,
+    pos_ref,
+    clen_ref,
+    nlen_ref,
+    q_ref,
+    kn_ref,
+    vn_ref,
+    pool_ref,
+    o_ref,
+    *,
+    gp,
+    block_q,
+    page_size,
+    page_units,
+    n_kv,
+    cached_keys,
+    chunk_keys,
+    n_table,
+    window,
+    scale,
+    f32_dot,
 ):
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
@@ -72,7 +92,9 @@ def _prefill_kernel(
 
     def cached_block(i, carry):
         kpos = i * cached_keys + ckey
-        units = key_units(pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table)
+        units = key_units(
+            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
+        )
         ok = (kpos < clen)[None, :] & (kpos[None, :] <= q_pos[:, None])
         if window is not None:
             ok = ok & (q_pos[:, None] - kpos[None, :] < window)
@@ -87,10 +109,16 @@ def _prefill_kernel(
         ok = (j < nlen)[None, :] & (kpos[None, :] <= q_pos[:, None])
         if window is not None:
             ok = ok & (q_pos[:, None] - kpos[None, :] < window)
-        return update(carry, kn_ref[b, h, pl.ds(j0, chunk_keys), :], vn_ref[b, h, pl.ds(j0, chunk_keys), :], ok)
+        return update(
+            carry, kn_ref[b, h, pl.ds(j0, chunk_keys), :], vn_ref[b, h, pl.ds(j0, chunk_keys), :], ok
+        )
 
     dh = q.shape[1]
-    carry = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
+    carry = (
+        jnp.full((rows,), NEG_INF, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, dh), jnp.float32),
+    )
     start = jnp.int32(0)
     if window is not None:
         start = jnp.maximum(pos_ref[b, t0] - window + 1, 0) // cached_keys
@@ -136,9 +164,18 @@ def paged_prefill_attention_kernel(
     n_table = page_tables.shape[1]
     ppb = _pow2_at_most(n_table, tunables.pages_per_block)
     kernel = functools.partial(
-        _prefill_kernel, gp=gp, block_q=block_q, page_size=page_size, page_units=page_size * 2 * hkv, n_kv=hkv,
-        cached_keys=max(16, ppb * page_size), chunk_keys=chunk_keys, n_table=n_table, window=sliding_window,
-        scale=1.0 / float(dh) ** 0.5, f32_dot=pool.dtype == jnp.float32,
+        _prefill_kernel,
+        gp=gp,
+        block_q=block_q,
+        page_size=page_size,
+        page_units=page_size * 2 * hkv,
+        n_kv=hkv,
+        cached_keys=max(16, ppb * page_size),
+        chunk_keys=chunk_keys,
+        n_table=n_table,
+        window=sliding_window,
+        scale=1.0 / float(dh) ** 0.5,
+        f32_dot=pool.dtype == jnp.float32,
     )
     out = pl.pallas_call(
         kernel,
