@@ -47,6 +47,27 @@ def make_params(config, mesh, unrolled: bool):
     return {**top, "layers": layers}
 
 
+def pool_pages(config, mp: int, batch: int, pages_per_seq: int) -> int:
+    """Pages for every request's whole KV and its own adapter at once, with room to spare. An adapter's
+    pages depend on the geometry and on mp: a page holds one shard's KV heads, while the A rows of
+    column-parallel projections stay whole (Llama-2-70B, rank 16 q/k/v/o: 25 pages at mp 1, 74 at mp 4;
+    sizing for 7B's 8 left room for 12 / 7 / 4 adapters and ran smaller batches than 32)."""
+    from jlora.pool.layout import PoolLayout, pack_rows
+    from jlora.sharding import local_config, local_module_shapes
+
+    local, shapes = local_config(config, mp), local_module_shapes(config, mp)
+    probe = PoolLayout(
+        num_layers=config.num_hidden_layers,
+        num_pages=1,
+        page_size=16,
+        num_kv_heads=local.num_key_value_heads,
+        head_dim=config.head_dim,
+        module_shapes=tuple((m, *shapes[m]) for m in TARGETS),
+    )
+    adapter = pack_rows(probe, {m: RANK for m in TARGETS})[0]
+    return 1 + batch * (pages_per_seq + adapter) + 64  # page 0 is reserved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
@@ -89,7 +110,7 @@ def main() -> None:
     pages_per_seq = (PROMPT + NEW) // 16
     ec = EngineConfig(
         page_size=16,
-        num_pages=b * pages_per_seq + b * 8 + 64,
+        num_pages=pool_pages(config, args.mp, b, pages_per_seq),
         max_model_len=PROMPT + NEW,
         max_batch=b,
         decode_batch_buckets=(b,),
@@ -145,6 +166,7 @@ def main() -> None:
     # a decode step's time: the interval between the ends of consecutive decode-only steps (with host
     # overlap the next step is already queued when one ends, so this is the step period)
     step_times: dict[str, list[float]] = {}
+    step_rows: dict[str, list[int]] = {}  # requests in each timed decode step: b unless memory fell short
     original = engine.paged.collect
     last_end: dict[str, float] = {}
 
@@ -160,6 +182,7 @@ def main() -> None:
         end = time.perf_counter()
         if decode and label in last_end:
             step_times.setdefault(label, []).append(end - last_end[label])
+            step_rows.setdefault(label, []).append(sum(len(c.sample_rows) for c in inflight.calls))
         if decode:
             last_end[label] = end
         else:
@@ -187,6 +210,7 @@ def main() -> None:
         )
         timed_collect.label = label
         phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
+        stats0 = dict(engine.runner.scheduler.stats)
         start = time.perf_counter()
         engine.generate(prompts, params_, adapters=adapters)
         seconds = time.perf_counter() - start
@@ -203,6 +227,9 @@ def main() -> None:
             timed_collect.label = f"profile:{label}"
             engine.generate(prompts, params_, adapters=adapters)
         decode = np.median(step_times[label])
+        rows = float(np.mean(step_rows[label]))
+        if rows < b:
+            print(f"WARNING {label}: decode steps ran {rows:.1f} requests on average, not {b}", flush=True)
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
@@ -210,10 +237,12 @@ def main() -> None:
         results[label] = {
             "tok_s_end_to_end": b * NEW / seconds,
             "decode_step_ms": decode * 1e3,
-            "decode_tok_s": b / decode,
+            "decode_tok_s": rows / decode,
+            "mean_decode_rows": rows,
             "step_floor_ms": floor_s * 1e3,
             "roofline_fraction": floor_s / decode,
             "host_ms_per_step": host_ms,  # the runner's phases (all steps, prefill included)
+            "scheduler_stats": {k: v - stats0.get(k, 0) for k, v in engine.runner.scheduler.stats.items()},
         }
         print(label, "host ms/step:", {k: round(v, 3) for k, v in host_ms.items()}, flush=True)
     mixed = results["mixed"]

@@ -24,12 +24,18 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="new tokens per request")
     ap.add_argument("--fuse-lora", default="auto")
     ap.add_argument("--overlap", type=int, default=1)
+    ap.add_argument(
+        "--hidden", type=int, default=256, help="8192 with --kv-heads 8: Llama-2-70B's adapter layout"
+    )
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=2)
     args = ap.parse_args()
     import jax
     import jax.numpy as jnp
 
     import jlora
     from bench.common import write_result
+    from bench.decode_7b import pool_pages
     from checkpoints.peft import write_random_peft_adapter
     from jlora.config import EngineConfig, ModelConfig
     from jlora.loader import LoadedModel
@@ -39,11 +45,11 @@ def main() -> None:
     config = ModelConfig(
         architecture="llama",
         vocab_size=512,
-        hidden_size=256,
+        hidden_size=args.hidden,
         intermediate_size=512,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
         head_dim=128,
         max_position_embeddings=4096,
     )
@@ -51,7 +57,7 @@ def main() -> None:
     pages = (PROMPT + args.new + 15) // 16
     ec = EngineConfig(
         page_size=16,
-        num_pages=BATCH * pages + BATCH * 8 + 64,
+        num_pages=pool_pages(config, 1, BATCH, pages),
         max_model_len=PROMPT + args.new,
         max_batch=BATCH,
         decode_batch_buckets=(BATCH,),
@@ -92,6 +98,15 @@ def main() -> None:
     engine.generate(
         prompts, jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapters=names
     )
+    rows: list[int] = []  # requests in each decode call: the batch unless the pool fell short
+    prepare = engine.paged.prepare
+
+    def counting_prepare(schedule, *a, **kw):
+        if schedule.decodes:
+            rows.append(len(schedule.decodes))
+        return prepare(schedule, *a, **kw)
+
+    engine.paged.prepare = counting_prepare
     phases0, steps0 = dict(engine.runner.phase_seconds), engine.runner.steps
     start = time.perf_counter()
     engine.generate(prompts, sampling, adapters=names)
@@ -107,9 +122,12 @@ def main() -> None:
             "targets": list(TARGETS),
             "fuse_lora": args.fuse_lora,
             "overlap": bool(args.overlap),
-            "model": "tiny random (2 layers)",
+            "model": f"tiny random (2 layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads)",
         },
         "steps": steps,
+        "mean_decode_rows": float(np.mean(rows)),
+        "max_decode_rows": max(rows),
+        "scheduler_stats": dict(engine.runner.scheduler.stats),
         "step_ms": seconds / steps * 1e3,
         "host_ms_per_step": host_ms,
         "host_work_ms_per_step": sum(v for k, v in host_ms.items() if k != "wait"),
@@ -117,7 +135,8 @@ def main() -> None:
     print(
         f"{steps} steps, {payload['step_ms']:.2f} ms/step; host ms/step:",
         {k: round(v, 3) for k, v in host_ms.items()},
-        f"work {payload['host_work_ms_per_step']:.2f} ms",
+        f"work {payload['host_work_ms_per_step']:.2f} ms; requests per decode step {payload['mean_decode_rows']:.1f}"
+        f" (max {payload['max_decode_rows']}), scheduler {payload['scheduler_stats']}",
     )
     print("wrote", write_result("host-step", payload))
 

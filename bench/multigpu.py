@@ -46,6 +46,8 @@ def row(path: str) -> dict[str, Any]:
         "batch": w["batch"],
         "decode_step_ms": step,
         "decode_tok_s": run["decode_tok_s"],
+        # requests per timed decode step (results before this field existed: unknown)
+        "mean_decode_rows": run.get("mean_decode_rows"),
         "tok_s_end_to_end": run["tok_s_end_to_end"],
         "roofline_fraction": run["roofline_fraction"],
         "device_busy_ms": prof.get("device_busy_ms_per_step"),
@@ -105,6 +107,10 @@ def main() -> None:
             f"x{r['speedup_over_mp1'] or float('nan'):.2f} over mp1, collectives {100 * r['collective_share_named']:.1f}% named, "
             f"<= {100 * r['collective_share_upper']:.1f}% with side streams"
         )
+        if r["mean_decode_rows"] is None or r["mean_decode_rows"] < r["batch"]:
+            print(
+                f"  WARNING: requests per decode step {r['mean_decode_rows']} (batch {r['batch']}): not a full batch"
+            )
     path = write_result("decode-multigpu-summary", summary)
     print("wrote", path, plot(summary, os.path.splitext(path)[0]))
 
