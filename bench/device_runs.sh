@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU runs through the device tool, one call each (bench/README.md). Copies each run's new result
+# files to $OUT as soon as it ends, so a call stopped at its time limit still returns what finished.
+#
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh mg GEOMETRY    # tensor parallel mp 4, 2, 1 (4-GPU kinds)
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+: "${JLORA_COMMIT:?set JLORA_COMMIT: the checkout travels without .git}"
+: "${OUT:?run through the device tool, which sets OUT}"
+marker=$(mktemp)
+save() { find bench/results -newer "$marker" -type f -exec cp {} "$OUT/" \; ; }
+run() { echo "== $*"; "$@" 2>&1 | grep -vE "Warning|warn\(" | tail -"${TAIL:-12}"; save; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+case "${1:-}" in
+  check)
+    run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py tests/test_lora_kernels.py
+    run python3 -m bench.hf_peer --out "$OUT/peer.json"
+    TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --peer "$OUT/peer.json" --tag=-check
+    ;;
+  kernels)
+    run python3 -m bench.kernels.lora
+    run python3 -m bench.kernels.attention
+    ;;
+  cmdbuf)
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL TAIL=30 \
+      run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-cmdbuf
+    ;;
+  mg)
+    geometry=${2:?mg needs a geometry: llama2-7b or llama2-70b}
+    for mp in 4 2 1; do
+      profile=--profile
+      [ "$mp" = 1 ] && profile=
+      run python3 -m bench.decode_7b --geometry "$geometry" --layers 32 --mp "$mp" --impl auto \
+        --layer-loop unrolled $profile --skip-base --tag="-mg-$geometry-mp$mp"
+    done
+    ;;
+  *)
+    echo "usage: bash bench/device_runs.sh check | kernels | cmdbuf | mg GEOMETRY" >&2
+    exit 2
+    ;;
+esac
