@@ -68,6 +68,58 @@ def pool_pages(config, mp: int, batch: int, pages_per_seq: int) -> int:
     return 1 + batch * (pages_per_seq + adapter) + 64  # page 0 is reserved
 
 
+def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):
+    """The decode-7b engine shape: one decode bucket of the batch, prefill 8 x PROMPT, rank-16 buckets,
+    a pool that holds every request's KV and its own adapter at once. (EngineConfig, SchedulerConfig)."""
+    from jlora.config import EngineConfig
+    from jlora.scheduler import SchedulerConfig
+
+    pages_per_seq = -(-(PROMPT + new_tokens) // 16)
+    ec = EngineConfig(
+        page_size=16,
+        num_pages=pool_pages(config, mp, batch, pages_per_seq),
+        max_model_len=PROMPT + new_tokens,
+        max_batch=batch,
+        decode_batch_buckets=(batch,),
+        prefill_batch_buckets=(8,),
+        prefill_chunk_buckets=(PROMPT,),
+        page_buckets=(pages_per_seq,),
+        lora_rank_buckets=(RANK,),
+        lora_modules=TARGETS,
+        compilation_cache_dir=None,
+        **overrides,
+    )
+    sched = SchedulerConfig(
+        max_batch=batch,
+        max_prefill_tokens=8 * PROMPT,
+        max_prefill_seqs=8,
+        max_chunk=PROMPT,
+        max_model_len=PROMPT + new_tokens,
+    )
+    return ec, sched
+
+
+def load_random_adapters(engine, config, count: int) -> list[str]:
+    """count random rank-16 q/k/v/o adapters, written as PEFT folders and loaded the normal way."""
+    from checkpoints.peft import write_random_peft_adapter
+
+    names = [f"a{i}" for i in range(count)]
+    with tempfile.TemporaryDirectory() as folder:
+        for i, n in enumerate(names):
+            write_random_peft_adapter(
+                os.path.join(folder, n),
+                num_layers=config.num_hidden_layers,
+                module_shapes=config.module_shapes(),
+                rank=RANK,
+                alpha=2 * RANK,
+                target_modules=list(TARGETS),
+                seed=i,
+                std=0.01,
+            )
+            engine.load_adapter(n, os.path.join(folder, n))
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
@@ -94,10 +146,8 @@ def main() -> None:
     from bench.common import write_result
     from bench.kernels.timing import bandwidth
     from bench.profile import kernel_breakdown
-    from checkpoints.peft import write_random_peft_adapter
-    from jlora.config import PRESETS, EngineConfig, MeshConfig
+    from jlora.config import PRESETS, MeshConfig
     from jlora.loader import LoadedModel
-    from jlora.scheduler import SchedulerConfig
     from jlora.sharding import make_mesh
 
     b = args.batch
@@ -107,30 +157,15 @@ def main() -> None:
     unrolled = args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu")
     params = make_params(config, mesh, unrolled=unrolled)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    pages_per_seq = (PROMPT + NEW) // 16
-    ec = EngineConfig(
-        page_size=16,
-        num_pages=pool_pages(config, args.mp, b, pages_per_seq),
-        max_model_len=PROMPT + NEW,
-        max_batch=b,
-        decode_batch_buckets=(b,),
-        prefill_batch_buckets=(8,),
-        prefill_chunk_buckets=(PROMPT,),
-        page_buckets=(pages_per_seq,),
-        lora_rank_buckets=(RANK,),
-        lora_modules=TARGETS,
-        compilation_cache_dir=None,
+    ec, sched = engine_configs(
+        config,
+        args.mp,
+        b,
+        NEW,
         implementation=args.impl,
         layer_loop=args.layer_loop,
         prefill_attention=args.prefill_attention,
         fuse_lora=args.fuse_lora,
-    )
-    sched = SchedulerConfig(
-        max_batch=b,
-        max_prefill_tokens=8 * PROMPT,
-        max_prefill_seqs=8,
-        max_chunk=PROMPT,
-        max_model_len=PROMPT + NEW,
     )
     start = time.perf_counter()
     engine = jlora.Engine(
@@ -143,20 +178,7 @@ def main() -> None:
         with open(args.hlo, "w") as f:
             f.write(engine.paged.compiled[name].as_text())
 
-    names = [f"a{i}" for i in range(b)]
-    with tempfile.TemporaryDirectory() as folder:
-        for i, n in enumerate(names):
-            write_random_peft_adapter(
-                os.path.join(folder, n),
-                num_layers=config.num_hidden_layers,
-                module_shapes=config.module_shapes(),
-                rank=RANK,
-                alpha=2 * RANK,
-                target_modules=list(TARGETS),
-                seed=i,
-                std=0.01,
-            )
-            engine.load_adapter(n, os.path.join(folder, n))
+    names = load_random_adapters(engine, config, b)
     adapter_bytes = (
         engine.paged.memory.adapter_pages_needed({m: RANK for m in TARGETS})
         * engine.paged.layout.page_bytes(2)

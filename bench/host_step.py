@@ -9,14 +9,11 @@ python -m bench.host_step [--new 128] [--fuse-lora auto] [--overlap 1]
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np
 
-BATCH, PROMPT, RANK = 32, 128, 16
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+BATCH = 32
 
 
 def main() -> None:
@@ -35,12 +32,10 @@ def main() -> None:
 
     import jlora
     from bench.common import write_result
-    from bench.decode_7b import pool_pages
-    from checkpoints.peft import write_random_peft_adapter
-    from jlora.config import EngineConfig, ModelConfig
+    from bench.decode_7b import PROMPT, RANK, TARGETS, engine_configs, load_random_adapters
+    from jlora.config import ModelConfig
     from jlora.loader import LoadedModel
     from jlora.model.llama import random_params
-    from jlora.scheduler import SchedulerConfig
 
     config = ModelConfig(
         architecture="llama",
@@ -54,44 +49,11 @@ def main() -> None:
         max_position_embeddings=4096,
     )
     params = random_params(config, jax.random.PRNGKey(0), jnp.float32)
-    pages = (PROMPT + args.new + 15) // 16
-    ec = EngineConfig(
-        page_size=16,
-        num_pages=pool_pages(config, 1, BATCH, pages),
-        max_model_len=PROMPT + args.new,
-        max_batch=BATCH,
-        decode_batch_buckets=(BATCH,),
-        prefill_batch_buckets=(8,),
-        prefill_chunk_buckets=(PROMPT,),
-        page_buckets=(pages,),
-        lora_rank_buckets=(RANK,),
-        lora_modules=TARGETS,
-        compilation_cache_dir=None,
-        fuse_lora=args.fuse_lora,
-        overlap=bool(args.overlap),
-    )
-    sched = SchedulerConfig(
-        max_batch=BATCH,
-        max_prefill_tokens=8 * PROMPT,
-        max_prefill_seqs=8,
-        max_chunk=PROMPT,
-        max_model_len=PROMPT + args.new,
+    ec, sched = engine_configs(
+        config, 1, BATCH, args.new, fuse_lora=args.fuse_lora, overlap=bool(args.overlap)
     )
     engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
-    names = [f"a{i}" for i in range(BATCH)]
-    with tempfile.TemporaryDirectory() as folder:
-        for i, n in enumerate(names):
-            write_random_peft_adapter(
-                os.path.join(folder, n),
-                num_layers=config.num_hidden_layers,
-                module_shapes=config.module_shapes(),
-                rank=RANK,
-                alpha=2 * RANK,
-                target_modules=list(TARGETS),
-                seed=i,
-                std=0.01,
-            )
-            engine.load_adapter(n, os.path.join(folder, n))
+    names = load_random_adapters(engine, config, BATCH)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, PROMPT).tolist() for _ in range(BATCH)]
     sampling = jlora.SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)

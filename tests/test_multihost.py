@@ -13,7 +13,7 @@ import numpy as np
 
 import jlora
 from jlora import loader
-from tests.test_sharding import NAMES, config
+from tests.test_sharding import ENGINE_KW, NAMES, config
 
 
 def _free_port() -> int:
@@ -27,18 +27,7 @@ def test_two_processes_agree_with_one_device(tiny_tp, tmp_path):
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, 384, int(rng.integers(3, 16))).tolist() for _ in range(6)]
     use = [NAMES[i % len(NAMES)] for i in range(6)]
-    engine_kw = dict(
-        page_size=8,
-        num_pages=300,
-        max_model_len=64,
-        max_batch=4,
-        decode_batch_buckets=(4,),
-        prefill_batch_buckets=(2,),
-        prefill_chunk_buckets=(8,),
-        page_buckets=(8,),
-        lora_rank_buckets=(16, 64),
-        compilation_cache_dir=None,
-    )
+    engine_kw = dict(ENGINE_KW)
     spec = {"engine": engine_kw, "adapters": paths, "prompts": prompts, "use": use}
     with open(tmp_path / "spec.json", "w") as f:
         json.dump(spec, f)

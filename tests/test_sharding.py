@@ -15,21 +15,22 @@ from jlora.sharding import count_collectives, make_mesh
 NAMES = [None, "qv_r4", "all_r8_rslora", "attn_r16_patterns", "mlp_r64", "regex_r12", "layers_r8"]
 
 
+ENGINE_KW = dict(  # plain values: the multihost test sends them to its processes as JSON
+    page_size=8,
+    num_pages=300,
+    max_model_len=64,
+    max_batch=4,
+    decode_batch_buckets=(4,),
+    prefill_batch_buckets=(2,),
+    prefill_chunk_buckets=(8,),
+    page_buckets=(8,),
+    lora_rank_buckets=(16, 64),
+    compilation_cache_dir=None,
+)
+
+
 def config(**kw) -> EngineConfig:
-    base = dict(
-        page_size=8,
-        num_pages=300,
-        max_model_len=64,
-        max_batch=4,
-        decode_batch_buckets=(4,),
-        prefill_batch_buckets=(2,),
-        prefill_chunk_buckets=(8,),
-        page_buckets=(8,),
-        lora_rank_buckets=(16, 64),
-        compilation_cache_dir=None,
-    )
-    base.update(kw)
-    return EngineConfig(**base)
+    return EngineConfig(**{**ENGINE_KW, **kw})
 
 
 def run(engine: jlora.Engine, paths) -> list:

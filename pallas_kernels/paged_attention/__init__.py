@@ -85,41 +85,22 @@ def paged_attention(
     ):
         raise ValueError("page_tables, positions, cached_lens and new_lens must match q's batch")
     path = resolve(implementation)
+    args = (q, k_new, v_new, pool, layer, page_tables, positions, cached_lens, new_lens)
+    window = dict(page_size=page_size, sliding_window=sliding_window)
     if (
         path != "reference"
         and q.shape[1] != 1
         and (PREFILL_KERNEL[path] if prefill_kernel is None else prefill_kernel)
     ):
+        group = q.shape[2] // k_new.shape[2]
         return paged_prefill_attention_kernel(
-            q,
-            k_new,
-            v_new,
-            pool,
-            layer,
-            page_tables,
-            positions,
-            cached_lens,
-            new_lens,
-            page_size=page_size,
-            sliding_window=sliding_window,
-            tunables=prefill_tunables
-            or prefill_tunables_for(page_size, q.shape[3], q.shape[2] // k_new.shape[2]),
+            *args,
+            **window,
+            tunables=prefill_tunables or prefill_tunables_for(page_size, q.shape[3], group),
             interpret=path == "interpret",
         )
     if path == "reference" or q.shape[1] != 1:
-        return paged_attention_reference(
-            q,
-            k_new,
-            v_new,
-            pool,
-            layer,
-            page_tables,
-            positions,
-            cached_lens,
-            new_lens,
-            page_size=page_size,
-            sliding_window=sliding_window,
-        )
+        return paged_attention_reference(*args, **window)
     out = paged_decode_attention_kernel(
         q[:, 0],
         k_new[:, 0],
@@ -129,8 +110,7 @@ def paged_attention(
         page_tables,
         positions[:, 0],
         cached_lens,
-        page_size=page_size,
-        sliding_window=sliding_window,
+        **window,
         tunables=tunables or tunables_for(page_size, q.shape[3]),
         interpret=path == "interpret",
     )
