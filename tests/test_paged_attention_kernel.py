@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import AttentionTunables, paged_attention
+from pallas_kernels.paged_attention import AttentionTunables, PrefillTunables, paged_attention
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
@@ -173,3 +173,24 @@ def test_prefill_kernel_gpu_sweep(t, hq, hkv):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     real = np.arange(t)[None, :] < new[:, None]
     assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("block_queries", [32, 64])
+@pytest.mark.parametrize("t,hq,hkv", [(20, 4, 4), (100, 8, 2)])
+def test_prefill_kernel_tuned_block_sizes(block_queries, t, hq, hkv):
+    """The tuned GPU block sizes (prefill_kernel.TUNED) on chunks shorter than, and not a multiple of,
+    a block."""
+    rng = np.random.default_rng(t + block_queries)
+    args, new = _prefill_case(rng, 2, t, hq, hkv, 16, 8, 16, jnp.float32)
+    want = paged_attention(*args, page_size=8, implementation="reference")
+    got = paged_attention(
+        *args,
+        page_size=8,
+        implementation=_impl(),
+        prefill_kernel=True,
+        prefill_tunables=PrefillTunables(block_queries=block_queries),
+    )
+    got, want = np.asarray(got), np.asarray(want)
+    real = np.arange(t)[None, :] < new[:, None]
+    assert np.isfinite(got[real]).all()
+    assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.float32]
