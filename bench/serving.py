@@ -176,6 +176,7 @@ def cold_vs_warm(
     """T7: first-token time of a lone request whose adapter is not on the device (cold), then again
     with it resident (warm), against the decode step time of the same engine."""
     rng = np.random.default_rng(1)
+    prompt_len = min(prompt_len, engine.paged.config.max_model_len - 4)  # room for the 4 new tokens
     out: dict[str, list[float]] = {"cold": [], "warm": [], "decode_step": []}
     for name in names:
         for label in ("cold", "warm"):
