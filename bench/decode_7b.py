@@ -49,22 +49,14 @@ def make_params(config, mesh, unrolled: bool):
 
 def pool_pages(config, mp: int, batch: int, pages_per_seq: int) -> int:
     """Pages for every request's whole KV and its own adapter at once, with room to spare. An adapter's
-    pages depend on the geometry and on mp: a page holds one shard's KV heads, while the A rows of
-    column-parallel projections stay whole (Llama-2-70B, rank 16 q/k/v/o: 25 pages at mp 1, 74 at mp 4;
-    sizing for 7B's 8 left room for 12 / 7 / 4 adapters and ran smaller batches than 32)."""
-    from jlora.pool.layout import PoolLayout, pack_rows
-    from jlora.sharding import local_config, local_module_shapes
+    pages depend on the geometry and on mp (jlora.engine.pool_layout): Llama-2-70B, rank 16 q/k/v/o,
+    25 pages at mp 1 and 74 at mp 4; sizing for 7B's 8 left room for 12 / 7 / 4 adapters and ran
+    smaller batches than 32."""
+    from jlora.engine import pool_layout
+    from jlora.pool.memory import PoolManager
 
-    local, shapes = local_config(config, mp), local_module_shapes(config, mp)
-    probe = PoolLayout(
-        num_layers=config.num_hidden_layers,
-        num_pages=1,
-        page_size=16,
-        num_kv_heads=local.num_key_value_heads,
-        head_dim=config.head_dim,
-        module_shapes=tuple((m, *shapes[m]) for m in TARGETS),
-    )
-    adapter = pack_rows(probe, {m: RANK for m in TARGETS})[0]
+    layout = pool_layout(config, num_pages=1, page_size=16, lora_modules=TARGETS, shards=mp)
+    adapter = PoolManager(layout).adapter_pages_needed({m: RANK for m in TARGETS})
     return 1 + batch * (pages_per_seq + adapter) + 64  # page 0 is reserved
 
 

@@ -122,6 +122,29 @@ def enable_compilation_cache(folder: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def pool_layout(
+    model_config: ModelConfig,
+    *,
+    num_pages: int,
+    page_size: int,
+    lora_modules: tuple[str, ...],
+    shards: int = 1,
+) -> PoolLayout:
+    """One shard's pool layout. A page holds that shard's KV heads, while the A rows of column-parallel
+    projections stay whole, so an adapter takes more pages as the model is split further
+    (`PoolManager(layout).adapter_pages_needed(ranks)`)."""
+    local = local_config(model_config, shards)
+    shapes = local_module_shapes(model_config, shards)
+    return PoolLayout(
+        num_layers=model_config.num_hidden_layers,
+        num_pages=num_pages,
+        page_size=page_size,
+        num_kv_heads=local.num_key_value_heads,
+        head_dim=model_config.head_dim,
+        module_shapes=tuple((m, *shapes[m]) for m in lora_modules),
+    )
+
+
 class PagedEngine:
     """mesh: a jax.sharding.Mesh with axes ("data", "model") for tensor parallelism (jlora.sharding);
     params are placed with their shardings, the pool is split by KV head, and each step runs the model
@@ -149,14 +172,12 @@ class PagedEngine:
         params = unstack_layers(params) if config.resolved_layer_loop() == "unrolled" else params
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
-        shapes = local_module_shapes(model_config, self.shards)
-        self.layout = PoolLayout(
-            num_layers=model_config.num_hidden_layers,
+        self.layout = pool_layout(
+            model_config,
             num_pages=config.num_pages,
             page_size=config.page_size,
-            num_kv_heads=local.num_key_value_heads,
-            head_dim=model_config.head_dim,
-            module_shapes=tuple((m, *shapes[m]) for m in config.lora_modules),
+            lora_modules=config.lora_modules,
+            shards=self.shards,
         )
         self.layout.check()
         self.memory = PoolManager(self.layout)

@@ -53,6 +53,13 @@ def _case(batch: int, context: int, hq: int, hkv: int):
     return fixed, rotations, kv_bytes
 
 
+def _attend(pool, tables, pos, lens, new, q, k, v, **options):
+    """paged_attention with the timed arguments first (chained_seconds rotates q, k, v), on the GPU
+    kernels unless options say otherwise."""
+    options = {"implementation": "pallas", **options}
+    return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE, **options)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -64,33 +71,20 @@ def main() -> None:
     for label, hq, hkv in (("llama2-7b MHA 32/32", 32, 32), ("llama3-8b GQA 32/8", 32, 8)):
         fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv)
 
-        def op(pool, tables, pos, lens, new, q, k, v, impl="pallas", tunables=None):
-            return paged_attention(
-                q,
-                k,
-                v,
-                pool,
-                jnp.int32(0),
-                tables,
-                pos,
-                lens,
-                new,
-                page_size=PAGE,
-                implementation=impl,
-                tunables=tunables,
-            )
-
-        want = op(*fixed, *rotations[0], impl="reference")
+        want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
         for ppb, warps, mma in itertools.product((2, 4, 8), (4, 8), (False, True)):
             t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma)
-            got = op(*fixed, *rotations[0], tunables=t)
+            got = _attend(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-            us = chained_seconds(lambda *a, t=t: op(*a, tunables=t), fixed, rotations, iters=20) * 1e6
+            us = chained_seconds(lambda *a, t=t: _attend(*a, tunables=t), fixed, rotations, iters=20) * 1e6
             sweep.append({**dataclasses.asdict(t), "us": us, "max_abs_err": err})
             print(label, dataclasses.asdict(t), f"{us:.1f} us err {err:.2e}", flush=True)
         best = min(sweep, key=lambda s: s["us"])
-        ref_us = chained_seconds(lambda *a: op(*a, impl="reference"), fixed, rotations, iters=20) * 1e6
+        ref_us = (
+            chained_seconds(lambda *a: _attend(*a, implementation="reference"), fixed, rotations, iters=20)
+            * 1e6
+        )
         row = {
             "case": label,
             "batch": args.batch,
@@ -138,33 +132,26 @@ def prefill_rows(bw: dict, batch: int = 8, chunk: int = 256, cached: int = 1024)
                 )
             )
 
-        def op(pool, tables, pos, lens, new, q, k, v, kernel=True, tunables=None):
-            return paged_attention(
-                q,
-                k,
-                v,
-                pool,
-                jnp.int32(0),
-                tables,
-                pos,
-                lens,
-                new,
-                page_size=PAGE,
-                implementation="pallas",
-                prefill_kernel=kernel,
-                prefill_tunables=tunables,
-            )
-
         fixed = (pool, tables, pos, lens, new)
-        want = op(*fixed, *rotations[0], kernel=False)
-        ref_us = chained_seconds(lambda *a: op(*a, kernel=False), fixed, rotations, iters=10) * 1e6
+        want = _attend(*fixed, *rotations[0], prefill_kernel=False)
+        ref_us = (
+            chained_seconds(lambda *a: _attend(*a, prefill_kernel=False), fixed, rotations, iters=10) * 1e6
+        )
         flops = 4 * batch * hq * chunk * (cached + chunk / 2) * DH
         for bq, warps in itertools.product((16, 32, 64), (4, 8)):
             t = PrefillTunables(block_queries=bq, num_warps=warps)
             try:
-                got = op(*fixed, *rotations[0], tunables=t)
+                got = _attend(*fixed, *rotations[0], prefill_kernel=True, prefill_tunables=t)
                 err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-                us = chained_seconds(lambda *a, t=t: op(*a, tunables=t), fixed, rotations, iters=10) * 1e6
+                us = (
+                    chained_seconds(
+                        lambda *a, t=t: _attend(*a, prefill_kernel=True, prefill_tunables=t),
+                        fixed,
+                        rotations,
+                        iters=10,
+                    )
+                    * 1e6
+                )
             except Exception as e:  # noqa: BLE001 - a tiling Triton refuses is a result, not a crash
                 out.append({"case": label, **dataclasses.asdict(t), "error": repr(e)[:300]})
                 continue

@@ -1,7 +1,8 @@
-"""The benchmark drivers' own arithmetic: the S-LoRA trace's distributions, and decode_7b's pool
-holding a full batch (32 requests' whole KV and 32 distinct adapters at once) for every geometry and
-model-parallel degree it is run at. An under-sized pool once ran the Llama-2-70B geometry at 12/7/4
-requests per step while reporting batch 32."""
+"""The benchmark drivers' own arithmetic, collected by `make test` (pyproject testpaths; tests/ never
+imports bench): the S-LoRA trace's distributions, and decode_7b's pool holding a full batch (32
+requests' whole KV and 32 distinct adapters at once) for every geometry and model-parallel degree it
+is run at. An under-sized pool once ran the Llama-2-70B geometry at 12/7/4 requests per step while
+reporting batch 32."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import pytest
 from bench.decode_7b import NEW, PROMPT, RANK, TARGETS, pool_pages
 from bench.trace import adapter_ranks, slora_trace
 from jlora.config import PRESETS
-from jlora.pool.layout import PoolLayout
+from jlora.engine import pool_layout
 from jlora.pool.memory import PoolManager
-from jlora.sharding import local_config, local_module_shapes
 
 
 @pytest.mark.parametrize("geometry", ["llama2-7b", "llama2-70b", "llama3-8b"])
@@ -23,16 +23,10 @@ from jlora.sharding import local_config, local_module_shapes
 def test_decode_7b_pool_holds_the_whole_batch(geometry, mp):
     config = dataclasses.replace(PRESETS[geometry], num_hidden_layers=32)
     batch, pages_per_seq = 32, (PROMPT + NEW) // 16
-    local, shapes = local_config(config, mp), local_module_shapes(config, mp)
-    layout = PoolLayout(
-        num_layers=32,
-        num_pages=pool_pages(config, mp, batch, pages_per_seq),
-        page_size=16,
-        num_kv_heads=local.num_key_value_heads,
-        head_dim=config.head_dim,
-        module_shapes=tuple((m, *shapes[m]) for m in TARGETS),
+    num_pages = pool_pages(config, mp, batch, pages_per_seq)
+    memory = PoolManager(
+        pool_layout(config, num_pages=num_pages, page_size=16, lora_modules=TARGETS, shards=mp)
     )
-    memory = PoolManager(layout)
     for i in range(batch):  # every request at its last token, with its own adapter resident
         memory.place(f"a{i}", {m: RANK for m in TARGETS})
         memory.grow_kv(i, PROMPT + NEW)
