@@ -43,6 +43,17 @@ def device() -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
+# decode_7b's requests prefill 8 per step, so they also finish 8 per step: the last decode steps run
+# 24, 16, 8 requests and a full run of 32 averages ~31.6 per timed step. A pool that holds fewer
+# requests than the batch (the 70B runs sized for 7B adapters: 12, 7, 4 of 32) falls far below this.
+FULL_BATCH_SHARE = 0.9
+
+
+def batch_filled(mean_decode_rows: float | None, batch: int) -> bool:
+    """Whether a decode run's timed steps ran the batch it asked for (tail steps aside)."""
+    return mean_decode_rows is not None and mean_decode_rows >= FULL_BATCH_SHARE * batch
+
+
 def write_result(name: str, payload: dict[str, Any]) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)

@@ -135,7 +135,7 @@ def main() -> None:
     import jax
 
     import jlora
-    from bench.common import write_result
+    from bench.common import batch_filled, write_result
     from bench.kernels.timing import bandwidth
     from bench.profile import kernel_breakdown
     from jlora.config import PRESETS, MeshConfig
@@ -242,7 +242,7 @@ def main() -> None:
             engine.generate(prompts, params_, adapters=adapters)
         decode = np.median(step_times[label])
         rows = float(np.mean(step_rows[label]))
-        if rows < b:
+        if not batch_filled(rows, b):
             print(f"WARNING {label}: decode steps ran {rows:.1f} requests on average, not {b}", flush=True)
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2

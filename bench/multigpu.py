@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, batch_filled, write_result
 
 
 def row(path: str) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def main() -> None:
             f"x{r['speedup_over_mp1'] or float('nan'):.2f} over mp1, collectives {100 * r['collective_share_named']:.1f}% named, "
             f"<= {100 * r['collective_share_upper']:.1f}% with side streams"
         )
-        if r["mean_decode_rows"] is None or r["mean_decode_rows"] < r["batch"]:
+        if not batch_filled(r["mean_decode_rows"], r["batch"]):
             print(
                 f"  WARNING: requests per decode step {r['mean_decode_rows']} (batch {r['batch']}): not a full batch"
             )

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from bench.common import batch_filled
 from bench.decode_7b import NEW, PROMPT, RANK, TARGETS, pool_pages
 from bench.trace import adapter_ranks, slora_trace
 from jlora.config import PRESETS
@@ -57,3 +58,11 @@ def test_adapter_ranks_draw_from_the_set():
     ranks = adapter_ranks(1000, (8, 16, 32, 64))
     assert set(ranks) == {8, 16, 32, 64}
     assert all(150 < ranks.count(r) < 350 for r in (8, 16, 32, 64))
+
+
+def test_batch_filled_tells_the_prefill_tail_from_an_under_sized_pool():
+    # 32 requests prefilled 8 per step: 21 timed steps, the last three at 24, 16, 8 (H100 run, 31.62)
+    assert batch_filled(664 / 21, 32)
+    for held in (12, 7, 4):  # the 70B runs whose pool held fewer requests than the batch
+        assert not batch_filled(held, 32)
+    assert not batch_filled(None, 32)  # results from before the field existed
