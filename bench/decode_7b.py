@@ -9,6 +9,7 @@ python -m bench.decode_7b [--peer FILE] [--batch 32] [--layers 32] [--impl refer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -23,7 +24,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def make_params(config, mesh, unrolled: bool):
     """Random bf16 weights created in place (already split over the mesh); with unrolled=True one
     layer at a time as per-layer buffers, so a large model never exists twice on a device."""
-    import dataclasses
 
     import jax
     import jax.numpy as jnp
@@ -58,6 +58,21 @@ def pool_pages(config, mp: int, batch: int, pages_per_seq: int) -> int:
     layout = pool_layout(config, num_pages=1, page_size=16, lora_modules=TARGETS, shards=mp)
     adapter = PoolManager(layout).adapter_pages_needed({m: RANK for m in TARGETS})
     return 1 + batch * (pages_per_seq + adapter) + 64  # page 0 is reserved
+
+
+def set_lora_tunables(spec: str, head_dim: int) -> dict:
+    """Replace the tuned LoRA kernel shapes for this head_dim (pallas_kernels.lora.kernel.TUNED) before
+    the engine compiles: spec is a JSON object or a bench.kernels.lora result file."""
+    from pallas_kernels.lora import kernel
+
+    if spec.lstrip().startswith("{"):
+        fields = json.loads(spec)
+    else:
+        with open(spec) as f:
+            fields = json.load(f)["tuned"]
+    kernel.TUNED[head_dim] = kernel.LoraTunables(**fields)
+    print("LoRA tunables:", kernel.TUNED[head_dim], flush=True)
+    return dataclasses.asdict(kernel.TUNED[head_dim])
 
 
 def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):
@@ -129,8 +144,13 @@ def main() -> None:
     ap.add_argument("--skip-base", action="store_true", help="only the mixed-adapter run")
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
     ap.add_argument("--fuse-lora", default="auto", help="off | on | auto (EngineConfig)")
+    ap.add_argument(
+        "--lora-tunables",
+        default=None,
+        help="LoraTunables for the run, replacing the tuned ones: a JSON object, or a bench.kernels.lora "
+        "result file (its 'tuned')",
+    )
     args = ap.parse_args()
-    import dataclasses
 
     import jax
 
@@ -145,6 +165,7 @@ def main() -> None:
     b = args.batch
     bw = bandwidth()
     config = dataclasses.replace(PRESETS[args.geometry], num_hidden_layers=args.layers)
+    lora_tunables = set_lora_tunables(args.lora_tunables, config.head_dim) if args.lora_tunables else None
     mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
     unrolled = args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu")
     params = make_params(config, mesh, unrolled=unrolled)
@@ -275,6 +296,7 @@ def main() -> None:
             "rank": RANK,
             "targets": list(TARGETS),
             "implementation": ec.implementation,
+            "lora_tunables": lora_tunables,
             "layer_loop": ec.layer_loop,
             "prefill_attention": ec.prefill_attention,
             "fuse_lora": ec.fuse_lora,

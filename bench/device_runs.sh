@@ -4,6 +4,7 @@
 #
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mg GEOMETRY    # tensor parallel mp 4, 2, 1 (4-GPU kinds)
 set -u
@@ -25,6 +26,12 @@ case "${1:-}" in
     run python3 -m bench.kernels.lora
     run python3 -m bench.kernels.attention
     ;;
+  fused)
+    run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py
+    TAIL=24 run python3 -m bench.kernels.lora --quick --out "$OUT/lora.json"
+    TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile \
+      --lora-tunables "$OUT/lora.json" --tag=-one-launch
+    ;;
   cmdbuf)
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL TAIL=30 \
       run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-cmdbuf
@@ -39,7 +46,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | kernels | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | kernels | fused | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lora.kernel import LoraTunables, bgmv_expand, bgmv_shrink, lora_prefill_kernel
+from pallas_kernels.lora.kernel import LoraTunables, bgmv_expand, bgmv_fused, bgmv_shrink, lora_prefill_kernel
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
 
@@ -64,6 +64,33 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
         S((g * (n + 1),), I32),
     )
     assert "bgmv_expand" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128)])
+@pytest.mark.parametrize("max_rank", [16, 64])
+def test_bgmv_fused_lowers(h_outs, max_rank, dtype):
+    g, n, k = len(h_outs), 8, 48
+    text = _lower_for_cuda(
+        lambda x, pool, layer, a, b, off: bgmv_fused(
+            x,
+            pool,
+            layer,
+            a,
+            b,
+            off,
+            h_outs=h_outs,
+            tunables=LoraTunables(fused_max_tokens=64),
+            max_rank=max_rank,
+        ),
+        S((n, 512), dtype),
+        S((LAYERS, UNITS, DH), dtype),
+        S((), I32),
+        S((g * k,), I32),
+        S((g * k,), I32),
+        S((g * (n + 1),), I32),
+    )
+    assert "bgmv_fused" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

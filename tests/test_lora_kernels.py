@@ -14,12 +14,20 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lora import (
+    LoraTunables,
     decode_offsets,
     lora_decode,
     lora_decode_expand_group,
+    lora_decode_group,
     lora_decode_shrink,
     lora_prefill,
 )
+
+# shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
+FUSED = [
+    LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=1),
+    LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=8, fused_out_units=4, fused_num_warps=2),
+]
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative to the largest |delta|
 
@@ -220,6 +228,74 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
     _check(got, want, dtype)
 
 
+@pytest.mark.parametrize("tunables", FUSED)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "n_tokens,rank_choices,h_in,h_out,dh,max_rank",
+    [
+        (1, (1,), 64, 64, 16, 16),
+        (7, (0, 1, 3, 8), 64, 32, 16, 8),  # mixed ranks, a token with no adapter
+        (12, (2, 16, 5), 96, 48, 16, 4),  # ranks above max_rank: several loads per token
+        (4, (32, 64), 128, 64, 32, 64),
+    ],
+)
+def test_fused_shrink_expand_matches_reference(
+    n_tokens, rank_choices, h_in, h_out, dh, max_rank, dtype, tunables
+):
+    rng = np.random.default_rng(n_tokens * 7 + h_out)
+    ranks = [int(rng.choice(rank_choices)) for _ in range(n_tokens)]
+    x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, h_in, h_out, dh, dtype, pad_to=sum(ranks) + 5)
+    layer = jnp.int32(1)
+    want = lora_decode(x, pool, layer, tok, a, b, h_out, implementation="reference")
+    got = lora_decode(
+        x, pool, layer, tok, a, b, h_out, implementation=_impl(), tunables=tunables, max_rank=max_rank
+    )
+    _check(got, want, dtype)
+
+
+@pytest.mark.parametrize("tunables", [None, *FUSED])
+def test_decode_group_with_unequal_widths(tunables):
+    """lora_decode_group (one fused launch, or a shared shrink and expand) for q/k/v of a GQA model
+    equals lora_decode per projection."""
+    rng = np.random.default_rng(11)
+    n_tokens, h_in, widths = 7, 64, (64, 32, 32)
+    ranks = [int(rng.choice((0, 1, 4, 16))) for _ in range(n_tokens)]
+    layer = jnp.int32(0)
+    cases = [
+        _decode_case(
+            np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2
+        )
+        for i, w in enumerate(widths)
+    ]
+    pools, shift, tok, a_all, b_all = [], 0, [], [], []
+    for _, pool_i, tok_i, a_i, b_i in cases:
+        pools.append(pool_i)
+        tok.append(tok_i)
+        a_all.append(jnp.where(a_i > 0, a_i + shift, 0))
+        b_all.append(jnp.where(a_i > 0, b_i + shift, 0))
+        shift += pool_i.shape[1]
+    pool = jnp.concatenate(pools, axis=1)
+    x = cases[0][0]
+    got = lora_decode_group(
+        x,
+        pool,
+        layer,
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t, n_tokens) for t in tok]),
+        widths,
+        implementation=_impl(),
+        tunables=tunables,
+        max_rank=16,
+    )
+    col = 0
+    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
+        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
+        _check(got[:, col : col + w], want, jnp.float32)
+        col += w
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_tokens", [1, 32, 256, 512])
 def test_bgmv_gpu_sweep(n_tokens):
@@ -232,6 +308,9 @@ def test_bgmv_gpu_sweep(n_tokens):
     want = lora_decode(x, pool, layer, tok, a, b, 256, implementation="reference")
     got = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas")
     _check(got, want, jnp.bfloat16)
+    for tunables in FUSED:
+        fused = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas", tunables=tunables)
+        _check(fused, want, jnp.bfloat16)
 
 
 def test_bad_shapes_raise_early():

@@ -12,6 +12,8 @@ import pytest
 import jlora
 from jlora import loader
 from jlora.config import EngineConfig
+from pallas_kernels.lora import LoraTunables
+from pallas_kernels.lora import kernel as lora_kernel
 from tests.helpers import tiny_hf_model
 from tests.test_multi_lora import adapter_specs, build_peft
 
@@ -90,16 +92,22 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "kernels_interpret",
         "kernels_interpret_prefill_reference",
         "kernels_interpret_lora_fused",
+        "kernels_interpret_lora_fused_one_launch",
         "unrolled",
         "no_overlap",
         "lora_fused",
     ],
 )
-def test_paged_equals_reference(tiny, variant):
+def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
-    interpreter; _prefill_reference: the same with prefill attention forced to the reference."""
+    interpreter; _prefill_reference: the same with prefill attention forced to the reference;
+    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
+    if variant.endswith("one_launch"):
+        tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
+        monkeypatch.setitem(lora_kernel.TUNED, loaded.config.head_dim, tunables)
+    variant = variant.removesuffix("_one_launch")
     config = small_config(
         num_pages=128 if variant == "small_pool_preempts" else 400,
         implementation=impl,

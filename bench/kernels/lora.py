@@ -24,6 +24,8 @@ from pallas_kernels.lora import LoraTunables, lora_decode
 H, DH = 4096, 128
 UNITS = H // DH
 ROT = 4
+FUSED_TOKENS = (8, 32, 128, 256)
+DECODE_BATCH = 32
 KERNEL_IMPL = "pallas"  # "interpret" for a CPU smoke run
 
 
@@ -144,12 +146,49 @@ def main() -> None:
     rows = []
     sweep = []
     for chunk, out_units, warps in itertools.product((8, 32), (1, 2, 4), (2, 4)):
+        if args.quick and (chunk, warps) != (8, 2):
+            continue
         t = LoraTunables(chunk_units=chunk, out_units=out_units, num_warps=warps)
         r = run_case("tune", 256, [16] * 256, bw, rng, peers=False, tunables=t, check=False)
         sweep.append({**dataclasses.asdict(t), "kernel_us": r["kernel_us"]})
         print("tune", dataclasses.asdict(t), f"{r['kernel_us']:.1f} us", flush=True)
     best = min(sweep, key=lambda s: s["kernel_us"])
     tuned = LoraTunables(**{k: v for k, v in best.items() if k != "kernel_us"})
+    # shrink and expand in one launch (bgmv_fused) against the two launches, by batch size: the
+    # largest size where the best fused shape wins becomes fused_max_tokens
+    fused_sweep, fused_max, fused_best = [], 0, None
+    for n in FUSED_TOKENS:
+        two = run_case("two launches", n, [16] * n, bw, rng, peers=False, tunables=tuned, check=False)
+        best_n = None
+        for chunk, out_units in itertools.product((8, 32), (4, 8, 16, 32)):
+            t = dataclasses.replace(
+                tuned, fused_max_tokens=1 << 30, fused_chunk_units=chunk, fused_out_units=out_units
+            )
+            r = run_case("fused", n, [16] * n, bw, rng, peers=False, tunables=t, check=best_n is None)
+            entry = {
+                "tokens": n,
+                **dataclasses.asdict(t),
+                "kernel_us": r["kernel_us"],
+                "two_launch_us": two["kernel_us"],
+            }
+            if "kernel_rel_err" in r:
+                entry["kernel_rel_err"] = r["kernel_rel_err"]
+            fused_sweep.append(entry)
+            print("fused", entry, flush=True)
+            if best_n is None or entry["kernel_us"] < best_n["kernel_us"]:
+                best_n = entry
+        if best_n["kernel_us"] >= two["kernel_us"]:
+            break  # fused from the smallest batch up to the first size where two launches win
+        fused_max = n
+        if fused_best is None or n <= DECODE_BATCH:  # the shape that wins at decode-7b's batch
+            fused_best = best_n
+    if fused_best is not None:
+        tuned = dataclasses.replace(
+            tuned,
+            fused_max_tokens=fused_max,
+            fused_out_units=fused_best["fused_out_units"],
+            fused_chunk_units=fused_best["fused_chunk_units"],
+        )
     cases = [
         ("T5 256 tok / 256 slots r16", 256, [16] * 256),
         ("32 tok / 32 slots r16", 32, [16] * 32),
@@ -166,6 +205,7 @@ def main() -> None:
         "bandwidth": bw,
         "tuned": dataclasses.asdict(tuned),
         "sweep": sweep,
+        "fused_sweep": fused_sweep,
         "cases": rows,
         "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"},
     }

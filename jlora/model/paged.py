@@ -18,8 +18,7 @@ from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.llama import DecoderLayer, take_logits
 from pallas_kernels.lora import (
     lora_decode,
-    lora_decode_expand_group,
-    lora_decode_shrink,
+    lora_decode_group,
     lora_prefill,
 )
 from pallas_kernels.paged_attention import paged_attention, write_kv
@@ -89,18 +88,15 @@ def forward_paged(
                     if group.modules not in shared or shared[group.modules][0] is not x:
                         x2 = x.reshape(b * t, h_in)
                         max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
-                        s = lora_decode_shrink(
-                            x2, pool, layer, group.token_index, group.a_start, implementation=impl
-                        )
-                        deltas = lora_decode_expand_group(
-                            s,
+                        deltas = lora_decode_group(
+                            x2,
                             pool,
                             layer,
                             group.token_index,
+                            group.a_start,
                             group.b_start,
                             group.offsets,
                             widths,
-                            x.dtype,
                             implementation=impl,
                             max_rank=max_rank,
                         )

@@ -16,6 +16,7 @@ from pallas_kernels.backend import resolve
 from pallas_kernels.lora.kernel import (
     LoraTunables,
     bgmv_expand,
+    bgmv_fused,
     bgmv_shrink,
     lora_decode_kernel,
     lora_prefill_kernel,
@@ -35,6 +36,7 @@ __all__ = [
     "decode_offsets",
     "lora_decode",
     "lora_decode_expand_group",
+    "lora_decode_group",
     "lora_decode_shrink",
     "lora_decode_reference",
     "lora_prefill",
@@ -201,6 +203,69 @@ def lora_decode_expand_group(
         tunables=tunables or tunables_for(pool.shape[2]),
         max_rank=max_rank,
         interpret=path == "interpret",
+    )
+
+
+def lora_decode_group(
+    x,
+    pool,
+    layer,
+    token_index,
+    a_start,
+    b_start,
+    offsets,
+    h_outs: tuple[int, ...],
+    *,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+    max_rank: int = 16,
+) -> jax.Array:
+    """BGMV deltas of G projections that read the same x (q/k/v, gate/up): [N, sum(h_outs)] in
+    x.dtype, side by side. token_index, a_start, b_start: [G*K], projection m's pairs the m-th K,
+    each grouped by token; offsets: [G*(N+1)], projection m's offsets into its own K. Batches of at
+    most tunables.fused_max_tokens tokens take one launch (bgmv_fused), larger ones a shared shrink
+    and a shared expand."""
+    g = len(h_outs)
+    if x.ndim != 2 or pool.ndim != 3:
+        raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
+    if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
+        raise ValueError("token_index, a_start, b_start must be equal 1-D arrays")
+    if token_index.shape[0] % g or offsets.shape != (g * (x.shape[0] + 1),):
+        raise ValueError(
+            f"pairs {token_index.shape} must be [G*K] and offsets {offsets.shape} [G*(N+1)] with G = {g}"
+        )
+    for h in h_outs:
+        _check_widths(x.shape[1], h, pool.shape[2])
+    path = resolve(implementation)
+    tunables = tunables or tunables_for(pool.shape[2])
+    if path != "reference" and x.shape[0] <= tunables.fused_max_tokens:
+        return bgmv_fused(
+            x,
+            pool,
+            layer,
+            a_start,
+            b_start,
+            offsets,
+            h_outs=tuple(h_outs),
+            tunables=tunables,
+            max_rank=max_rank,
+            interpret=path == "interpret",
+        )
+    s = lora_decode_shrink(
+        x, pool, layer, token_index, a_start, implementation=implementation, tunables=tunables
+    )
+    return lora_decode_expand_group(
+        s,
+        pool,
+        layer,
+        token_index,
+        b_start,
+        offsets,
+        h_outs,
+        x.dtype,
+        implementation=implementation,
+        tunables=tunables,
+        max_rank=max_rank,
     )
 
 

@@ -34,13 +34,20 @@ from jax.experimental.pallas import triton as pltriton
 @dataclasses.dataclass(frozen=True)
 class LoraTunables:
     """Launch shapes. chunk_units: units of a row read per load (shrink); out_units: output units per
-    expand program; block_tokens: tokens per SGMV program."""
+    expand program; block_tokens: tokens per SGMV program. fused_max_tokens: decode batches of at
+    most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
+    each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
+    fused_num_warps warps."""
 
     chunk_units: int = 8
     out_units: int = 4
     block_tokens: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    fused_max_tokens: int = 0
+    fused_out_units: int = 8
+    fused_chunk_units: int = 8
+    fused_num_warps: int = 4
 
 
 # Tuned on the H100 (bench/kernels/lora.py): keyed by head_dim; the default elsewhere.
@@ -56,6 +63,22 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     while d * 2 <= cap and n % (d * 2) == 0:
         d *= 2
     return d
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _output_blocks(h_outs: tuple[int, ...], dh: int, cap: int):
+    """Output units of each projection, units per program (a power of two dividing them all, <= cap),
+    programs per projection and where each projection's programs start."""
+    units = [h // dh for h in h_outs]
+    out_units = _largest_pow2_divisor(functools.reduce(math.gcd, units), cap)
+    blocks = [u // out_units for u in units]
+    return units, out_units, blocks, tuple(sum(blocks[:i]) for i in range(len(h_outs)))
 
 
 def _params(t: LoraTunables) -> pltriton.CompilerParams:
@@ -88,6 +111,18 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
 
 
+def _projection_of(j, block_starts):
+    """(projection m, block index within it) of output block j; block_starts: where each projection's
+    blocks start (static)."""
+    m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
+    for i, st in enumerate(block_starts[1:], 1):
+        # int32 constants, not Python ints: Triton's select lowering gives a weak-typed literal
+        # the predicate's type (i1), and `j - first` then fails to lower ('i32' vs 'i1').
+        m = jnp.where(j >= st, jnp.int32(i), jnp.int32(m) if isinstance(m, int) else m)
+        first = jnp.where(j >= st, jnp.int32(st), jnp.int32(first) if isinstance(first, int) else first)
+    return m, j - first
+
+
 def _bgmv_expand_kernel(
     layer_ref,
     off_ref,
@@ -109,13 +144,7 @@ def _bgmv_expand_kernel(
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
-    for i, st in enumerate(block_starts[1:], 1):
-        # int32 constants, not Python ints: Triton's select lowering gives a weak-typed literal
-        # the predicate's type (i1), and `j - first` then fails to lower ('i32' vs 'i1').
-        m = jnp.where(j >= st, jnp.int32(i), jnp.int32(m) if isinstance(m, int) else m)
-        first = jnp.where(j >= st, jnp.int32(st), jnp.int32(first) if isinstance(first, int) else first)
-    local = j - first
+    m, local = _projection_of(j, block_starts)
     start = off_ref[m * (n_tokens + 1) + n]
     end = off_ref[m * (n_tokens + 1) + n + 1]
     lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
@@ -182,13 +211,8 @@ def bgmv_expand(
     g = len(h_outs)
     n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
-    units = [h // dh for h in h_outs]
-    out_units = _largest_pow2_divisor(functools.reduce(math.gcd, units), tunables.out_units)
-    blocks = [u // out_units for u in units]
-    starts = tuple(sum(blocks[:i]) for i in range(g))
-    pairs_per_load = 1
-    while pairs_per_load < max_rank:
-        pairs_per_load *= 2
+    units, out_units, blocks, starts = _output_blocks(h_outs, dh, tunables.out_units)
+    pairs_per_load = _pow2_at_least(max_rank)
     out = pl.pallas_call(
         functools.partial(
             _bgmv_expand_kernel,
@@ -207,6 +231,107 @@ def bgmv_expand(
     return out.reshape(n, sum(h_outs))
 
 
+def _bgmv_fused_kernel(
+    layer_ref,
+    off_ref,
+    a_ref,
+    b_ref,
+    x_ref,
+    pool_ref,
+    o_ref,
+    *,
+    out_units,
+    pairs_per_load,
+    n_pairs,
+    n_tokens,
+    block_starts,
+    n_chunks,
+    chunk,
+):
+    """Shrink and expand in one program per (token, block of output units): the program computes its
+    token's shrunk values itself (reading the token's A rows; the other blocks of the same token read
+    them again, from L2) and expands them into its block. One launch instead of two, and no shrunk
+    values through memory: for small batches, where a launch costs more than the bytes."""
+    n = pl.program_id(0)
+    j = pl.program_id(1)
+    layer = layer_ref[0]
+    m, local = _projection_of(j, block_starts)
+    start = off_ref[m * (n_tokens + 1) + n]
+    end = off_ref[m * (n_tokens + 1) + n + 1]
+    lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
+    dh = pool_ref.shape[2]
+
+    def body(c, accs):
+        idx = start + c * pairs_per_load + lane  # [P] this load's pairs
+        valid = idx < end
+        safe = m * n_pairs + jnp.minimum(idx, n_pairs - 1)
+        a = jnp.where(valid, a_ref[safe], 0)
+        base = jnp.where(valid, b_ref[safe], 0)
+
+        def shrink(i, acc):
+            for u in range(chunk):  # independent loads, in flight together
+                unit = i * chunk + u
+                xs = x_ref[n, unit, :].astype(jnp.float32)  # [Dh]
+                acc = acc + pool_ref[layer, a + unit, :].astype(jnp.float32) * xs[None, :]
+            return acc
+
+        acc = jax.lax.fori_loop(0, n_chunks, shrink, jnp.zeros((pairs_per_load, dh), jnp.float32))
+        s = jnp.where(valid, jnp.sum(acc, axis=1), 0.0)  # [P]: padding lanes read real rows, add nothing
+        out = []
+        for u in range(out_units):
+            rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
+            out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
+        return tuple(out)
+
+    n_loads = (end - start + pairs_per_load - 1) // pairs_per_load
+    accs = jax.lax.fori_loop(0, n_loads, body, tuple(jnp.zeros((dh,), jnp.float32) for _ in range(out_units)))
+    for u in range(out_units):
+        o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)  # projections side by side
+
+
+@functools.partial(jax.jit, static_argnames=("h_outs", "tunables", "max_rank", "interpret"))
+def bgmv_fused(
+    x: jax.Array,  # [N, H_in]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    a_start: jax.Array,  # [G*K] int32: the G projections' A rows, K pairs each; 0 for padding
+    b_start: jax.Array,  # [G*K] int32: their B rows
+    offsets: jax.Array,  # [G*(N+1)] int32: projection m's token n has pairs offsets[m*(N+1) + n] .. + 1
+    *,
+    h_outs: tuple[int, ...],
+    tunables: LoraTunables,
+    max_rank: int = 16,
+    interpret: bool = False,
+) -> jax.Array:  # [N, sum(h_outs)] in x.dtype: the projections' deltas side by side
+    """BGMV shrink and expand of G projections that read the same x, in one launch."""
+    g = len(h_outs)
+    n, h_in = x.shape
+    dh = pool.shape[2]
+    units_in = h_in // dh
+    chunk = _largest_pow2_divisor(units_in, tunables.fused_chunk_units)
+    units, out_units, blocks, starts = _output_blocks(h_outs, dh, tunables.fused_out_units)
+    out = pl.pallas_call(
+        functools.partial(
+            _bgmv_fused_kernel,
+            out_units=out_units,
+            pairs_per_load=_pow2_at_least(max_rank),
+            n_pairs=a_start.shape[0] // g,
+            n_tokens=n,
+            block_starts=starts,
+            n_chunks=units_in // chunk,
+            chunk=chunk,
+        ),
+        out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), x.dtype),
+        grid=(n, sum(blocks)),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.fused_num_warps, num_stages=tunables.num_stages
+        ),
+        interpret=interpret,
+        name="bgmv_fused",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, a_start, b_start, x.reshape(n, units_in, dh), pool)
+    return out.reshape(n, sum(h_outs))
+
+
 def lora_decode_kernel(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -221,6 +346,19 @@ def lora_decode_kernel(
     max_rank: int = 16,
     interpret: bool = False,
 ) -> jax.Array:  # [N, H_out] in x.dtype
+    if x.shape[0] <= tunables.fused_max_tokens:
+        return bgmv_fused(
+            x,
+            pool,
+            layer,
+            a_start,
+            b_start,
+            offsets,
+            h_outs=(h_out,),
+            tunables=tunables,
+            max_rank=max_rank,
+            interpret=interpret,
+        )
     shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
     return bgmv_expand(
         shrunk,
