@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -93,6 +94,9 @@ def main() -> None:
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
     )
     ap.add_argument("--rate-sweep", default="", help="extra rates run at the first n (latency vs rate)")
+    ap.add_argument(
+        "--partial", default=None, help="rewrite this JSON file with the runs so far after each run"
+    )
     args = ap.parse_args()
     args.input = tuple(int(v) for v in args.input.split(","))
     args.output = tuple(int(v) for v in args.output.split(","))
@@ -163,6 +167,9 @@ def main() -> None:
                     result["T7"] = cold_vs_warm(engine, cold, vocab=c.vocab_size)
             runs.append(result)
             print(json.dumps({k: v for k, v in result.items()}), flush=True)
+            if args.partial:  # what finished survives a run stopped at a time limit
+                with open(args.partial, "w") as f:
+                    json.dump({"command": sys.argv, "bandwidth": bw, "runs": runs}, f, indent=1, default=str)
             for name in names:  # the next n starts from a clean registry
                 engine.unload_adapter(name)
     by_n = [r for r in runs if r["rate"] == args.rate]
