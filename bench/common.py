@@ -54,17 +54,22 @@ def batch_filled(mean_decode_rows: float | None, batch: int) -> bool:
     return mean_decode_rows is not None and mean_decode_rows >= FULL_BATCH_SHARE * batch
 
 
-def write_result(name: str, payload: dict[str, Any]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    record = {
-        "name": name,
+def run_record() -> dict[str, str]:
+    """Where and how a result is being made: device, date, commit, command."""
+    return {
         "device": device(),
-        "date": now.isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        **payload,
     }
+
+
+def write_result(name: str, payload: dict[str, Any], recorded: dict[str, str] | None = None) -> str:
+    """Write payload under bench/results with its run record: this process's, or `recorded` (a run
+    made elsewhere, e.g. a GPU run's partial file finished here)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    record = {"name": name, **(recorded or run_record()), **payload}
     path = os.path.join(RESULTS, f"{name}-{now.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -72,6 +71,36 @@ def build_engine(model: str, args):
     return engine, weight_bytes, time.perf_counter() - start
 
 
+def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[dict]) -> dict:
+    """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
+    by_n = [r for r in runs if r["rate"] == args.rate]
+    return {
+        "workload": {
+            "model": args.model,
+            "rate": args.rate,
+            "cv": args.cv,
+            "alpha": args.alpha,
+            "duration_s": args.duration,
+            "input": args.input,
+            "output": args.output,
+            "targets": TARGETS,
+            "max_batch": args.batch,
+            "pages": args.pages,
+            "impl": args.impl,
+            "layer_loop": args.layer_loop,
+        },
+        "bandwidth": bw,
+        "weight_bytes": weight_bytes,
+        "startup_s": startup,
+        "runs": runs,
+        "T4": {
+            "roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
+            "slo_at_largest_n": by_n[-1]["slo_attainment"],
+            "met": all(r["roofline_fraction"] >= 0.9 for r in by_n) and by_n[-1]["slo_attainment"] >= 0.95,
+        },
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama2-7b | llama3-8b")
@@ -97,11 +126,15 @@ def main() -> None:
     ap.add_argument(
         "--partial", default=None, help="rewrite this JSON file with the runs so far after each run"
     )
+    ap.add_argument("--finish", default=None, help="write a --partial file as the result, then stop")
     args = ap.parse_args()
+    if args.finish:
+        finish(args.finish)
+        return
     args.input = tuple(int(v) for v in args.input.split(","))
     args.output = tuple(int(v) for v in args.output.split(","))
 
-    from bench.common import write_result
+    from bench.common import run_record, write_result
     from bench.kernels.timing import bandwidth
     from bench.plots import plot
     from bench.serving import cold_vs_warm, replay
@@ -167,37 +200,20 @@ def main() -> None:
                     result["T7"] = cold_vs_warm(engine, cold, vocab=c.vocab_size)
             runs.append(result)
             print(json.dumps({k: v for k, v in result.items()}), flush=True)
-            if args.partial:  # what finished survives a run stopped at a time limit
+            if args.partial:  # what finished survives a run stopped at a time limit: --finish writes it
                 with open(args.partial, "w") as f:
-                    json.dump({"command": sys.argv, "bandwidth": bw, "runs": runs}, f, indent=1, default=str)
+                    partial = {**run_record(), **make_payload(args, bw, weight_bytes, startup, runs)}
+                    json.dump(partial, f, indent=1, default=str)
             for name in names:  # the next n starts from a clean registry
                 engine.unload_adapter(name)
-    by_n = [r for r in runs if r["rate"] == args.rate]
-    payload = {
-        "workload": {
-            "model": args.model,
-            "rate": args.rate,
-            "cv": args.cv,
-            "alpha": args.alpha,
-            "duration_s": args.duration,
-            "input": args.input,
-            "output": args.output,
-            "targets": TARGETS,
-            "max_batch": args.batch,
-            "pages": args.pages,
-            "impl": args.impl,
-            "layer_loop": args.layer_loop,
-        },
-        "bandwidth": bw,
-        "weight_bytes": weight_bytes,
-        "startup_s": startup,
-        "runs": runs,
-        "T4": {
-            "roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
-            "slo_at_largest_n": by_n[-1]["slo_attainment"],
-            "met": all(r["roofline_fraction"] >= 0.9 for r in by_n) and by_n[-1]["slo_attainment"] >= 0.95,
-        },
-    }
+    payload = make_payload(args, bw, weight_bytes, startup, runs)
+    print_table(runs)
+    path = write_result(f"slora-trace-{args.model}", payload)
+    print("wrote", path)
+    print("plots", plot(path))
+
+
+def print_table(runs: list[dict]) -> None:
     print(
         f"{'n':>6} {'rate':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'slo':>5} {'roofline':>9} {'loads':>6}"
     )
@@ -212,7 +228,20 @@ def main() -> None:
                 f"       T7: cold {t7['ttft_cold_s'] * 1e3:.1f} ms, warm {t7['ttft_warm_s'] * 1e3:.1f} ms, "
                 f"decode step {t7['decode_step_s'] * 1e3:.1f} ms -> {t7['extra_in_decode_steps']:.2f} steps"
             )
-    path = write_result(f"slora-trace-{args.model}", payload)
+
+
+def finish(partial_path: str) -> None:
+    """Write a run's --partial file (a GPU run stopped at its time limit) as its result, with the run's
+    own device, date, commit and command, and draw its plots."""
+    from bench.common import write_result
+    from bench.plots import plot
+
+    with open(partial_path) as f:
+        payload = json.load(f)
+    recorded = {k: payload.pop(k) for k in ("device", "date", "commit", "command")}
+    recorded["command"] += f" (stopped before its end; finished from {os.path.basename(partial_path)})"
+    print_table(payload["runs"])
+    path = write_result(f"slora-trace-{payload['workload']['model']}", payload, recorded)
     print("wrote", path)
     print("plots", plot(path))
 
