@@ -135,15 +135,20 @@ def _decode_mma_kernel(
     window,
     scale,
     f32_dot,
+    group,
+    gp,
 ):
-    """One program per (sequence, KV head): q is the group's heads padded to GP >= 16 rows."""
+    """One program per (sequence, KV head): the group's query heads as a tile of GP >= 16 rows, read
+    and written in place (rows past the group repeat its last head: the same values, computed and
+    written again), so no padded copy of q and no slice of the output outside the kernel."""
     b = pl.program_id(0)
     h = pl.program_id(1)
     layer = layer_ref[0]
     pos = pos_ref[b]
     clen = clen_ref[b]
-    q = q_ref[b, h, :, :]  # [GP, Dh]
-    gp, dh = q.shape
+    heads = h * group + jnp.minimum(jnp.arange(gp, dtype=jnp.int32), group - 1)  # [GP]
+    q = q_ref[b, heads, :]  # [GP, Dh]
+    dh = q.shape[1]
     key = jnp.arange(block_keys, dtype=jnp.int32)
 
     def block(i, carry):
@@ -182,7 +187,7 @@ def _decode_mma_kernel(
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new)
     out = (acc * alpha[:, None] + p[:, None] * vn[None, :]) / (denom * alpha + p)[:, None]
-    o_ref[b, h, :, :] = out.astype(o_ref.dtype)
+    o_ref[b, heads, :] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
@@ -221,16 +226,16 @@ def paged_decode_attention_kernel(
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
     if tunables.mma:
         gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
-        qg = jnp.pad(q.reshape(b, hkv, group, dh), ((0, 0), (0, 0), (0, gp - group), (0, 0)))
-        out = pl.pallas_call(
-            functools.partial(_decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32),
-            out_shape=jax.ShapeDtypeStruct((b, hkv, gp, dh), q.dtype),
+        return pl.pallas_call(
+            functools.partial(
+                _decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32, group=group, gp=gp
+            ),
+            out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
             grid=(b, hkv),
             compiler_params=params,
             interpret=interpret,
             name="paged_decode_attention_mma",
-        )(*scalars, qg, k_new, v_new, pool)
-        return out[:, :, :group].reshape(b, hq, dh)
+        )(*scalars, q, k_new, v_new, pool)
     return pl.pallas_call(
         functools.partial(_decode_kernel, group=group, **common),
         out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
