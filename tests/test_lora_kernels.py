@@ -57,6 +57,34 @@ def _decode_case(rng, n_tokens, ranks, h_in, h_out, dh, dtype, pad_to):
     return x, pool, arr(tok, n_tokens), arr(a, 0), arr(b, 0)
 
 
+def _grouped_case(n_tokens, ranks, h_in, widths):
+    """Projections of the given output widths over the same tokens and x, in one pool: each one's
+    (token_index, a_start, b_start) with its rows shifted to where its part of the pool starts."""
+    cases = [
+        _decode_case(
+            np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2
+        )
+        for i, w in enumerate(widths)
+    ]
+    pools, shift, tok, a_all, b_all = [], 0, [], [], []
+    for _, pool_i, tok_i, a_i, b_i in cases:
+        pools.append(pool_i)
+        tok.append(tok_i)
+        a_all.append(jnp.where(a_i > 0, a_i + shift, 0))
+        b_all.append(jnp.where(a_i > 0, b_i + shift, 0))
+        shift += pool_i.shape[1]
+    return cases[0][0], jnp.concatenate(pools, axis=1), tok, a_all, b_all
+
+
+def _check_side_by_side(got, x, pool, layer, tok, a_all, b_all, widths):
+    """got holds the projections' deltas side by side; each equals lora_decode's reference alone."""
+    col = 0
+    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
+        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
+        _check(got[:, col : col + w], want, jnp.float32)
+        col += w
+
+
 def _check(got, want, dtype):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
@@ -169,22 +197,7 @@ def test_grouped_expand_with_unequal_widths(impl):
     n_tokens, h_in, widths = 6, 64, (64, 32, 32)
     ranks = [int(rng.choice((1, 4, 16))) for _ in range(n_tokens)]
     layer = jnp.int32(1)
-    cases = [
-        _decode_case(
-            np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2
-        )
-        for i, w in enumerate(widths)
-    ]
-    # one pool for all: stack the cases' pools along units and shift their row starts
-    pools, shift, tok, a_all, b_all = [], 0, [], [], []
-    for _, pool_i, tok_i, a_i, b_i in cases:
-        pools.append(pool_i)
-        tok.append(tok_i)
-        a_all.append(jnp.where(a_i > 0, a_i + shift, 0))
-        b_all.append(jnp.where(a_i > 0, b_i + shift, 0))
-        shift += pool_i.shape[1]
-    pool = jnp.concatenate(pools, axis=1)
-    x = cases[0][0]
+    x, pool, tok, a_all, b_all = _grouped_case(n_tokens, ranks, h_in, widths)
     tok_all = jnp.concatenate(tok)
     shrunk = lora_decode_shrink(x, pool, layer, tok_all, jnp.concatenate(a_all), implementation=impl)
     offsets = jnp.concatenate([decode_offsets(t, n_tokens) for t in tok])
@@ -200,11 +213,7 @@ def test_grouped_expand_with_unequal_widths(impl):
         implementation=impl,
         max_rank=16,
     )
-    col = 0
-    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
-        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
-        _check(got[:, col : col + w], want, jnp.float32)
-        col += w
+    _check_side_by_side(got, x, pool, layer, tok, a_all, b_all, widths)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -261,21 +270,7 @@ def test_decode_group_with_unequal_widths(tunables):
     n_tokens, h_in, widths = 7, 64, (64, 32, 32)
     ranks = [int(rng.choice((0, 1, 4, 16))) for _ in range(n_tokens)]
     layer = jnp.int32(0)
-    cases = [
-        _decode_case(
-            np.random.default_rng(i), n_tokens, ranks, h_in, w, 16, jnp.float32, pad_to=sum(ranks) + 2
-        )
-        for i, w in enumerate(widths)
-    ]
-    pools, shift, tok, a_all, b_all = [], 0, [], [], []
-    for _, pool_i, tok_i, a_i, b_i in cases:
-        pools.append(pool_i)
-        tok.append(tok_i)
-        a_all.append(jnp.where(a_i > 0, a_i + shift, 0))
-        b_all.append(jnp.where(a_i > 0, b_i + shift, 0))
-        shift += pool_i.shape[1]
-    pool = jnp.concatenate(pools, axis=1)
-    x = cases[0][0]
+    x, pool, tok, a_all, b_all = _grouped_case(n_tokens, ranks, h_in, widths)
     got = lora_decode_group(
         x,
         pool,
@@ -289,11 +284,7 @@ def test_decode_group_with_unequal_widths(tunables):
         tunables=tunables,
         max_rank=16,
     )
-    col = 0
-    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
-        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
-        _check(got[:, col : col + w], want, jnp.float32)
-        col += w
+    _check_side_by_side(got, x, pool, layer, tok, a_all, b_all, widths)
 
 
 @pytest.mark.gpu
