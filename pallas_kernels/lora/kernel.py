@@ -12,6 +12,9 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
   contiguous range given by offsets) as one [max_rank, Dh] tile of B rows per output unit, in one
   load when the token's rank is at most max_rank (a loop otherwise), and sums s * B rows.
 
+Decode, one launch (bgmv_fused, used up to LoraTunables.fused_max_tokens tokens, 0 by default): each
+program recomputes its token's shrunk values and expands them into its own output block.
+
 Prefill (SGMV, one adapter per sequence chunk): the same two launches over blocks of a sequence's
 tokens, with the adapter's rows gathered as one [R, Dh] tile per unit and tensor-core dots.
 
@@ -251,7 +254,9 @@ def _bgmv_fused_kernel(
     """Shrink and expand in one program per (token, block of output units): the program computes its
     token's shrunk values itself (reading the token's A rows; the other blocks of the same token read
     them again, from L2) and expands them into its block. One launch instead of two, and no shrunk
-    values through memory: for small batches, where a launch costs more than the bytes."""
+    values through memory, meant for small batches, where a launch costs more than the bytes. On the
+    H100 it was slower than the two launches even at 8 tokens (21 vs 15.7 us, bench/RESULTS.md: each
+    program's chain of loads is longer), so the tuned tables leave it off (fused_max_tokens 0)."""
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
