@@ -66,3 +66,49 @@ def test_batch_filled_tells_the_prefill_tail_from_an_under_sized_pool():
     for held in (12, 7, 4):  # the 70B runs whose pool held fewer requests than the batch
         assert not batch_filled(held, 32)
     assert not batch_filled(None, 32)  # results from before the field existed
+
+
+def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monkeypatch):
+    """A GPU slora run stopped at its time limit keeps its finished runs in its --partial file;
+    `bench.slora --finish` writes them as the result with that run's device, date, commit and
+    command, not this machine's, and with T4 over the runs."""
+    import json
+    import types
+
+    import bench.common
+    from bench.slora import finish, make_payload
+
+    monkeypatch.setattr(bench.common, "RESULTS", str(tmp_path))
+    pct = {"mean": 0.2, "p50": 0.1, "p99": 0.9}
+
+    def run(n, roofline):
+        return {
+            "n": n,
+            "rate": 8.0,
+            "throughput_req_s": 6.4,
+            "throughput_tok_s": 1660.0,
+            "ttft_s": pct,
+            "tpot_s": pct,
+            "e2e_s": pct,
+            "slo_attainment": 1.0,
+            "roofline_fraction": roofline,
+            "adapter_loads": n,
+        }
+
+    args = types.SimpleNamespace(
+        model="llama2-7b", rate=8.0, cv=1.0, alpha=1.0, duration=20.0, input=(8, 512), output=(8, 512),
+        batch=32, pages=3000, impl="auto", layer_loop="unrolled",
+    )  # fmt: skip
+    recorded = {"device": "gpu: NVIDIA H100 80GB HBM3", "date": "2026-11-26T08:45:59+00:00"}
+    recorded |= {"commit": "76c12a1", "command": "python3 -m bench.slora --partial p.json"}
+    partial = tmp_path / "p.json"
+    runs = [run(5, 0.53), run(2000, 0.56)]
+    partial.write_text(json.dumps({**recorded, **make_payload(args, {"copy_TBps": 2.9}, 1, 9.0, runs)}))
+    finish(str(partial))
+    [result] = [p for p in tmp_path.glob("slora-trace-llama2-7b-*.json")]
+    out = json.loads(result.read_text())
+    assert out["device"] == recorded["device"] and out["commit"] == "76c12a1"
+    assert out["date"] == recorded["date"] and out["command"].startswith(recorded["command"])
+    assert [r["n"] for r in out["runs"]] == [5, 2000]
+    assert out["T4"] == {"roofline_fraction_min": 0.53, "slo_at_largest_n": 1.0, "met": False}
+    assert list(tmp_path.glob("slora-trace-llama2-7b-*-adapters.png"))
