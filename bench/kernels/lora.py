@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds
-from pallas_kernels.lora import LoraTunables, lora_decode
+from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group
 
 H, DH = 4096, 128
 UNITS = H // DH
@@ -53,6 +53,33 @@ def _pool_case(n_tokens: int, ranks: list[int], rng: np.random.Generator):
         x = (jax.random.normal(jax.random.PRNGKey(10 + i), (n_tokens, H), jnp.float32)).astype(jnp.bfloat16)
         rotations.append((x, *(jnp.asarray(v) for v in (tok, a, b, offsets))))
     return pool, rotations, slot_sets
+
+
+def decode_layer_us(n_tokens: int, tunables: LoraTunables, rng: np.random.Generator) -> float:
+    """One decoder layer's LoRA at decode as the engine runs it on the GPU (fuse_lora): q, k and v in one
+    lora_decode_group, o alone; every token its own rank-16 adapter (distinct ones per projection).
+    Microseconds per layer, in the chained harness (which adds its own slicing and checksum kernels)."""
+    n, r = n_tokens, 16
+    pool, rotations, _ = _pool_case(4 * n, [r] * (4 * n), rng)  # 4n tokens: q, k, v, o rows of n each
+
+    def split(rot):
+        x, tok, a, b, off = rot
+        per = n * r  # every token has exactly r pairs: projection m's pairs are [m*per, (m+1)*per)
+        parts = [
+            (tok[m * per : (m + 1) * per] - m * n, a[m * per : (m + 1) * per], b[m * per : (m + 1) * per])
+            for m in range(4)
+        ]
+        offs = [off[m * n : (m + 1) * n + 1] - off[m * n] for m in range(4)]
+        group = tuple(jnp.concatenate([p[i] for p in parts[:3]]) for i in range(3))
+        return (x[:n], *group, jnp.concatenate(offs[:3]), *parts[3], offs[3])
+
+    def layer(pool, x, tok, a, b, off, tok_o, a_o, b_o, off_o):
+        kw = dict(implementation=KERNEL_IMPL, tunables=tunables, max_rank=r)
+        qkv = lora_decode_group(x, pool, jnp.int32(0), tok, a, b, off, (H, H, H), **kw)
+        o = lora_decode(x, pool, jnp.int32(0), tok_o, a_o, b_o, H, off_o, **kw)
+        return jnp.concatenate([qkv, o], axis=1)
+
+    return chained_seconds(layer, (pool,), [split(rot) for rot in rotations]) * 1e6
 
 
 def _dense(ranks: list[int]):
@@ -189,6 +216,14 @@ def main() -> None:
             fused_out_units=fused_best["fused_out_units"],
             fused_chunk_units=fused_best["fused_chunk_units"],
         )
+    # decode-7b's shape (T3): a layer's q/k/v group and o at the decode batch, by launch shape
+    layer_sweep = []
+    for chunk, out_units, warps in itertools.product((8, 32), (1, 2, 4, 8), (2, 4)):
+        if args.quick and out_units == 8:
+            continue
+        t = dataclasses.replace(tuned, chunk_units=chunk, out_units=out_units, num_warps=warps)
+        layer_sweep.append({**dataclasses.asdict(t), "layer_us": decode_layer_us(DECODE_BATCH, t, rng)})
+        print("decode layer", layer_sweep[-1], flush=True)
     cases = [
         ("T5 256 tok / 256 slots r16", 256, [16] * 256),
         ("32 tok / 32 slots r16", 32, [16] * 32),
@@ -206,6 +241,7 @@ def main() -> None:
         "tuned": dataclasses.asdict(tuned),
         "sweep": sweep,
         "fused_sweep": fused_sweep,
+        "decode_layer_sweep": layer_sweep,  # a layer's q/k/v + o LoRA at the decode batch
         "cases": rows,
         "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"},
     }
