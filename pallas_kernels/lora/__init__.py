@@ -16,7 +16,6 @@ from pallas_kernels.backend import resolve
 from pallas_kernels.lora.kernel import (
     LoraTunables,
     bgmv_expand,
-    bgmv_fused,
     bgmv_shrink,
     lora_decode_kernel,
     lora_prefill_kernel,
@@ -70,6 +69,13 @@ def _check_widths(h_in: int, h_out: int, dh: int) -> None:
         raise ValueError(f"widths {h_in} -> {h_out} must be multiples of the pool's head_dim {dh}")
 
 
+def _check_decode_pairs(x, pool, token_index, a_start, b_start) -> None:
+    if x.ndim != 2 or pool.ndim != 3:
+        raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
+    if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
+        raise ValueError("token_index, a_start, b_start must be equal 1-D arrays")
+
+
 def lora_decode(
     x,
     pool,
@@ -87,10 +93,7 @@ def lora_decode(
     """BGMV delta [N, H_out]. Pairs must be grouped by token (nondecreasing token_index), padding
     pairs last with token_index N and a_start 0. offsets ([N + 1]) may be given to skip a search.
     max_rank: the largest rank expected per token (a tile size; larger ranks are still correct)."""
-    if x.ndim != 2 or pool.ndim != 3:
-        raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
-    if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
-        raise ValueError("token_index, a_start, b_start must be equal 1-D arrays")
+    _check_decode_pairs(x, pool, token_index, a_start, b_start)
     if offsets is not None and offsets.shape != (x.shape[0] + 1,):
         raise ValueError(f"offsets {offsets.shape} must be [N + 1] = [{x.shape[0] + 1}]")
     _check_widths(x.shape[1], h_out, pool.shape[2])
@@ -107,7 +110,7 @@ def lora_decode(
         a_start,
         b_start,
         offsets,
-        h_out=h_out,
+        h_outs=(h_out,),
         tunables=tunables or tunables_for(pool.shape[2]),
         max_rank=max_rank,
         interpret=path == "interpret",
@@ -226,10 +229,7 @@ def lora_decode_group(
     most tunables.fused_max_tokens tokens take one launch (bgmv_fused), larger ones a shared shrink
     and a shared expand."""
     g = len(h_outs)
-    if x.ndim != 2 or pool.ndim != 3:
-        raise ValueError(f"x must be [N, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
-    if not (token_index.shape == a_start.shape == b_start.shape) or token_index.ndim != 1:
-        raise ValueError("token_index, a_start, b_start must be equal 1-D arrays")
+    _check_decode_pairs(x, pool, token_index, a_start, b_start)
     if token_index.shape[0] % g or offsets.shape != (g * (x.shape[0] + 1),):
         raise ValueError(
             f"pairs {token_index.shape} must be [G*K] and offsets {offsets.shape} [G*(N+1)] with G = {g}"
@@ -237,35 +237,23 @@ def lora_decode_group(
     for h in h_outs:
         _check_widths(x.shape[1], h, pool.shape[2])
     path = resolve(implementation)
-    tunables = tunables or tunables_for(pool.shape[2])
-    if path != "reference" and x.shape[0] <= tunables.fused_max_tokens:
-        return bgmv_fused(
-            x,
-            pool,
-            layer,
-            a_start,
-            b_start,
-            offsets,
-            h_outs=tuple(h_outs),
-            tunables=tunables,
-            max_rank=max_rank,
-            interpret=path == "interpret",
+    if path == "reference":
+        s = lora_decode_shrink_reference(x, pool, layer, token_index, a_start)
+        return lora_decode_expand_group(
+            s, pool, layer, token_index, b_start, offsets, h_outs, x.dtype, implementation="reference"
         )
-    s = lora_decode_shrink(
-        x, pool, layer, token_index, a_start, implementation=implementation, tunables=tunables
-    )
-    return lora_decode_expand_group(
-        s,
+    return lora_decode_kernel(
+        x,
         pool,
         layer,
         token_index,
+        a_start,
         b_start,
         offsets,
-        h_outs,
-        x.dtype,
-        implementation=implementation,
-        tunables=tunables,
+        h_outs=tuple(h_outs),
+        tunables=tunables or tunables_for(pool.shape[2]),
         max_rank=max_rank,
+        interpret=path == "interpret",
     )
 
 

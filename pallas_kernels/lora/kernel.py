@@ -126,6 +126,22 @@ def _projection_of(j, block_starts):
     return m, j - first
 
 
+def _pair_lanes(start, end, c, lane, m, n_pairs):
+    """The c-th load of a token's pairs [start, end) of projection m: which lanes hold a pair, and
+    each lane's index into the [G*K] pair arrays (clamped for the lanes that do not)."""
+    idx = start + c * lane.shape[0] + lane  # [P] this load's pairs
+    return idx < end, m * n_pairs + jnp.minimum(idx, n_pairs - 1)
+
+
+def _expand_into(accs, pool_ref, layer, base, local, s, out_units):
+    """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit)."""
+    out = []
+    for u in range(out_units):  # independent gathers, in flight together
+        rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
+        out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
+    return tuple(out)
+
+
 def _bgmv_expand_kernel(
     layer_ref,
     off_ref,
@@ -153,16 +169,10 @@ def _bgmv_expand_kernel(
     lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
 
     def body(c, accs):
-        idx = start + c * pairs_per_load + lane  # [P] this load's pairs
-        valid = idx < end
-        safe = m * n_pairs + jnp.minimum(idx, n_pairs - 1)
+        valid, safe = _pair_lanes(start, end, c, lane, m, n_pairs)
         s = jnp.where(valid, s_ref[safe], 0.0)  # [P] float32
         base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
-        out = []
-        for u in range(out_units):  # independent gathers, in flight together
-            rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
-            out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
-        return tuple(out)
+        return _expand_into(accs, pool_ref, layer, base, local, s, out_units)
 
     dh = pool_ref.shape[2]
     n_loads = (end - start + pairs_per_load - 1) // pairs_per_load  # one load when rank <= pairs_per_load
@@ -267,9 +277,7 @@ def _bgmv_fused_kernel(
     dh = pool_ref.shape[2]
 
     def body(c, accs):
-        idx = start + c * pairs_per_load + lane  # [P] this load's pairs
-        valid = idx < end
-        safe = m * n_pairs + jnp.minimum(idx, n_pairs - 1)
+        valid, safe = _pair_lanes(start, end, c, lane, m, n_pairs)
         a = jnp.where(valid, a_ref[safe], 0)
         base = jnp.where(valid, b_ref[safe], 0)
 
@@ -282,11 +290,7 @@ def _bgmv_fused_kernel(
 
         acc = jax.lax.fori_loop(0, n_chunks, shrink, jnp.zeros((pairs_per_load, dh), jnp.float32))
         s = jnp.where(valid, jnp.sum(acc, axis=1), 0.0)  # [P]: padding lanes read real rows, add nothing
-        out = []
-        for u in range(out_units):
-            rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
-            out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
-        return tuple(out)
+        return _expand_into(accs, pool_ref, layer, base, local, s, out_units)
 
     n_loads = (end - start + pairs_per_load - 1) // pairs_per_load
     accs = jax.lax.fori_loop(0, n_loads, body, tuple(jnp.zeros((dh,), jnp.float32) for _ in range(out_units)))
@@ -341,42 +345,23 @@ def lora_decode_kernel(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
-    token_index: jax.Array,  # [K] int32, nondecreasing; padding pairs: N (out of range)
-    a_start: jax.Array,  # [K] int32; 0 for padding
-    b_start: jax.Array,  # [K] int32
-    offsets: jax.Array,  # [N + 1] int32: pairs of token n are offsets[n] .. offsets[n + 1]
+    token_index: jax.Array,  # [G*K] int32, each projection's K grouped by token; padding pairs: N
+    a_start: jax.Array,  # [G*K] int32; 0 for padding
+    b_start: jax.Array,  # [G*K] int32
+    offsets: jax.Array,  # [G*(N+1)] int32: projection m's token n has pairs offsets[m*(N+1) + n] .. + 1
     *,
-    h_out: int,
+    h_outs: tuple[int, ...],
     tunables: LoraTunables,
     max_rank: int = 16,
     interpret: bool = False,
-) -> jax.Array:  # [N, H_out] in x.dtype
+) -> jax.Array:  # [N, sum(h_outs)] in x.dtype
+    """BGMV of G >= 1 projections that read the same x: one launch (bgmv_fused) for batches of at most
+    tunables.fused_max_tokens tokens, else a shared shrink and a shared expand."""
+    kw = dict(tunables=tunables, max_rank=max_rank, interpret=interpret)
     if x.shape[0] <= tunables.fused_max_tokens:
-        return bgmv_fused(
-            x,
-            pool,
-            layer,
-            a_start,
-            b_start,
-            offsets,
-            h_outs=(h_out,),
-            tunables=tunables,
-            max_rank=max_rank,
-            interpret=interpret,
-        )
+        return bgmv_fused(x, pool, layer, a_start, b_start, offsets, h_outs=h_outs, **kw)
     shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
-    return bgmv_expand(
-        shrunk,
-        pool,
-        layer,
-        b_start,
-        offsets,
-        h_outs=(h_out,),
-        dtype=x.dtype,
-        tunables=tunables,
-        max_rank=max_rank,
-        interpret=interpret,
-    )
+    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=h_outs, dtype=x.dtype, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
