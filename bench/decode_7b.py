@@ -156,7 +156,7 @@ def main() -> None:
 
     import jlora
     from bench.common import batch_filled, write_result
-    from bench.kernels.timing import bandwidth
+    from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.profile import kernel_breakdown
     from jlora.config import PRESETS, MeshConfig
     from jlora.loader import LoadedModel
@@ -268,7 +268,7 @@ def main() -> None:
         # roofline of a decode step: weights + the KV read (mean context) + each active adapter once
         kv_bytes = b * (PROMPT + NEW / 2) * 2 * config.num_hidden_layers * config.kv_dim * 2
         floor_bytes = weight_bytes + kv_bytes + (adapter_bytes * b if label == "mixed" else 0)
-        floor_s = floor_bytes / args.mp / (bw["copy_TBps"] * 1e12)  # every device reads its shard
+        floor_s = floor_bytes / args.mp / (roofline_TBps(bw) * 1e12)  # every device reads its shard
         results[label] = {
             "tok_s_end_to_end": b * NEW / seconds,
             "decode_step_ms": decode * 1e3,
@@ -282,7 +282,7 @@ def main() -> None:
         print(label, "host ms/step:", {k: round(v, 3) for k, v in host_ms.items()}, flush=True)
     mixed = results["mixed"]
     base = results.get("base")  # None with --skip-base: no T3 without a base run beside it
-    lora_floor_ms = 1.1 * adapter_bytes * b / args.mp / (bw["copy_TBps"] * 1e12) * 1e3
+    lora_floor_ms = 1.1 * adapter_bytes * b / args.mp / (roofline_TBps(bw) * 1e12) * 1e3
     payload = {
         "workload": {
             "geometry": args.geometry,

@@ -71,15 +71,6 @@ def build_engine(model: str, args):
     return engine, weight_bytes, time.perf_counter() - start
 
 
-def roofline_bandwidth(bw: dict[str, float]) -> float:
-    """TB/s for the roofline: the copy bandwidth on GPUs (where it is within ~6% of read-only and every
-    GPU figure so far used it), the read-only bandwidth on CPU, where a copy runs at a fifth of the
-    read rate (6.4 vs 28.6 GB/s here) and the steps, which mostly read, beat it."""
-    import jax
-
-    return bw["read_TBps"] if jax.default_backend() == "cpu" else bw["copy_TBps"]
-
-
 def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[dict]) -> dict:
     """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
     by_n = [r for r in runs if r["rate"] == args.rate]
@@ -144,7 +135,7 @@ def main() -> None:
     args.output = tuple(int(v) for v in args.output.split(","))
 
     from bench.common import run_record, write_result
-    from bench.kernels.timing import bandwidth
+    from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.plots import plot
     from bench.serving import cold_vs_warm, replay
     from bench.trace import adapter_ranks, slora_trace
@@ -199,7 +190,7 @@ def main() -> None:
                 trace,
                 names,
                 vocab=c.vocab_size,
-                bandwidth_Bps=roofline_bandwidth(bw) * 1e12,
+                bandwidth_Bps=roofline_TBps(bw) * 1e12,
                 weight_bytes=weight_bytes,
             )
             result.update({"n": n, "rate": rate, "ranks": sorted(set(ranks)), "adapter_load_s": load_s})

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import write_result
-from bench.kernels.timing import bandwidth, chained_seconds
+from bench.kernels.timing import bandwidth, chained_seconds, roofline_TBps
 from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group
 
 H, DH = 4096, 128
@@ -117,7 +117,7 @@ def run_case(name, n_tokens, ranks, bw, rng, peers=True, tunables=None, check=Tr
     used = [sum(ranks[s] for s in slots) for slots in slot_sets]
     adapter_bytes = float(np.mean(used)) * 2 * H * 2  # A and B rows of the active adapters
     floor_bytes = adapter_bytes + 2 * n_tokens * H * 2  # + x read + delta written
-    floor_s = floor_bytes / (bw["copy_TBps"] * 1e12)
+    floor_s = floor_bytes / (roofline_TBps(bw) * 1e12)
 
     def kernel(pool, x, tok, a, b, off, impl=KERNEL_IMPL):
         return lora_decode(

@@ -56,3 +56,11 @@ def bandwidth() -> dict[str, float]:
         jax.block_until_ready(r)
         out[name] = moved * 20 / (time.perf_counter() - start) / 1e12
     return out
+
+
+def roofline_TBps(bw: dict[str, float]) -> float:
+    """The bandwidth every roofline here divides bytes by: the copy bandwidth on GPUs (within ~6% of
+    read-only there, and every GPU figure so far used it), the read-only bandwidth on CPU, where a copy
+    runs at a fifth of the read rate (6.4 vs 28.6 GB/s on the 2-core machine) and read-mostly steps
+    beat it."""
+    return bw["read_TBps"] if jax.default_backend() == "cpu" else bw["copy_TBps"]
