@@ -66,13 +66,14 @@ def set_lora_tunables(spec: str, head_dim: int) -> dict:
     from pallas_kernels.lora import kernel
 
     if spec.lstrip().startswith("{"):
-        fields = json.loads(spec)
+        tiers = [[1 << 30, json.loads(spec)]]
     else:
         with open(spec) as f:
-            fields = json.load(f)["tuned"]
-    kernel.TUNED[head_dim] = kernel.LoraTunables(**fields)
+            result = json.load(f)
+        tiers = result.get("tuned_tiers") or [[1 << 30, result["tuned"]]]
+    kernel.TUNED[head_dim] = tuple((int(n), kernel.LoraTunables(**fields)) for n, fields in tiers)
     print("LoRA tunables:", kernel.TUNED[head_dim], flush=True)
-    return dataclasses.asdict(kernel.TUNED[head_dim])
+    return {"tiers": [[n, dataclasses.asdict(t)] for n, t in kernel.TUNED[head_dim]]}
 
 
 def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):

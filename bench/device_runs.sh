@@ -5,6 +5,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mg GEOMETRY    # tensor parallel mp 4, 2, 1 (4-GPU kinds)
@@ -33,6 +34,11 @@ case "${1:-}" in
     TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile \
       --lora-tunables "$OUT/lora.json" --tag=-one-launch
     ;;
+  lora)
+    TAIL=24 run python3 -m bench.kernels.lora --quick --out "$OUT/lora.json"
+    TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile \
+      --lora-tunables "$OUT/lora.json" --tag=-tiers
+    ;;
   slora)
     TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n 5,100,1000,2000 --rate 8 --duration 20 \
       --batch 32 --pages 3000 --chunk 256 --impl auto --layer-loop unrolled --one-page-bucket \
@@ -52,7 +58,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | kernels | fused | slora | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac

@@ -28,10 +28,13 @@ def _lower_for_cuda(fn, *shapes) -> str:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_bgmv_shrink_lowers(dtype):
+@pytest.mark.parametrize(
+    "tunables", [LoraTunables(), LoraTunables(shrink_pairs=4, shrink_num_warps=1, chunk_units=32)]
+)
+def test_bgmv_shrink_lowers(dtype, tunables):
     n, k = 8, 48
     text = _lower_for_cuda(
-        lambda x, pool, layer, tok, a: bgmv_shrink(x, pool, layer, tok, a, tunables=LoraTunables()),
+        lambda x, pool, layer, tok, a: bgmv_shrink(x, pool, layer, tok, a, tunables=tunables),
         S((n, 512), dtype),
         S((LAYERS, UNITS, DH), dtype),
         S((), I32),

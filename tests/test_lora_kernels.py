@@ -130,6 +130,26 @@ def test_bgmv_matches_reference(n_tokens, rank_choices, h_in, h_out, dh, dtype):
     _check(got2, want, dtype)
 
 
+# several pairs per shrink program (their loads unrolled), its own warps, short or whole-row loads
+MULTI_PAIR = [
+    LoraTunables(shrink_pairs=4, shrink_num_warps=1, chunk_units=2),
+    LoraTunables(shrink_pairs=2, shrink_num_warps=2, chunk_units=32, out_units=1, num_warps=1),
+]
+
+
+@pytest.mark.parametrize("tunables", MULTI_PAIR)
+def test_bgmv_shrink_pairs_per_program(tunables):
+    rng = np.random.default_rng(7)
+    n_tokens = 9
+    ranks = [int(rng.choice((0, 1, 4, 8))) for _ in range(n_tokens)]
+    pad_to = -(-(sum(ranks) + 3) // 4) * 4  # padding pairs, and a pair count the programs divide
+    x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, 64, 48, 16, jnp.float32, pad_to=pad_to)
+    layer = jnp.int32(1)
+    want = lora_decode(x, pool, layer, tok, a, b, 48, implementation="reference")
+    got = lora_decode(x, pool, layer, tok, a, b, 48, implementation=_impl(), tunables=tunables)
+    _check(got, want, jnp.float32)
+
+
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grouped_shrink_then_expand_equals_per_projection(dtype, impl):
@@ -299,9 +319,9 @@ def test_bgmv_gpu_sweep(n_tokens):
     want = lora_decode(x, pool, layer, tok, a, b, 256, implementation="reference")
     got = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas")
     _check(got, want, jnp.bfloat16)
-    for tunables in FUSED:
-        fused = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas", tunables=tunables)
-        _check(fused, want, jnp.bfloat16)
+    for tunables in FUSED + MULTI_PAIR:
+        other = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas", tunables=tunables)
+        _check(other, want, jnp.bfloat16)
 
 
 def test_bad_shapes_raise_early():

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import write_result
-from bench.kernels.timing import bandwidth, chained_seconds, roofline_TBps
+from bench.kernels.timing import bandwidth, chained_seconds, device_kernel_seconds, roofline_TBps
 from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group
 
 H, DH = 4096, 128
@@ -55,10 +55,10 @@ def _pool_case(n_tokens: int, ranks: list[int], rng: np.random.Generator):
     return pool, rotations, slot_sets
 
 
-def decode_layer_us(n_tokens: int, tunables: LoraTunables, rng: np.random.Generator) -> float:
+def _decode_layer_case(n_tokens: int, rng: np.random.Generator):
     """One decoder layer's LoRA at decode as the engine runs it on the GPU (fuse_lora): q, k and v in one
     lora_decode_group, o alone; every token its own rank-16 adapter (distinct ones per projection).
-    Microseconds per layer, in the chained harness (which adds its own slicing and checksum kernels)."""
+    (layer(tunables) -> op, pool, rotations)."""
     n, r = n_tokens, 16
     pool, rotations, _ = _pool_case(4 * n, [r] * (4 * n), rng)  # 4n tokens: q, k, v, o rows of n each
 
@@ -73,13 +73,64 @@ def decode_layer_us(n_tokens: int, tunables: LoraTunables, rng: np.random.Genera
         group = tuple(jnp.concatenate([p[i] for p in parts[:3]]) for i in range(3))
         return (x[:n], *group, jnp.concatenate(offs[:3]), *parts[3], offs[3])
 
-    def layer(pool, x, tok, a, b, off, tok_o, a_o, b_o, off_o):
-        kw = dict(implementation=KERNEL_IMPL, tunables=tunables, max_rank=r)
-        qkv = lora_decode_group(x, pool, jnp.int32(0), tok, a, b, off, (H, H, H), **kw)
-        o = lora_decode(x, pool, jnp.int32(0), tok_o, a_o, b_o, H, off_o, **kw)
-        return jnp.concatenate([qkv, o], axis=1)
+    def layer(tunables):
+        def op(pool, x, tok, a, b, off, tok_o, a_o, b_o, off_o):
+            kw = dict(implementation=KERNEL_IMPL, tunables=tunables, max_rank=r)
+            qkv = lora_decode_group(x, pool, jnp.int32(0), tok, a, b, off, (H, H, H), **kw)
+            o = lora_decode(x, pool, jnp.int32(0), tok_o, a_o, b_o, H, off_o, **kw)
+            return jnp.concatenate([qkv, o], axis=1)
 
-    return chained_seconds(layer, (pool,), [split(rot) for rot in rotations]) * 1e6
+        return op
+
+    return layer, pool, [split(rot) for rot in rotations]
+
+
+def _kernel_split(times: dict[str, float]) -> tuple[float, float]:
+    """Seconds in the BGMV shrink and expand kernels of one traced call."""
+    shrink = sum(v for k, v in times.items() if "bgmv_shrink" in k)
+    expand = sum(v for k, v in times.items() if "bgmv_expand" in k)
+    return shrink, expand
+
+
+SHRINK_SHAPES = [(c, p, w) for c in (4, 8, 16, 32) for p in (1, 4) for w in (1, 2, 4)]
+EXPAND_SHAPES = [(u, w) for u in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
+
+
+def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str):
+    """Shrink shapes (chunk_units, shrink_pairs, shrink_num_warps) and expand shapes (out_units,
+    num_warps) side by side, one traced call each, each kernel timed alone from the trace; the best of
+    each kind together. (best tunables, rows)."""
+    rows = []
+    for i in range(max(len(SHRINK_SHAPES), len(EXPAND_SHAPES))):
+        (chunk, pairs, s_warps), (out_units, e_warps) = (
+            SHRINK_SHAPES[i % len(SHRINK_SHAPES)],
+            EXPAND_SHAPES[i % len(EXPAND_SHAPES)],
+        )
+        t = dataclasses.replace(
+            base,
+            chunk_units=chunk,
+            shrink_pairs=pairs,
+            shrink_num_warps=s_warps,
+            out_units=out_units,
+            num_warps=e_warps,
+        )
+        times = device_kernel_seconds(op_for(t), (pool,), rotations)
+        if times is None:
+            raise SystemExit("the launch-shape sweep reads kernel times from a GPU trace: run it on a GPU")
+        shrink, expand = _kernel_split(times)
+        rows.append({**dataclasses.asdict(t), "shrink_us": shrink * 1e6, "expand_us": expand * 1e6})
+        print(label, rows[-1], flush=True)
+    s = min(rows, key=lambda r: r["shrink_us"])
+    e = min(rows, key=lambda r: r["expand_us"])
+    best = dataclasses.replace(
+        base,
+        chunk_units=s["chunk_units"],
+        shrink_pairs=s["shrink_pairs"],
+        shrink_num_warps=s["shrink_num_warps"],
+        out_units=e["out_units"],
+        num_warps=e["num_warps"],
+    )
+    return best, rows
 
 
 def _dense(ranks: list[int]):
@@ -112,14 +163,8 @@ def ragged(a, b, x, idx):
     return jnp.zeros_like(o).at[order].set(o)
 
 
-def run_case(name, n_tokens, ranks, bw, rng, peers=True, tunables=None, check=True):
-    pool, rotations, slot_sets = _pool_case(n_tokens, ranks, rng)
-    used = [sum(ranks[s] for s in slots) for slots in slot_sets]
-    adapter_bytes = float(np.mean(used)) * 2 * H * 2  # A and B rows of the active adapters
-    floor_bytes = adapter_bytes + 2 * n_tokens * H * 2  # + x read + delta written
-    floor_s = floor_bytes / (roofline_TBps(bw) * 1e12)
-
-    def kernel(pool, x, tok, a, b, off, impl=KERNEL_IMPL):
+def _kernel_op(tunables, max_rank: int, impl: str | None = None):
+    def op(pool, x, tok, a, b, off):
         return lora_decode(
             x,
             pool,
@@ -129,69 +174,92 @@ def run_case(name, n_tokens, ranks, bw, rng, peers=True, tunables=None, check=Tr
             b,
             H,
             off,
-            implementation=impl,
+            implementation=impl or KERNEL_IMPL,
             tunables=tunables,
-            max_rank=max(ranks),
+            max_rank=max_rank,
         )
 
+    return op
+
+
+def _identity(*args):
+    """The harness alone: the rotation's x ([N, H], the size of every op's output) through the checksum."""
+    return next(a for a in args if a.ndim == 2 and a.shape[1] == H)
+
+
+def _device_us(op, fixed, rotations, harness_busy: float | None) -> float | None:
+    """The op's own device time per call: all kernels of a traced call less the harness's."""
+    times = device_kernel_seconds(op, fixed, rotations)
+    if times is None or harness_busy is None:
+        return None
+    return (times["busy"] - harness_busy) * 1e6
+
+
+def run_case(name, n_tokens, ranks, bw, rng, tiers, peers=True, check=True):
+    pool, rotations, slot_sets = _pool_case(n_tokens, ranks, rng)
+    used = [sum(ranks[s] for s in slots) for slots in slot_sets]
+    adapter_bytes = float(np.mean(used)) * 2 * H * 2  # A and B rows of the active adapters
+    floor_bytes = adapter_bytes + 2 * n_tokens * H * 2  # + x read + delta written
+    floor_s = floor_bytes / (roofline_TBps(bw) * 1e12)
+    tunables = next(t for n, t in tiers if n_tokens <= n)
+    kernel = _kernel_op(tunables, max(ranks))
     row = {
         "case": name,
         "tokens": n_tokens,
         "slots": len(ranks),
         "active_rank_rows": float(np.mean(used)),
         "floor_us": floor_s * 1e6,
+        "tunables": dataclasses.asdict(tunables),
     }
     if check:  # correctness at the timed shape, against the reference
         got = kernel(pool, *rotations[0])
-        want = kernel(pool, *rotations[0], impl="reference")
+        want = _kernel_op(tunables, max(ranks), "reference")(pool, *rotations[0])
         err = float(
             jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))
             / jnp.max(jnp.abs(want.astype(jnp.float32)))
         )
         row["kernel_rel_err"] = err
+    # chained: whole calls in the harness (its slicing and checksum kernels and per-iteration cost
+    # included), as the peers are timed; device: the BGMV kernels alone, from a trace
     row["kernel_us"] = chained_seconds(kernel, (pool,), rotations) * 1e6
+    times = device_kernel_seconds(kernel, (pool,), rotations)
+    if times is not None:
+        shrink, expand = _kernel_split(times)
+        row["kernel_device_us"] = (shrink + expand) * 1e6
+        row["shrink_device_us"], row["expand_device_us"] = shrink * 1e6, expand * 1e6
+        row["kernel_device_x_floor"] = row["kernel_device_us"] / row["floor_us"]
     row["reference_us"] = (
-        chained_seconds(lambda p, *r: kernel(p, *r, impl="reference"), (pool,), rotations) * 1e6
+        chained_seconds(_kernel_op(tunables, max(ranks), "reference"), (pool,), rotations) * 1e6
     )
     if peers:
         a, b = _dense(ranks)
         idx_rot = [(rotations[i][0], jnp.asarray(slot_sets[i], jnp.int32)) for i in range(ROT)]
-        row["gather_einsum_us"] = chained_seconds(gather_einsum, (a, b), idx_rot) * 1e6
-        row["one_hot_us"] = chained_seconds(one_hot_einsum, (a, b), idx_rot) * 1e6
-        row["ragged_dot_us"] = chained_seconds(ragged, (a, b), idx_rot) * 1e6
+        harness = device_kernel_seconds(_identity, (a, b), idx_rot)
+        harness_busy = None if harness is None else harness["busy"]
+        for label, fn in (
+            ("gather_einsum", gather_einsum),
+            ("one_hot", one_hot_einsum),
+            ("ragged_dot", ragged),
+        ):
+            row[f"{label}_us"] = chained_seconds(fn, (a, b), idx_rot) * 1e6
+            row[f"{label}_device_us"] = _device_us(fn, (a, b), idx_rot, harness_busy)
     row["kernel_x_floor"] = row["kernel_us"] / row["floor_us"]
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    bw = bandwidth()
-    rows = []
-    sweep = []
-    for chunk, out_units, warps in itertools.product((8, 32), (1, 2, 4), (2, 4)):
-        if args.quick and (chunk, warps) != (8, 2):
-            continue
-        t = LoraTunables(chunk_units=chunk, out_units=out_units, num_warps=warps)
-        r = run_case("tune", 256, [16] * 256, bw, rng, peers=False, tunables=t, check=False)
-        sweep.append({**dataclasses.asdict(t), "kernel_us": r["kernel_us"]})
-        print("tune", dataclasses.asdict(t), f"{r['kernel_us']:.1f} us", flush=True)
-    best = min(sweep, key=lambda s: s["kernel_us"])
-    tuned = LoraTunables(**{k: v for k, v in best.items() if k != "kernel_us"})
-    # shrink and expand in one launch (bgmv_fused) against the two launches, by batch size: the
-    # largest size where the best fused shape wins becomes fused_max_tokens
-    fused_sweep, fused_max, fused_best = [], 0, None
+def fused_sweep(tuned: LoraTunables, bw, rng) -> tuple[list[dict], LoraTunables]:
+    """Shrink and expand in one launch (bgmv_fused) against the two launches, by batch size (chained
+    harness): the largest size where the best fused shape wins becomes fused_max_tokens."""
+    rows, fused_max, fused_best = [], 0, None
     for n in FUSED_TOKENS:
-        two = run_case("two launches", n, [16] * n, bw, rng, peers=False, tunables=tuned, check=False)
+        tiers = ((1 << 30, tuned),)
+        two = run_case("two launches", n, [16] * n, bw, rng, tiers, peers=False, check=False)
         best_n = None
         for chunk, out_units in itertools.product((8, 32), (4, 8, 16, 32)):
             t = dataclasses.replace(
                 tuned, fused_max_tokens=1 << 30, fused_chunk_units=chunk, fused_out_units=out_units
             )
-            r = run_case("fused", n, [16] * n, bw, rng, peers=False, tunables=t, check=best_n is None)
+            r = run_case("fused", n, [16] * n, bw, rng, ((1 << 30, t),), peers=False, check=best_n is None)
             entry = {
                 "tokens": n,
                 **dataclasses.asdict(t),
@@ -200,7 +268,7 @@ def main() -> None:
             }
             if "kernel_rel_err" in r:
                 entry["kernel_rel_err"] = r["kernel_rel_err"]
-            fused_sweep.append(entry)
+            rows.append(entry)
             print("fused", entry, flush=True)
             if best_n is None or entry["kernel_us"] < best_n["kernel_us"]:
                 best_n = entry
@@ -216,14 +284,29 @@ def main() -> None:
             fused_out_units=fused_best["fused_out_units"],
             fused_chunk_units=fused_best["fused_chunk_units"],
         )
-    # decode-7b's shape (T3): a layer's q/k/v group and o at the decode batch, by launch shape
-    layer_sweep = []
-    for chunk, out_units, warps in itertools.product((8, 32), (1, 2, 4, 8), (2, 4)):
-        if args.quick and out_units == 8:
-            continue
-        t = dataclasses.replace(tuned, chunk_units=chunk, out_units=out_units, num_warps=warps)
-        layer_sweep.append({**dataclasses.asdict(t), "layer_us": decode_layer_us(DECODE_BATCH, t, rng)})
-        print("decode layer", layer_sweep[-1], flush=True)
+    return rows, tuned
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="the two headline cases only")
+    ap.add_argument("--fused", action="store_true", help="also sweep the one-launch kernel (bgmv_fused)")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    bw = bandwidth()
+    # launch shapes by batch: T5's 256 tokens (bandwidth) and decode-7b's layer at 32 (latency)
+    pool, rotations, _ = _pool_case(256, [16] * 256, rng)
+    large, large_rows = sweep_launch_shapes(
+        lambda t: _kernel_op(t, 16), pool, rotations, LoraTunables(block_tokens=32), "256 tokens"
+    )
+    layer_for, pool, rotations = _decode_layer_case(DECODE_BATCH, rng)
+    small, small_rows = sweep_launch_shapes(layer_for, pool, rotations, large, f"decode layer {DECODE_BATCH}")
+    del pool, rotations
+    fused_rows = []
+    if args.fused:
+        fused_rows, small = fused_sweep(small, bw, rng)
+    tiers = ((2 * DECODE_BATCH, small), (1 << 30, large))
     cases = [
         ("T5 256 tok / 256 slots r16", 256, [16] * 256),
         ("32 tok / 32 slots r16", 32, [16] * 32),
@@ -232,30 +315,35 @@ def main() -> None:
         ("256 tok / 256 slots mixed r{8,16,32,64}", 256, list(rng.choice([8, 16, 32, 64], 256))),
         ("256 tok / 256 slots r64", 256, [64] * 256),
     ]
+    rows = []
     for name, n, ranks in cases[: 2 if args.quick else None]:
-        row = run_case(name, n, [int(r) for r in ranks], bw, rng, tunables=tuned)
+        row = run_case(name, n, [int(r) for r in ranks], bw, rng, tiers)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
         "bandwidth": bw,
-        "tuned": dataclasses.asdict(tuned),
-        "sweep": sweep,
-        "fused_sweep": fused_sweep,
-        "decode_layer_sweep": layer_sweep,  # a layer's q/k/v + o LoRA at the decode batch
+        "tuned": dataclasses.asdict(large),
+        "tuned_tiers": [[n, dataclasses.asdict(t)] for n, t in tiers],
+        "sweep_256_tokens": large_rows,
+        "sweep_decode_layer": small_rows,  # a layer's q/k/v group + o at the decode batch
+        "fused_sweep": fused_rows,
         "cases": rows,
         "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"},
+        "timing": "kernel_us and the peers' *_us: whole calls chained in one jit (harness kernels included); "
+        "*_device_us: from a profiler trace, the BGMV kernels alone, the peers less the harness's kernels",
     }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print("wrote", write_result("kernels-lora", result))
     print(
-        f"{'case':42s} {'floor':>7s} {'kernel':>7s} {'ref':>7s} {'gather':>7s} {'onehot':>7s} {'ragged':>8s}"
+        f"{'case':42s} {'floor':>7s} {'kernel':>7s} {'device':>7s} {'gather':>7s} {'onehot':>7s} {'ragged':>8s}"
     )
     for r in rows:
         print(
-            f"{r['case']:42s} {r['floor_us']:7.1f} {r['kernel_us']:7.1f} {r['reference_us']:7.1f} "
-            f"{r.get('gather_einsum_us', 0):7.1f} {r.get('one_hot_us', 0):7.1f} {r.get('ragged_dot_us', 0):8.1f}"
+            f"{r['case']:42s} {r['floor_us']:7.1f} {r['kernel_us']:7.1f} {r.get('kernel_device_us') or 0:7.1f} "
+            f"{r.get('gather_einsum_device_us') or 0:7.1f} {r.get('one_hot_device_us') or 0:7.1f} "
+            f"{r.get('ragged_dot_device_us') or 0:8.1f}"
         )
 
 

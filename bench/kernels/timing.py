@@ -10,13 +10,9 @@ import jax
 import jax.numpy as jnp
 
 
-def chained_seconds(
-    op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 100, repeats: int = 5
-) -> float:
-    """Median seconds of one op(*fixed, *args) call. `fixed` (a pool, weights) is passed once;
-    `rotations` is a list of argument tuples of equal shapes, iteration i uses rotations[i % len], and
-    every output feeds a checksum (no dead code)."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotations)
+def _chained(op: Callable, rotations: list[tuple], iters: int) -> Callable:
+    """jit(fixed, stacked) running op iters times: iteration i uses rotations[i % len], and every
+    output feeds a checksum (no dead code)."""
     n_rot = len(rotations)
 
     @jax.jit
@@ -28,6 +24,20 @@ def chained_seconds(
 
         return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
 
+    return run
+
+
+def _stack(rotations: list[tuple]):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rotations)
+
+
+def chained_seconds(
+    op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 100, repeats: int = 5
+) -> float:
+    """Median seconds of one op(*fixed, *args) call. `fixed` (a pool, weights) is passed once;
+    `rotations` is a list of argument tuples of equal shapes. Includes the harness's own slicing and
+    checksum kernels and the loop's per-iteration cost (device_kernel_seconds leaves them out)."""
+    run, stacked = _chained(op, rotations, iters), _stack(rotations)
     jax.block_until_ready(run(fixed, stacked))
     times = []
     for _ in range(repeats):
@@ -36,6 +46,49 @@ def chained_seconds(
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2] / iters
+
+
+def device_kernel_seconds(
+    op: Callable, fixed: tuple, rotations: list[tuple], iters: int = 50
+) -> dict[str, float] | None:
+    """Device time per op(*fixed, *args) call from a profiler trace of the chained loop: seconds by
+    kernel name (numbered copies folded) and "busy", all kernels together (the harness's slicing and
+    checksum kernels included: subtract a trivial op's busy time for the op's own). None without a GPU
+    (the trace has no device plane)."""
+    import glob
+    import os
+    import re
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    if jax.default_backend() != "gpu":
+        return None
+    run, stacked = _chained(op, rotations, iters), _stack(rotations)
+    jax.block_until_ready(run(fixed, stacked))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(run(fixed, stacked))
+        jax.profiler.stop_trace()
+        [path] = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        data = ProfileData.from_file(path)
+    by_line: dict[str, tuple[dict[str, float], list[int]]] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name in ("XLA Ops", "XLA Modules"):
+                continue
+            names, count = by_line.setdefault(f"{plane.name}/{line.name}", ({}, [0]))
+            for e in line.events:
+                name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
+                names[name] = names.get(name, 0.0) + e.duration_ns * 1e-9 / iters
+                count[0] += 1
+    if not by_line:
+        return None
+    # the line with the most events is the stream that ran the kernels, as in bench/profile.py
+    kernels = max(by_line.values(), key=lambda v: v[1][0])[0]
+    return {**kernels, "busy": sum(kernels.values())}
 
 
 def bandwidth() -> dict[str, float]:

@@ -111,7 +111,7 @@ def lora_decode(
         b_start,
         offsets,
         h_outs=(h_out,),
-        tunables=tunables or tunables_for(pool.shape[2]),
+        tunables=tunables or tunables_for(pool.shape[2], x.shape[0]),
         max_rank=max_rank,
         interpret=path == "interpret",
     )
@@ -144,7 +144,7 @@ def lora_decode_shrink(
         layer,
         token_index,
         a_start,
-        tunables=tunables or tunables_for(pool.shape[2]),
+        tunables=tunables or tunables_for(pool.shape[2], x.shape[0]),
         interpret=path == "interpret",
     )
 
@@ -203,7 +203,7 @@ def lora_decode_expand_group(
         offsets,
         h_outs=tuple(h_outs),
         dtype=jnp.dtype(dtype),
-        tunables=tunables or tunables_for(pool.shape[2]),
+        tunables=tunables or tunables_for(pool.shape[2], offsets.shape[0] // g - 1),
         max_rank=max_rank,
         interpret=path == "interpret",
     )
@@ -251,7 +251,7 @@ def lora_decode_group(
         b_start,
         offsets,
         h_outs=tuple(h_outs),
-        tunables=tunables or tunables_for(pool.shape[2]),
+        tunables=tunables or tunables_for(pool.shape[2], x.shape[0]),
         max_rank=max_rank,
         interpret=path == "interpret",
     )
@@ -277,7 +277,7 @@ def lora_prefill(
         )
     _check_widths(x.shape[2], h_out, pool.shape[2])
     path = resolve(implementation)
-    tunables = tunables or tunables_for(pool.shape[2])
+    tunables = tunables or tunables_for(pool.shape[2], x.shape[0] * x.shape[1])
     if path == "reference" or not sgmv_supported(x.shape[1], a_start.shape[1], tunables):
         return lora_prefill_reference(x, pool, layer, a_start, b_start, h_out)
     return lora_prefill_kernel(

@@ -36,8 +36,9 @@ from jax.experimental.pallas import triton as pltriton
 
 @dataclasses.dataclass(frozen=True)
 class LoraTunables:
-    """Launch shapes. chunk_units: units of a row read per load (shrink); out_units: output units per
-    expand program; block_tokens: tokens per SGMV program. fused_max_tokens: decode batches of at
+    """Launch shapes. chunk_units: units of a row read per load (shrink); shrink_pairs: pairs per BGMV
+    shrink program (their loads in flight together); shrink_num_warps: the shrink's warps (0: num_warps);
+    out_units: output units per expand program; block_tokens: tokens per SGMV program. fused_max_tokens: decode batches of at
     most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
     each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
     fused_num_warps warps."""
@@ -47,18 +48,28 @@ class LoraTunables:
     block_tokens: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    shrink_pairs: int = 1
+    shrink_num_warps: int = 0
     fused_max_tokens: int = 0
     fused_out_units: int = 8
     fused_chunk_units: int = 8
     fused_num_warps: int = 4
 
 
-# Tuned on the H100 (bench/kernels/lora.py): keyed by head_dim; the default elsewhere.
-TUNED: dict[int, LoraTunables] = {128: LoraTunables(chunk_units=8, out_units=4, block_tokens=32, num_warps=4)}
+# Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
+# shapes), smallest first, since small decode batches pay latency and large ones bandwidth; the default
+# elsewhere.
+TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
+    128: ((1 << 30, LoraTunables(chunk_units=8, out_units=4, block_tokens=32, num_warps=4)),)
+}
 
 
-def tunables_for(head_dim: int) -> LoraTunables:
-    return TUNED.get(head_dim, LoraTunables())
+def tunables_for(head_dim: int, n_tokens: int = 1 << 30) -> LoraTunables:
+    """The tuned shapes for this head_dim and batch of tokens (its first tier that holds n_tokens)."""
+    for max_tokens, tunables in TUNED.get(head_dim, ()):
+        if n_tokens <= max_tokens:
+            return tunables
+    return LoraTunables()
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -92,26 +103,30 @@ def _params(t: LoraTunables) -> pltriton.CompilerParams:
 # decode: BGMV
 
 
-def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, n_chunks, chunk):
-    k = pl.program_id(0)
+def _shrink_pair(k, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, n_chunks, chunk):
+    """s[k] = x[token] . the pair's A row (0 for a padding pair, which loads no row)."""
     tok = tok_ref[k]
     a = a_ref[k]
-    valid = (a > 0) & (tok < n_tokens)
     s_ref[k] = jnp.float32(0.0)
 
-    @pl.when(valid)
+    @pl.when((a > 0) & (tok < n_tokens))
     def _():
-        layer = layer_ref[0]
-        dh = pool_ref.shape[2]
-
         def body(c, acc):
             xs = x_ref[tok, pl.ds(c * chunk, chunk), :].astype(jnp.float32)  # [chunk, Dh]
             units = a + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
             rows = pool_ref[layer, units, :].astype(jnp.float32)  # [chunk, Dh]
             return acc + xs * rows
 
+        dh = pool_ref.shape[2]
         acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((chunk, dh), jnp.float32))
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
+
+
+def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, pairs, **kw):
+    """Program p: pairs p*pairs .. + pairs, unrolled so that their loads are in flight together."""
+    layer = layer_ref[0]
+    for i in range(pairs):
+        _shrink_pair(pl.program_id(0) * pairs + i, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw)
 
 
 def _projection_of(j, block_starts):
@@ -197,11 +212,16 @@ def bgmv_shrink(
     units_in = h_in // dh
     chunk = _largest_pow2_divisor(units_in, tunables.chunk_units)
     k = token_index.shape[0]
+    pairs = _largest_pow2_divisor(k, tunables.shrink_pairs)
     return pl.pallas_call(
-        functools.partial(_bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk),
+        functools.partial(
+            _bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk, pairs=pairs
+        ),
         out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
-        grid=(k,),
-        compiler_params=_params(tunables),
+        grid=(k // pairs,),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.shrink_num_warps or tunables.num_warps, num_stages=tunables.num_stages
+        ),
         interpret=interpret,
         name="bgmv_shrink",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
