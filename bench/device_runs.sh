@@ -35,7 +35,8 @@ case "${1:-}" in
       --lora-tunables "$OUT/lora.json" --tag=-one-launch
     ;;
   lora)
-    TAIL=24 run python3 -m bench.kernels.lora --quick --out "$OUT/lora.json"
+    run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py
+    TAIL=24 run python3 -m bench.kernels.lora --out "$OUT/lora.json"
     TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile \
       --lora-tunables "$OUT/lora.json" --tag=-tiers
     ;;

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.lora.kernel import LoraTunables, bgmv_expand, bgmv_fused, bgmv_shrink, lora_prefill_kernel
+from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
 
@@ -67,6 +68,38 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
         S((g * (n + 1),), I32),
     )
     assert "bgmv_expand" in text
+
+
+@pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128)])
+@pytest.mark.parametrize("out_units", [1, 4])
+def test_bgmv_expand_mosaic_lowers(h_outs, out_units):
+    """The Mosaic GPU expand lowers for CUDA here (a Mosaic GPU custom call, not Triton)."""
+    g, n, k = len(h_outs), 8, 48
+    text = (
+        jax.jit(
+            lambda s, pool, layer, b, off: bgmv_expand_mosaic(
+                s,
+                pool,
+                layer,
+                b,
+                off,
+                h_outs=h_outs,
+                dtype=jnp.dtype(jnp.bfloat16),
+                tunables=LoraTunables(expand_backend="mosaic", out_units=out_units),
+                max_rank=16,
+            )
+        )
+        .trace(
+            S((g * k,), jnp.float32),
+            S((LAYERS, UNITS, DH), jnp.bfloat16),
+            S((), I32),
+            S((g * k,), I32),
+            S((g * (n + 1),), I32),
+        )
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

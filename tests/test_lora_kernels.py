@@ -22,6 +22,7 @@ from pallas_kernels.lora import (
     lora_decode_shrink,
     lora_prefill,
 )
+from pallas_kernels.lora.mosaic_kernel import interpret_params
 
 # shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
 FUSED = [
@@ -148,6 +149,34 @@ def test_bgmv_shrink_pairs_per_program(tunables):
     want = lora_decode(x, pool, layer, tok, a, b, 48, implementation="reference")
     got = lora_decode(x, pool, layer, tok, a, b, 48, implementation=_impl(), tunables=tunables)
     _check(got, want, jnp.float32)
+
+
+MOSAIC = [
+    LoraTunables(expand_backend="mosaic", out_units=1),
+    LoraTunables(expand_backend="mosaic", out_units=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tunables", MOSAIC)
+def test_mosaic_expand_matches_reference(tunables, dtype):
+    """The Mosaic GPU expand (Mosaic GPU's own interpreter on CPU: simulated TMA copies and barriers)
+    on q/k/v-style projections of unequal widths, ranks above max_rank (several loads reusing the
+    barriers), tokens without an adapter and padding pairs."""
+    if _impl() == "interpret" and interpret_params() is None:
+        pytest.skip("this JAX has no Mosaic GPU interpreter")
+    rng = np.random.default_rng(11)
+    n_tokens, h_in, widths = 6, 256, (256, 128, 128)  # blocks of 128 elements: 2 units of Dh 64
+    ranks = [int(rng.choice((0, 2, 5, 8))) for _ in range(n_tokens)]
+    x, pool, tok, a, b = _decode_case(rng, n_tokens, ranks, h_in, h_in, 64, dtype, pad_to=sum(ranks) + 3)
+    layer = jnp.int32(1)
+    shrunk = lora_decode_shrink(x, pool, layer, jnp.concatenate([tok] * 3), jnp.concatenate([a] * 3))
+    offsets = decode_offsets(tok, n_tokens)
+    args = (shrunk, pool, layer, jnp.concatenate([tok] * 3), jnp.concatenate([b] * 3))
+    args += (jnp.concatenate([offsets] * 3), widths, x.dtype)
+    want = lora_decode_expand_group(*args, implementation="reference")
+    got = lora_decode_expand_group(*args, implementation=_impl(), tunables=tunables, max_rank=4)
+    _check(got, want, dtype)
 
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
@@ -319,7 +348,7 @@ def test_bgmv_gpu_sweep(n_tokens):
     want = lora_decode(x, pool, layer, tok, a, b, 256, implementation="reference")
     got = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas")
     _check(got, want, jnp.bfloat16)
-    for tunables in FUSED + MULTI_PAIR:
+    for tunables in FUSED + MULTI_PAIR + MOSAIC:
         other = lora_decode(x, pool, layer, tok, a, b, 256, implementation="pallas", tunables=tunables)
         _check(other, want, jnp.bfloat16)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds, device_kernel_seconds, roofline_TBps
-from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group
+from pallas_kernels.lora import LoraTunables, kernel, lora_decode, lora_decode_group
 
 H, DH = 4096, 128
 UNITS = H // DH
@@ -85,15 +85,17 @@ def _decode_layer_case(n_tokens: int, rng: np.random.Generator):
     return layer, pool, [split(rot) for rot in rotations]
 
 
-def _kernel_split(times: dict[str, float]) -> tuple[float, float]:
-    """Seconds in the BGMV shrink and expand kernels of one traced call."""
+def _kernel_split(times: dict[str, float]) -> tuple[float, float | None]:
+    """Seconds in the BGMV shrink and expand kernels (Triton's bgmv_expand or the Mosaic GPU one) of
+    one traced call; expand None when no kernel of the trace is recognisably an expand."""
     shrink = sum(v for k, v in times.items() if "bgmv_shrink" in k)
-    expand = sum(v for k, v in times.items() if "bgmv_expand" in k)
-    return shrink, expand
+    expand = [v for k, v in times.items() if "bgmv_expand" in k or "mosaic" in k.lower()]
+    return shrink, (sum(expand) if expand else None)
 
 
 SHRINK_SHAPES = [(c, p, w) for c in (4, 8, 16, 32) for p in (1, 4) for w in (1, 2, 4)]
-EXPAND_SHAPES = [(u, w) for u in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
+EXPAND_SHAPES = [(u, w, "triton") for u in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
+EXPAND_SHAPES += [(u, 4, "mosaic") for u in (1, 2, 4, 8)]  # Mosaic GPU: one warpgroup per program
 
 
 def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str):
@@ -102,7 +104,7 @@ def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str)
     each kind together. (best tunables, rows)."""
     rows = []
     for i in range(max(len(SHRINK_SHAPES), len(EXPAND_SHAPES))):
-        (chunk, pairs, s_warps), (out_units, e_warps) = (
+        (chunk, pairs, s_warps), (out_units, e_warps, backend) = (
             SHRINK_SHAPES[i % len(SHRINK_SHAPES)],
             EXPAND_SHAPES[i % len(EXPAND_SHAPES)],
         )
@@ -113,15 +115,27 @@ def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str)
             shrink_num_warps=s_warps,
             out_units=out_units,
             num_warps=e_warps,
+            expand_backend=backend,
         )
-        times = device_kernel_seconds(op_for(t), (pool,), rotations)
+        try:
+            times = device_kernel_seconds(op_for(t), (pool,), rotations)
+        except Exception as e:  # a shape one backend cannot compile loses its row, not the sweep
+            print(label, "failed:", dataclasses.asdict(t), repr(e)[:400], flush=True)
+            continue
         if times is None:
             raise SystemExit("the launch-shape sweep reads kernel times from a GPU trace: run it on a GPU")
         shrink, expand = _kernel_split(times)
-        rows.append({**dataclasses.asdict(t), "shrink_us": shrink * 1e6, "expand_us": expand * 1e6})
+        rows.append(
+            {
+                **dataclasses.asdict(t),
+                "shrink_us": shrink * 1e6,
+                "expand_us": None if expand is None else expand * 1e6,
+                "kernels": sorted(times) if expand is None or i < 2 or backend == "mosaic" else None,
+            }
+        )
         print(label, rows[-1], flush=True)
     s = min(rows, key=lambda r: r["shrink_us"])
-    e = min(rows, key=lambda r: r["expand_us"])
+    e = min((r for r in rows if r["expand_us"] is not None), key=lambda r: r["expand_us"])
     best = dataclasses.replace(
         base,
         chunk_units=s["chunk_units"],
@@ -129,6 +143,7 @@ def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str)
         shrink_num_warps=s["shrink_num_warps"],
         out_units=e["out_units"],
         num_warps=e["num_warps"],
+        expand_backend=e["expand_backend"],
     )
     return best, rows
 
@@ -225,9 +240,18 @@ def run_case(name, n_tokens, ranks, bw, rng, tiers, peers=True, check=True):
     times = device_kernel_seconds(kernel, (pool,), rotations)
     if times is not None:
         shrink, expand = _kernel_split(times)
-        row["kernel_device_us"] = (shrink + expand) * 1e6
-        row["shrink_device_us"], row["expand_device_us"] = shrink * 1e6, expand * 1e6
+        row["kernel_device_us"] = (shrink + (expand or 0.0)) * 1e6
+        row["shrink_device_us"], row["expand_device_us"] = shrink * 1e6, (expand or 0.0) * 1e6
         row["kernel_device_x_floor"] = row["kernel_device_us"] / row["floor_us"]
+        for backend in ("triton", "mosaic"):  # both expands at this shape, side by side
+            other = dataclasses.replace(tunables, expand_backend=backend)
+            try:
+                expand = _kernel_split(
+                    device_kernel_seconds(_kernel_op(other, max(ranks)), (pool,), rotations)
+                )[1]
+                row[f"expand_{backend}_device_us"] = None if expand is None else expand * 1e6
+            except Exception as e:
+                row[f"expand_{backend}_device_us"] = repr(e)[:200]
     row["reference_us"] = (
         chained_seconds(_kernel_op(tunables, max(ranks), "reference"), (pool,), rotations) * 1e6
     )
@@ -287,15 +311,8 @@ def fused_sweep(tuned: LoraTunables, bw, rng) -> tuple[list[dict], LoraTunables]
     return rows, tuned
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="the two headline cases only")
-    ap.add_argument("--fused", action="store_true", help="also sweep the one-launch kernel (bgmv_fused)")
-    args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    bw = bandwidth()
-    # launch shapes by batch: T5's 256 tokens (bandwidth) and decode-7b's layer at 32 (latency)
+def _tune(args, bw, rng):
+    """Launch shapes by batch: T5's 256 tokens (bandwidth) and decode-7b's layer at 32 (latency)."""
     pool, rotations, _ = _pool_case(256, [16] * 256, rng)
     large, large_rows = sweep_launch_shapes(
         lambda t: _kernel_op(t, 16), pool, rotations, LoraTunables(block_tokens=32), "256 tokens"
@@ -307,6 +324,23 @@ def main() -> None:
     if args.fused:
         fused_rows, small = fused_sweep(small, bw, rng)
     tiers = ((2 * DECODE_BATCH, small), (1 << 30, large))
+    return tiers, large, large_rows, small_rows, fused_rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="the two headline cases only")
+    ap.add_argument("--fused", action="store_true", help="also sweep the one-launch kernel (bgmv_fused)")
+    ap.add_argument("--no-sweep", action="store_true", help="time the tuned tiers (kernel.TUNED) as they are")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    bw = bandwidth()
+    if args.no_sweep:
+        tiers = kernel.TUNED[DH]
+        large, large_rows, small_rows, fused_rows = tiers[-1][1], [], [], []
+    else:
+        tiers, large, large_rows, small_rows, fused_rows = _tune(args, bw, rng)
     cases = [
         ("T5 256 tok / 256 slots r16", 256, [16] * 256),
         ("32 tok / 32 slots r16", 32, [16] * 32),

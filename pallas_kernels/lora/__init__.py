@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from pallas_kernels.backend import resolve
 from pallas_kernels.lora.kernel import (
     LoraTunables,
-    bgmv_expand,
     bgmv_shrink,
+    expand_kernel,
     lora_decode_kernel,
     lora_prefill_kernel,
     sgmv_supported,
@@ -195,7 +195,8 @@ def lora_decode_expand_group(
             ],
             axis=1,
         )
-    return bgmv_expand(
+    tunables = tunables or tunables_for(pool.shape[2], offsets.shape[0] // g - 1)
+    return expand_kernel(tunables)(
         shrunk,
         pool,
         layer,
@@ -203,7 +204,7 @@ def lora_decode_expand_group(
         offsets,
         h_outs=tuple(h_outs),
         dtype=jnp.dtype(dtype),
-        tunables=tunables or tunables_for(pool.shape[2], offsets.shape[0] // g - 1),
+        tunables=tunables,
         max_rank=max_rank,
         interpret=path == "interpret",
     )

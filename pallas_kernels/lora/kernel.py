@@ -38,7 +38,10 @@ from jax.experimental.pallas import triton as pltriton
 class LoraTunables:
     """Launch shapes. chunk_units: units of a row read per load (shrink); shrink_pairs: pairs per BGMV
     shrink program (their loads in flight together); shrink_num_warps: the shrink's warps (0: num_warps);
-    out_units: output units per expand program; block_tokens: tokens per SGMV program. fused_max_tokens: decode batches of at
+    out_units: output units per expand program, num_warps its warps; block_tokens: tokens per SGMV
+    program, sgmv_out_units / sgmv_num_warps its expand's units per program and both its warps.
+    expand_backend: "triton" (kernel.bgmv_expand) or "mosaic" (mosaic_kernel.bgmv_expand_mosaic, Hopper;
+    out_units as for Triton, num_warps unused: one warpgroup per program). fused_max_tokens: decode batches of at
     most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
     each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
     fused_num_warps warps."""
@@ -50,6 +53,9 @@ class LoraTunables:
     num_stages: int = 2
     shrink_pairs: int = 1
     shrink_num_warps: int = 0
+    sgmv_out_units: int = 4
+    sgmv_num_warps: int = 4
+    expand_backend: str = "triton"
     fused_max_tokens: int = 0
     fused_out_units: int = 8
     fused_chunk_units: int = 8
@@ -60,7 +66,12 @@ class LoraTunables:
 # shapes), smallest first, since small decode batches pay latency and large ones bandwidth; the default
 # elsewhere.
 TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
-    128: ((1 << 30, LoraTunables(chunk_units=8, out_units=4, block_tokens=32, num_warps=4)),)
+    128: (
+        # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json
+        (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1)),
+        # T5's 256 tokens on 256 adapters, the same run
+        (1 << 30, LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1)),
+    )
 }
 
 
@@ -381,7 +392,19 @@ def lora_decode_kernel(
     if x.shape[0] <= tunables.fused_max_tokens:
         return bgmv_fused(x, pool, layer, a_start, b_start, offsets, h_outs=h_outs, **kw)
     shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
-    return bgmv_expand(shrunk, pool, layer, b_start, offsets, h_outs=h_outs, dtype=x.dtype, **kw)
+    expand = expand_kernel(tunables)
+    return expand(shrunk, pool, layer, b_start, offsets, h_outs=h_outs, dtype=x.dtype, **kw)
+
+
+def expand_kernel(tunables: LoraTunables):
+    """The BGMV expand that tunables.expand_backend names (both take the same arguments)."""
+    if tunables.expand_backend == "mosaic":
+        from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
+
+        return bgmv_expand_mosaic
+    if tunables.expand_backend != "triton":
+        raise ValueError(f"expand_backend must be 'triton' or 'mosaic', not {tunables.expand_backend!r}")
+    return bgmv_expand
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,14 +465,16 @@ def lora_prefill_kernel(
     units_in, units_out = h_in // dh, h_out // dh
     r = a_start.shape[1]
     bt = min(tunables.block_tokens, t)
-    out_units = _largest_pow2_divisor(units_out, tunables.out_units)
+    out_units = _largest_pow2_divisor(units_out, tunables.sgmv_out_units)
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     shrunk = pl.pallas_call(
         functools.partial(_sgmv_shrink_kernel, block_tokens=bt, units_in=units_in, f32_dot=f32_dot),
         out_shape=jax.ShapeDtypeStruct((bsz, t, r), jnp.float32),
         grid=(bsz, t // bt),
-        compiler_params=_params(tunables),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
+        ),
         interpret=interpret,
         name="sgmv_shrink",
     )(layer_arr, a_start, x.reshape(bsz, t, units_in, dh), pool)
@@ -457,7 +482,9 @@ def lora_prefill_kernel(
         functools.partial(_sgmv_expand_kernel, block_tokens=bt, out_units=out_units, f32_dot=f32_dot),
         out_shape=jax.ShapeDtypeStruct((bsz, t, units_out, dh), x.dtype),
         grid=(bsz, t // bt, units_out // out_units),
-        compiler_params=_params(tunables),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
+        ),
         interpret=interpret,
         name="sgmv_expand",
     )(layer_arr, b_start, shrunk, pool)
