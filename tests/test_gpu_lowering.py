@@ -71,8 +71,8 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
 
 
 @pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128)])
-@pytest.mark.parametrize("out_units", [1, 4])
-def test_bgmv_expand_mosaic_lowers(h_outs, out_units):
+@pytest.mark.parametrize("out_units,max_rank", [(1, 16), (4, 64)])
+def test_bgmv_expand_mosaic_lowers(h_outs, out_units, max_rank):
     """The Mosaic GPU expand lowers for CUDA here (a Mosaic GPU custom call, not Triton)."""
     g, n, k = len(h_outs), 8, 48
     text = (
@@ -86,7 +86,7 @@ def test_bgmv_expand_mosaic_lowers(h_outs, out_units):
                 h_outs=h_outs,
                 dtype=jnp.dtype(jnp.bfloat16),
                 tunables=LoraTunables(expand_backend="mosaic", out_units=out_units),
-                max_rank=16,
+                max_rank=max_rank,
             )
         )
         .trace(

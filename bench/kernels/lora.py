@@ -341,6 +341,18 @@ def main() -> None:
         large, large_rows, small_rows, fused_rows = tiers[-1][1], [], [], []
     else:
         tiers, large, large_rows, small_rows, fused_rows = _tune(args, bw, rng)
+    # the two expands at decode-7b's layer, the small tier otherwise as tuned
+    layer_for, pool, rotations = _decode_layer_case(DECODE_BATCH, rng)
+    layer_expand = {}
+    for backend in ("triton", "mosaic"):
+        t = dataclasses.replace(tiers[0][1], expand_backend=backend)
+        try:
+            times = device_kernel_seconds(layer_for(t), (pool,), rotations)
+            layer_expand[backend] = None if times is None else _kernel_split(times)[1] * 1e6
+        except Exception as e:
+            layer_expand[backend] = repr(e)[:300]
+    print("decode layer expand us by backend", layer_expand, flush=True)
+    del pool, rotations
     cases = [
         ("T5 256 tok / 256 slots r16", 256, [16] * 256),
         ("32 tok / 32 slots r16", 32, [16] * 32),
@@ -360,6 +372,7 @@ def main() -> None:
         "tuned_tiers": [[n, dataclasses.asdict(t)] for n, t in tiers],
         "sweep_256_tokens": large_rows,
         "sweep_decode_layer": small_rows,  # a layer's q/k/v group + o at the decode batch
+        "decode_layer_expand_us": layer_expand,  # that layer's expands, Triton and Mosaic GPU
         "fused_sweep": fused_rows,
         "cases": rows,
         "shape": {"h_in": H, "h_out": H, "head_dim": DH, "dtype": "bfloat16"},

@@ -3,7 +3,7 @@ counterpart for choosing by measurement (bench/kernels/lora.py): the same inputs
 
 Grid (token, block of output units), one warpgroup each. A program copies each of its token's B rows'
 block ([out_units, Dh] from the unified pool, at the pair's dynamic unit) into shared memory with the
-TMA, up to `pairs_per_load` copies in flight on their own barriers, then sums s * rows in float32 and
+TMA, up to max_rank (at most 32) copies in flight on their own barriers, then sums s * rows in float32 and
 writes its block back through shared memory. Tokens with more pairs than one load holds take more
 loads (the barriers are reused; their phase flips each time).
 """
@@ -19,6 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.lora.kernel import LoraTunables, _output_blocks, _pow2_at_least, _projection_of
+
+MAX_BARRIERS = 32  # a barrier group holds at most 32 barriers: larger ranks take several loads
 
 
 def interpret_params():
@@ -110,7 +112,7 @@ def bgmv_expand_mosaic(
     body = functools.partial(
         _expand_body,
         out_units=out_units,
-        pairs=_pow2_at_least(max_rank),
+        pairs=min(_pow2_at_least(max_rank), MAX_BARRIERS),
         n_pairs=b_start.shape[0] // g,
         n_tokens=n,
         block_starts=starts,
@@ -120,6 +122,9 @@ def bgmv_expand_mosaic(
         out_type=jax.ShapeDtypeStruct((n, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
         grid_names=("n", "j"),
+        # lane semantics (per-thread register arrays, scalar broadcasts) on every JAX: 0.11 defaults to
+        # warpgroup semantics, which has no implicit broadcast
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=params,
     )
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool)
