@@ -197,6 +197,7 @@ class PagedEngine:
             page_size=config.page_size,
             impl=config.implementation,
             prefill_kernel=config.prefill_kernel(),
+            lora_stream=1 if config.lora_stream == "on" else None,
         )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)
