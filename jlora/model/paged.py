@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on
+import jax.experimental.compute_on as compute_on_module
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
@@ -39,8 +39,10 @@ def _on_stream(stream: int | None, fn, *args: jax.Array) -> jax.Array:
     """fn(*args) inline, or as its own call annotated to run on GPU stream `stream`."""
     if stream is None:
         return fn(*args)
-    with compute_on(f"gpu_stream:{stream}"):
-        return jax.jit(fn)(*args)
+    # the function form: compute_on2 up to JAX 0.10, named compute_on from 0.11 (whose context-manager
+    # form is gone)
+    wrap = getattr(compute_on_module, "compute_on2", None) or compute_on_module.compute_on
+    return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)(*args)
 
 
 def forward_paged(
