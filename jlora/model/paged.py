@@ -12,8 +12,8 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jax.experimental.compute_on as compute_on_module
+import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
