@@ -207,7 +207,7 @@ def _bgmv_expand_kernel(
         o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tunables", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tunables", "interpret"), inline=True)
 def bgmv_shrink(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -238,7 +238,9 @@ def bgmv_shrink(
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"), inline=True
+)
 def bgmv_expand(
     shrunk: jax.Array,  # [G*K] float32; projection m's pairs are [m*K, (m+1)*K)
     pool: jax.Array,  # [L, U, Dh]
@@ -329,7 +331,7 @@ def _bgmv_fused_kernel(
         o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)  # projections side by side
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "tunables", "max_rank", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_outs", "tunables", "max_rank", "interpret"), inline=True)
 def bgmv_fused(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -448,7 +450,7 @@ def _sgmv_expand_kernel(layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_token
         o_ref[b, pl.ds(t0, block_tokens), unit, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"), inline=True)
 def lora_prefill_kernel(
     x: jax.Array,  # [B, T, H_in]
     pool: jax.Array,  # [L, U, Dh]

@@ -85,7 +85,9 @@ def _expand_body(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"), inline=True
+)
 def bgmv_expand_mosaic(
     shrunk: jax.Array,  # [G*K] float32
     pool: jax.Array,  # [L, U, Dh]
