@@ -146,9 +146,6 @@ def main() -> None:
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
     ap.add_argument("--fuse-lora", default="auto", help="off | on | auto (EngineConfig)")
     ap.add_argument(
-        "--lora-stream", default="off", help="off | on: decode LoRA on a second GPU stream (EngineConfig)"
-    )
-    ap.add_argument(
         "--lora-tunables",
         default=None,
         help="LoraTunables for the run, replacing the tuned ones: a JSON object, or a bench.kernels.lora "
@@ -183,7 +180,6 @@ def main() -> None:
         layer_loop=args.layer_loop,
         prefill_attention=args.prefill_attention,
         fuse_lora=args.fuse_lora,
-        lora_stream=args.lora_stream,
     )
     start = time.perf_counter()
     engine = jlora.Engine(
@@ -305,7 +301,6 @@ def main() -> None:
             "layer_loop": ec.layer_loop,
             "prefill_attention": ec.prefill_attention,
             "fuse_lora": ec.fuse_lora,
-            "lora_stream": ec.lora_stream,
             "lora_groups": [list(g) for g in ec.lora_groups()],
         },
         "bandwidth": bw,

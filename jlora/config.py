@@ -239,9 +239,6 @@ class EngineConfig:
     # (decode-7b mixed on the H100: 8.35 vs 8.94 ms/step, BGMV 0.87 vs 1.36 ms), off elsewhere (this
     # 2-core CPU, cpu-smol shape: 89.7 vs 92.1 tok/s)
     fuse_lora: str = "auto"
-    # decode LoRA launches on a second GPU stream (XLA stream annotation), to overlap the base matmul
-    # that reads the same input: "on" or "off" (ignored off the GPU)
-    lora_stream: str = "off"
 
     @property
     def max_lora_rank(self) -> int:
@@ -277,8 +274,6 @@ class EngineConfig:
             )
         if self.fuse_lora not in ("off", "on", "auto"):
             raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
-        if self.lora_stream not in ("off", "on"):
-            raise ValueError(f"lora_stream must be 'off' or 'on', not {self.lora_stream!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")

@@ -197,7 +197,6 @@ class PagedEngine:
             page_size=config.page_size,
             impl=config.implementation,
             prefill_kernel=config.prefill_kernel(),
-            lora_stream=1 if config.lora_stream == "on" else None,
         )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)

@@ -96,14 +96,12 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "unrolled",
         "no_overlap",
         "lora_fused",
-        "lora_fused_stream",
     ],
 )
 def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
-    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size;
-    _stream: decode LoRA as calls annotated for a second GPU stream."""
+    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
     if variant.endswith("one_launch"):
@@ -116,8 +114,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         layer_loop="unrolled" if variant == "unrolled" else "scan",
         overlap=variant != "no_overlap",
         prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
-        fuse_lora="on" if "lora_fused" in variant else "auto",
-        lora_stream="on" if variant.endswith("_stream") else "off",
+        fuse_lora="on" if variant.endswith("lora_fused") else "auto",
     )
     engine = jlora.Engine(loaded, config)
     for name, path in paths.items():

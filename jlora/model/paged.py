@@ -8,11 +8,9 @@ come out of the scan and are written into their pages in one in-place scatter (t
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
-import jax.experimental.compute_on as compute_on_module
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig
@@ -35,16 +33,6 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]}
 
 
-def _on_stream(stream: int | None, fn, *args: jax.Array) -> jax.Array:
-    """fn(*args) inline, or as its own call annotated to run on GPU stream `stream`."""
-    if stream is None:
-        return fn(*args)
-    # the function form: compute_on2 up to JAX 0.10, named compute_on from 0.11 (whose context-manager
-    # form is gone)
-    wrap = getattr(compute_on_module, "compute_on2", None) or compute_on_module.compute_on
-    return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)(*args)
-
-
 def forward_paged(
     params: dict[str, Any],
     pool: jax.Array,  # [L, U, Dh]
@@ -56,12 +44,9 @@ def forward_paged(
     impl: str = "reference",
     prefill_kernel: bool | None = None,
     tp_axis: str | None = None,
-    lora_stream: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
-    outputs are summed over tp_axis and vocab-split logits gathered. With lora_stream, each decode LoRA
-    launch group runs as its own call on that GPU stream (XLA stream annotation), so that it can overlap
-    the base projection's matmul that reads the same input (ignored off the GPU)."""
+    outputs are summed over tp_axis and vocab-split logits gathered."""
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layer_module = DecoderLayer(config, params["embed"].dtype)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
@@ -103,11 +88,7 @@ def forward_paged(
                     if group.modules not in shared or shared[group.modules][0] is not x:
                         x2 = x.reshape(b * t, h_in)
                         max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
-                        deltas = _on_stream(
-                            lora_stream,
-                            functools.partial(
-                                lora_decode_group, h_outs=widths, implementation=impl, max_rank=max_rank
-                            ),
+                        deltas = lora_decode_group(
                             x2,
                             pool,
                             layer,
@@ -115,6 +96,9 @@ def forward_paged(
                             group.a_start,
                             group.b_start,
                             group.offsets,
+                            widths,
+                            implementation=impl,
+                            max_rank=max_rank,
                         )
                         shared[group.modules] = (x, deltas)
                     i = group.modules.index(name)
@@ -126,20 +110,18 @@ def forward_paged(
                 h_out = shapes[name][1]
                 if isinstance(meta, DecodeLora):
                     b, t, h_in = x.shape
-                    max_rank = meta.token_index.shape[0] // (b * t)  # the rank bucket
-                    delta = _on_stream(
-                        lora_stream,
-                        lambda x2, pool, layer, tok, a, bb, off: lora_decode(
-                            x2, pool, layer, tok, a, bb, h_out, off, implementation=impl, max_rank=max_rank
-                        ),
+                    delta = lora_decode(
                         x.reshape(b * t, h_in),
                         pool,
                         layer,
                         meta.token_index,
                         meta.a_start,
                         meta.b_start,
+                        h_out,
                         meta.offsets,
-                    )
+                        implementation=impl,
+                        max_rank=meta.token_index.shape[0] // (b * t),
+                    )  # the rank bucket
                     return delta.reshape(b, t, h_out)
                 return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
