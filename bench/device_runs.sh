@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 case "${1:-}" in
   check)
-    run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py tests/test_lora_kernels.py
+    run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py
+    run python3 -m pytest -q -x tests/test_lora_kernels.py   # every case compiled on the GPU
     run python3 -m bench.hf_peer --out "$OUT/peer.json"
     TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --peer "$OUT/peer.json" --tag=-check
     ;;
