@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
         max_batch=8,
         decode_batch_buckets=(8,),
         prefill_batch_buckets=(8,),
-        prefill_chunk_buckets=(64,),
+        prefill_chunk_buckets=(16, 64),  # short prompts (the load test's) take the 16-token bucket
         page_buckets=(8,),
         lora_rank_buckets=(16,),
         lora_modules=("q_proj", "v_proj"),
@@ -279,10 +279,10 @@ def test_tls_and_mutual_tls(setup, tmp_path):
         server.stop()
 
 
-@pytest.mark.slow
 def test_load_2000_requests_100_adapters_then_drain(setup):
     """2,000 requests over 100 adapters from 64 concurrent streams; a tenth cancelled or given short
-    deadlines; 50 bad LoadAdapter calls in the middle. Bounded in count and time."""
+    deadlines; 50 bad LoadAdapter calls in the middle. Bounded in count and time: about 3.5 minutes on
+    the 2-core machine (the short prompts take the 16-token prefill bucket), so it runs in make test."""
     engine, front, server, client, root = setup
     for i in range(3, 100):
         engine.load_adapter(f"ad{i}", str(root / f"ad{i}"))
