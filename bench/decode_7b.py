@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
     ap.add_argument("--fuse-lora", default="auto", help="off | on | auto (EngineConfig)")
     ap.add_argument(
+        "--no-overlap", action="store_true", help="run each step to the end before the next (EngineConfig)"
+    )
+    ap.add_argument(
         "--lora-tunables",
         default=None,
         help="LoraTunables for the run, replacing the tuned ones: a JSON object, or a bench.kernels.lora "
@@ -180,6 +183,7 @@ def main() -> None:
         layer_loop=args.layer_loop,
         prefill_attention=args.prefill_attention,
         fuse_lora=args.fuse_lora,
+        overlap=not args.no_overlap,
     )
     start = time.perf_counter()
     engine = jlora.Engine(
@@ -301,6 +305,7 @@ def main() -> None:
             "layer_loop": ec.layer_loop,
             "prefill_attention": ec.prefill_attention,
             "fuse_lora": ec.fuse_lora,
+            "overlap": ec.overlap,
             "lora_groups": [list(g) for g in ec.lora_groups()],
         },
         "bandwidth": bw,
