@@ -23,7 +23,7 @@ from pallas_kernels.lora.kernel import LoraTunables, _output_blocks, _pow2_at_le
 MAX_BARRIERS = 32  # a barrier group holds at most 32 barriers: larger ranks take several loads
 
 
-def interpret_params():
+def interpret_params() -> object | None:
     """Mosaic GPU's own interpreter (simulated shared memory, TMA and barriers) for running on CPU;
     None where this JAX has none (the generic interpreter cannot run TMA copies)."""
     try:
