@@ -3,7 +3,12 @@ unified pool, its pure-jnp reference, the XLA per-token gather einsum, the one-h
 slots (sglang-jax, tpu-inference) and jax.lax.ragged_dot; bytes moved / time against the copy
 bandwidth measured in the same run. One projection, h_in = h_out = 4096, bf16.
 
-python -m bench.kernels.lora [--out FILE] [--quick]
+python -m bench.kernels.lora [--out FILE] [--quick] [--fused] [--no-sweep]
+
+Kernels are timed two ways: whole calls chained in one jit (as the peers) and, on a GPU, by device time
+per kernel from a profiler trace. The sweep tunes shrink and expand shapes separately at T5's 256
+tokens and at decode-7b's layer (32 tokens) and writes them as tiers (`tuned_tiers`, for
+pallas_kernels.lora.kernel.TUNED and `bench.decode_7b --lora-tunables`).
 """
 
 from __future__ import annotations
