@@ -61,9 +61,9 @@ def pool_pages(config, mp: int, batch: int, pages_per_seq: int) -> int:
 
 
 def set_lora_tunables(spec: str, head_dim: int) -> dict:
-    """Replace the tuned LoRA kernel shapes for this head_dim (pallas_kernels.lora.kernel.TUNED) before
+    """Replace the tuned LoRA kernel shapes for this head_dim (pallas_kernels.lora.shapes.TUNED) before
     the engine compiles: spec is a JSON object or a bench.kernels.lora result file."""
-    from pallas_kernels.lora import kernel
+    from pallas_kernels.lora import shapes
 
     if spec.lstrip().startswith("{"):
         tiers = [[1 << 30, json.loads(spec)]]
@@ -71,9 +71,9 @@ def set_lora_tunables(spec: str, head_dim: int) -> dict:
         with open(spec) as f:
             result = json.load(f)
         tiers = result.get("tuned_tiers") or [[1 << 30, result["tuned"]]]
-    kernel.TUNED[head_dim] = tuple((int(n), kernel.LoraTunables(**fields)) for n, fields in tiers)
-    print("LoRA tunables:", kernel.TUNED[head_dim], flush=True)
-    return {"tiers": [[n, dataclasses.asdict(t)] for n, t in kernel.TUNED[head_dim]]}
+    shapes.TUNED[head_dim] = tuple((int(n), shapes.LoraTunables(**fields)) for n, fields in tiers)
+    print("LoRA tunables:", shapes.TUNED[head_dim], flush=True)
+    return {"tiers": [[n, dataclasses.asdict(t)] for n, t in shapes.TUNED[head_dim]]}
 
 
 def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):

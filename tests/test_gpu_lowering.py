@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lora.kernel import LoraTunables, bgmv_expand, bgmv_fused, bgmv_shrink, lora_prefill_kernel
+from pallas_kernels.lora.kernel import bgmv_expand, bgmv_fused, bgmv_shrink, lora_prefill_kernel
 from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
+from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
 

@@ -368,10 +368,10 @@ def test_bad_shapes_raise_early():
 
 
 def test_tuned_shapes_come_in_tiers_by_batch(monkeypatch):
-    from pallas_kernels.lora import kernel
+    from pallas_kernels.lora import shapes
 
     small, large = LoraTunables(chunk_units=8, shrink_num_warps=4), LoraTunables(chunk_units=4, num_warps=1)
-    monkeypatch.setitem(kernel.TUNED, 48, ((64, small), (1 << 30, large)))
-    assert kernel.tunables_for(48, 1) == small and kernel.tunables_for(48, 64) == small
-    assert kernel.tunables_for(48, 65) == large and kernel.tunables_for(48) == large
-    assert kernel.tunables_for(40, 32) == LoraTunables()  # no tuned tiers for this head_dim
+    monkeypatch.setitem(shapes.TUNED, 48, ((64, small), (1 << 30, large)))
+    assert shapes.tunables_for(48, 1) == small and shapes.tunables_for(48, 64) == small
+    assert shapes.tunables_for(48, 65) == large and shapes.tunables_for(48) == large
+    assert shapes.tunables_for(40, 32) == LoraTunables()  # no tuned tiers for this head_dim

@@ -13,7 +13,7 @@ import jlora
 from jlora import loader
 from jlora.config import EngineConfig
 from pallas_kernels.lora import LoraTunables
-from pallas_kernels.lora import kernel as lora_kernel
+from pallas_kernels.lora import shapes as lora_shapes
 from tests.helpers import tiny_hf_model
 from tests.test_multi_lora import adapter_specs, build_peft
 
@@ -106,7 +106,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
     if variant.endswith("one_launch"):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
-        monkeypatch.setitem(lora_kernel.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
+        monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     variant = variant.removesuffix("_one_launch")
     config = small_config(
         num_pages=128 if variant == "small_pool_preempts" else 400,

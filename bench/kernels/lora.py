@@ -8,7 +8,7 @@ python -m bench.kernels.lora [--out FILE] [--quick] [--fused] [--no-sweep]
 Kernels are timed two ways: whole calls chained in one jit (as the peers) and, on a GPU, by device time
 per kernel from a profiler trace. The sweep tunes shrink and expand shapes separately at T5's 256
 tokens and at decode-7b's layer (32 tokens) and writes them as tiers (`tuned_tiers`, for
-pallas_kernels.lora.kernel.TUNED and `bench.decode_7b --lora-tunables`).
+pallas_kernels.lora.shapes.TUNED and `bench.decode_7b --lora-tunables`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.common import write_result
 from bench.kernels.timing import bandwidth, chained_seconds, device_kernel_seconds, roofline_TBps
-from pallas_kernels.lora import LoraTunables, kernel, lora_decode, lora_decode_group
+from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group, shapes
 
 H, DH = 4096, 128
 UNITS = H // DH
@@ -337,12 +337,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="the two headline cases only")
     ap.add_argument("--fused", action="store_true", help="also sweep the one-launch kernel (bgmv_fused)")
-    ap.add_argument("--no-sweep", action="store_true", help="time the tuned tiers (kernel.TUNED) as they are")
+    ap.add_argument("--no-sweep", action="store_true", help="time the tuned tiers (shapes.TUNED) as they are")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     bw = bandwidth()
     if args.no_sweep:
-        tiers = kernel.TUNED[DH]
+        tiers = shapes.TUNED[DH]
         large, large_rows, small_rows, fused_rows = tiers[-1][1], [], [], []
     else:
         tiers, large, large_rows, small_rows, fused_rows = _tune(args, bw, rng)

@@ -14,13 +14,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve
 from pallas_kernels.lora.kernel import (
-    LoraTunables,
     bgmv_shrink,
     expand_kernel,
     lora_decode_kernel,
     lora_prefill_kernel,
     sgmv_supported,
-    tunables_for,
 )
 from pallas_kernels.lora.reference import (
     lora_decode_expand_reference,
@@ -29,6 +27,7 @@ from pallas_kernels.lora.reference import (
     lora_prefill_reference,
     lora_rows_reference,
 )
+from pallas_kernels.lora.shapes import LoraTunables, tunables_for
 
 __all__ = [
     "LoraTunables",

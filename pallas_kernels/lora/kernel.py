@@ -24,86 +24,21 @@ multiple of Dh work; the lowering switches to 64-bit offsets itself when the poo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-
-@dataclasses.dataclass(frozen=True)
-class LoraTunables:
-    """Launch shapes. chunk_units: units of a row read per load (shrink); shrink_pairs: pairs per BGMV
-    shrink program (their loads in flight together); shrink_num_warps: the shrink's warps (0: num_warps);
-    out_units: output units per expand program, num_warps its warps; block_tokens: tokens per SGMV
-    program, sgmv_out_units / sgmv_num_warps its expand's units per program and both its warps.
-    expand_backend: "triton" (kernel.bgmv_expand) or "mosaic" (mosaic_kernel.bgmv_expand_mosaic, Hopper;
-    out_units as for Triton, num_warps unused: one warpgroup per program). fused_max_tokens: decode batches of at
-    most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
-    each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
-    fused_num_warps warps."""
-
-    chunk_units: int = 8
-    out_units: int = 4
-    block_tokens: int = 32
-    num_warps: int = 4
-    num_stages: int = 2
-    shrink_pairs: int = 1
-    shrink_num_warps: int = 0
-    sgmv_out_units: int = 4
-    sgmv_num_warps: int = 4
-    expand_backend: str = "triton"
-    fused_max_tokens: int = 0
-    fused_out_units: int = 8
-    fused_chunk_units: int = 8
-    fused_num_warps: int = 4
-
-
-# Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
-# shapes), smallest first, since small decode batches pay latency and large ones bandwidth; the default
-# elsewhere.
-TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
-    128: (
-        # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json
-        (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1)),
-        # T5's 256 tokens on 256 adapters, the same run
-        (1 << 30, LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1)),
-    )
-}
-
-
-def tunables_for(head_dim: int, n_tokens: int = 1 << 30) -> LoraTunables:
-    """The tuned shapes for this head_dim and batch of tokens (its first tier that holds n_tokens)."""
-    for max_tokens, tunables in TUNED.get(head_dim, ()):
-        if n_tokens <= max_tokens:
-            return tunables
-    return LoraTunables()
-
-
-def _largest_pow2_divisor(n: int, cap: int) -> int:
-    d = 1
-    while d * 2 <= cap and n % (d * 2) == 0:
-        d *= 2
-    return d
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-def _output_blocks(h_outs: tuple[int, ...], dh: int, cap: int):
-    """Output units of each projection, units per program (a power of two dividing them all, <= cap),
-    programs per projection and where each projection's programs start."""
-    units = [h // dh for h in h_outs]
-    out_units = _largest_pow2_divisor(functools.reduce(math.gcd, units), cap)
-    blocks = [u // out_units for u in units]
-    return units, out_units, blocks, tuple(sum(blocks[:i]) for i in range(len(h_outs)))
+from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
+from pallas_kernels.lora.shapes import (
+    LoraTunables,
+    largest_pow2_divisor,
+    output_blocks,
+    pow2_at_least,
+    projection_of,
+)
 
 
 def _params(t: LoraTunables) -> pltriton.CompilerParams:
@@ -138,18 +73,6 @@ def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, pa
     layer = layer_ref[0]
     for i in range(pairs):
         _shrink_pair(pl.program_id(0) * pairs + i, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw)
-
-
-def _projection_of(j, block_starts):
-    """(projection m, block index within it) of output block j; block_starts: where each projection's
-    blocks start (static)."""
-    m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
-    for i, st in enumerate(block_starts[1:], 1):
-        # int32 constants, not Python ints: Triton's select lowering gives a weak-typed literal
-        # the predicate's type (i1), and `j - first` then fails to lower ('i32' vs 'i1').
-        m = jnp.where(j >= st, jnp.int32(i), jnp.int32(m) if isinstance(m, int) else m)
-        first = jnp.where(j >= st, jnp.int32(st), jnp.int32(first) if isinstance(first, int) else first)
-    return m, j - first
 
 
 def _pair_lanes(start, end, c, lane, m, n_pairs):
@@ -189,7 +112,7 @@ def _bgmv_expand_kernel(
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    m, local = _projection_of(j, block_starts)
+    m, local = projection_of(j, block_starts)
     start = off_ref[m * (n_tokens + 1) + n]
     end = off_ref[m * (n_tokens + 1) + n + 1]
     lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
@@ -207,7 +130,7 @@ def _bgmv_expand_kernel(
         o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tunables", "interpret"), inline=True)
+@functools.partial(jax.jit, static_argnames=("tunables", "interpret"))
 def bgmv_shrink(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -221,9 +144,9 @@ def bgmv_shrink(
     n, h_in = x.shape
     dh = pool.shape[2]
     units_in = h_in // dh
-    chunk = _largest_pow2_divisor(units_in, tunables.chunk_units)
+    chunk = largest_pow2_divisor(units_in, tunables.chunk_units)
     k = token_index.shape[0]
-    pairs = _largest_pow2_divisor(k, tunables.shrink_pairs)
+    pairs = largest_pow2_divisor(k, tunables.shrink_pairs)
     return pl.pallas_call(
         functools.partial(
             _bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk, pairs=pairs
@@ -238,9 +161,7 @@ def bgmv_shrink(
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"), inline=True
-)
+@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
 def bgmv_expand(
     shrunk: jax.Array,  # [G*K] float32; projection m's pairs are [m*K, (m+1)*K)
     pool: jax.Array,  # [L, U, Dh]
@@ -257,8 +178,8 @@ def bgmv_expand(
     g = len(h_outs)
     n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
-    units, out_units, blocks, starts = _output_blocks(h_outs, dh, tunables.out_units)
-    pairs_per_load = _pow2_at_least(max_rank)
+    units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
+    pairs_per_load = pow2_at_least(max_rank)
     out = pl.pallas_call(
         functools.partial(
             _bgmv_expand_kernel,
@@ -303,7 +224,7 @@ def _bgmv_fused_kernel(
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
-    m, local = _projection_of(j, block_starts)
+    m, local = projection_of(j, block_starts)
     start = off_ref[m * (n_tokens + 1) + n]
     end = off_ref[m * (n_tokens + 1) + n + 1]
     lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
@@ -331,7 +252,7 @@ def _bgmv_fused_kernel(
         o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)  # projections side by side
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "tunables", "max_rank", "interpret"), inline=True)
+@functools.partial(jax.jit, static_argnames=("h_outs", "tunables", "max_rank", "interpret"))
 def bgmv_fused(
     x: jax.Array,  # [N, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -350,13 +271,13 @@ def bgmv_fused(
     n, h_in = x.shape
     dh = pool.shape[2]
     units_in = h_in // dh
-    chunk = _largest_pow2_divisor(units_in, tunables.fused_chunk_units)
-    units, out_units, blocks, starts = _output_blocks(h_outs, dh, tunables.fused_out_units)
+    chunk = largest_pow2_divisor(units_in, tunables.fused_chunk_units)
+    units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.fused_out_units)
     out = pl.pallas_call(
         functools.partial(
             _bgmv_fused_kernel,
             out_units=out_units,
-            pairs_per_load=_pow2_at_least(max_rank),
+            pairs_per_load=pow2_at_least(max_rank),
             n_pairs=a_start.shape[0] // g,
             n_tokens=n,
             block_starts=starts,
@@ -401,8 +322,6 @@ def lora_decode_kernel(
 def expand_kernel(tunables: LoraTunables):
     """The BGMV expand that tunables.expand_backend names (both take the same arguments)."""
     if tunables.expand_backend == "mosaic":
-        from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
-
         return bgmv_expand_mosaic
     if tunables.expand_backend != "triton":
         raise ValueError(f"expand_backend must be 'triton' or 'mosaic', not {tunables.expand_backend!r}")
@@ -450,7 +369,7 @@ def _sgmv_expand_kernel(layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_token
         o_ref[b, pl.ds(t0, block_tokens), unit, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"), inline=True)
+@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
 def lora_prefill_kernel(
     x: jax.Array,  # [B, T, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -467,7 +386,7 @@ def lora_prefill_kernel(
     units_in, units_out = h_in // dh, h_out // dh
     r = a_start.shape[1]
     bt = min(tunables.block_tokens, t)
-    out_units = _largest_pow2_divisor(units_out, tunables.sgmv_out_units)
+    out_units = largest_pow2_divisor(units_out, tunables.sgmv_out_units)
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     shrunk = pl.pallas_call(

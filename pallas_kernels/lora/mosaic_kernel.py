@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.lora.kernel import LoraTunables, _output_blocks, _pow2_at_least, _projection_of
+from pallas_kernels.lora.shapes import LoraTunables, output_blocks, pow2_at_least, projection_of
 
 MAX_BARRIERS = 32  # a barrier group holds at most 32 barriers: larger ranks take several loads
 
@@ -39,7 +39,7 @@ def _expand_body(
     n = lax.axis_index("n")
     j = lax.axis_index("j")
     layer = layer_ref[0]
-    m, local = _projection_of(j, block_starts)
+    m, local = projection_of(j, block_starts)
     start = off_ref[m * (n_tokens + 1) + n]
     count = off_ref[m * (n_tokens + 1) + n + 1] - start
     dh = pool_ref.shape[2]
@@ -85,9 +85,7 @@ def _expand_body(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"), inline=True
-)
+@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
 def bgmv_expand_mosaic(
     shrunk: jax.Array,  # [G*K] float32
     pool: jax.Array,  # [L, U, Dh]
@@ -108,13 +106,13 @@ def bgmv_expand_mosaic(
     n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
     # a warpgroup's register arrays hold a multiple of 128 elements: blocks of at least 128 / Dh units
-    units, out_units, blocks, starts = _output_blocks(h_outs, dh, max(tunables.out_units, -(-128 // dh)))
+    units, out_units, blocks, starts = output_blocks(h_outs, dh, max(tunables.out_units, -(-128 // dh)))
     if (out_units * dh) % 128:
         raise ValueError(f"the Mosaic expand needs output blocks of 128 elements; widths {h_outs}, Dh {dh}")
     body = functools.partial(
         _expand_body,
         out_units=out_units,
-        pairs=min(_pow2_at_least(max_rank), MAX_BARRIERS),
+        pairs=min(pow2_at_least(max_rank), MAX_BARRIERS),
         n_pairs=b_start.shape[0] // g,
         n_tokens=n,
         block_starts=starts,

@@ -1,0 +1,94 @@
+"""Launch shapes of the gathered LoRA kernels, shared by the Triton kernels (kernel.py) and the Mosaic GPU
+expand (mosaic_kernel.py): the tunables, their tuned tables, and the grid arithmetic over output blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTunables:
+    """Launch shapes. chunk_units: units of a row read per load (shrink); shrink_pairs: pairs per BGMV
+    shrink program (their loads in flight together); shrink_num_warps: the shrink's warps (0: num_warps);
+    out_units: output units per expand program, num_warps its warps; block_tokens: tokens per SGMV
+    program, sgmv_out_units / sgmv_num_warps its expand's units per program and both its warps.
+    expand_backend: "triton" (kernel.bgmv_expand) or "mosaic" (mosaic_kernel.bgmv_expand_mosaic, Hopper;
+    out_units as for Triton, num_warps unused: one warpgroup per program). fused_max_tokens: decode batches of at
+    most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
+    each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
+    fused_num_warps warps."""
+
+    chunk_units: int = 8
+    out_units: int = 4
+    block_tokens: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    shrink_pairs: int = 1
+    shrink_num_warps: int = 0
+    sgmv_out_units: int = 4
+    sgmv_num_warps: int = 4
+    expand_backend: str = "triton"
+    fused_max_tokens: int = 0
+    fused_out_units: int = 8
+    fused_chunk_units: int = 8
+    fused_num_warps: int = 4
+
+
+# Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
+# shapes), smallest first, since small decode batches pay latency and large ones bandwidth; the default
+# elsewhere.
+TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
+    128: (
+        # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json
+        (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1)),
+        # T5's 256 tokens on 256 adapters, the same run
+        (1 << 30, LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1)),
+    )
+}
+
+
+def tunables_for(head_dim: int, n_tokens: int = 1 << 30) -> LoraTunables:
+    """The tuned shapes for this head_dim and batch of tokens (its first tier that holds n_tokens)."""
+    for max_tokens, tunables in TUNED.get(head_dim, ()):
+        if n_tokens <= max_tokens:
+            return tunables
+    return LoraTunables()
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def output_blocks(h_outs: tuple[int, ...], dh: int, cap: int):
+    """Output units of each projection, units per program (a power of two dividing them all, <= cap),
+    programs per projection and where each projection's programs start."""
+    units = [h // dh for h in h_outs]
+    out_units = largest_pow2_divisor(functools.reduce(math.gcd, units), cap)
+    blocks = [u // out_units for u in units]
+    return units, out_units, blocks, tuple(sum(blocks[:i]) for i in range(len(h_outs)))
+
+
+def projection_of(j, block_starts):
+    """(projection m, block index within it) of output block j; block_starts: where each projection's
+    blocks start (static)."""
+    m, first = 0, 0  # one projection: plain ints, nothing added to the index arithmetic
+    for i, st in enumerate(block_starts[1:], 1):
+        # int32 constants, not Python ints: Triton's select lowering gives a weak-typed literal
+        # the predicate's type (i1), and `j - first` then fails to lower ('i32' vs 'i1').
+        m = jnp.where(j >= st, jnp.int32(i), jnp.int32(m) if isinstance(m, int) else m)
+        first = jnp.where(j >= st, jnp.int32(st), jnp.int32(first) if isinstance(first, int) else first)
+    return m, j - first
