@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lora.kernel import bgmv_expand, bgmv_fused, bgmv_shrink, lora_prefill_kernel
-from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
+from pallas_kernels.lora.kernel import bgmv_fused, bgmv_shrink, expand_kernel, lora_prefill_kernel
 from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
@@ -23,9 +22,9 @@ I32 = jnp.int32
 DH, LAYERS, UNITS = 64, 2, 4096
 
 
-def _lower_for_cuda(fn, *shapes) -> str:
+def _lower_for_cuda(fn, *shapes, call: str = "xla.gpu.triton") -> str:
     text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text  # the kernel became a Triton call, not an XLA fallback
+    assert call in text  # the kernel became a Triton (or Mosaic GPU) call, not an XLA fallback
     return text
 
 
@@ -46,12 +45,16 @@ def test_bgmv_shrink_lowers(dtype, tunables):
     assert "bgmv_shrink" in text
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128), (256, 1024)])
 @pytest.mark.parametrize("max_rank", [16, 64])
-def test_bgmv_expand_lowers(h_outs, max_rank):
+def test_bgmv_expand_lowers(h_outs, max_rank, backend):
+    """Both expands lower for CUDA here: Triton's as a Triton call, the Mosaic GPU one as a Mosaic GPU
+    call (and no Triton)."""
     g, n, k = len(h_outs), 8, 48
+    tunables = LoraTunables(expand_backend=backend)
     text = _lower_for_cuda(
-        lambda s, pool, layer, b, off: bgmv_expand(
+        lambda s, pool, layer, b, off: expand_kernel(tunables)(
             s,
             pool,
             layer,
@@ -59,7 +62,7 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
             off,
             h_outs=h_outs,
             dtype=jnp.dtype(jnp.bfloat16),
-            tunables=LoraTunables(),
+            tunables=tunables,
             max_rank=max_rank,
         ),
         S((g * k,), jnp.float32),
@@ -67,40 +70,12 @@ def test_bgmv_expand_lowers(h_outs, max_rank):
         S((), I32),
         S((g * k,), I32),
         S((g * (n + 1),), I32),
+        call="mosaic_gpu" if backend == "mosaic" else "xla.gpu.triton",
     )
-    assert "bgmv_expand" in text
-
-
-@pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128)])
-@pytest.mark.parametrize("out_units,max_rank", [(1, 16), (4, 64)])
-def test_bgmv_expand_mosaic_lowers(h_outs, out_units, max_rank):
-    """The Mosaic GPU expand lowers for CUDA here (a Mosaic GPU custom call, not Triton)."""
-    g, n, k = len(h_outs), 8, 48
-    text = (
-        jax.jit(
-            lambda s, pool, layer, b, off: bgmv_expand_mosaic(
-                s,
-                pool,
-                layer,
-                b,
-                off,
-                h_outs=h_outs,
-                dtype=jnp.dtype(jnp.bfloat16),
-                tunables=LoraTunables(expand_backend="mosaic", out_units=out_units),
-                max_rank=max_rank,
-            )
-        )
-        .trace(
-            S((g * k,), jnp.float32),
-            S((LAYERS, UNITS, DH), jnp.bfloat16),
-            S((), I32),
-            S((g * k,), I32),
-            S((g * (n + 1),), I32),
-        )
-        .lower(lowering_platforms=("cuda",))
-        .as_text()
-    )
-    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+    if backend == "triton":
+        assert "bgmv_expand" in text
+    else:
+        assert "xla.gpu.triton" not in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -101,7 +101,7 @@ def lora_decode(
         return lora_decode_reference(x, pool, layer, token_index, a_start, b_start, h_out)
     if offsets is None:
         offsets = decode_offsets(token_index, x.shape[0])
-    return lora_decode_kernel(
+    return lora_decode_group(  # one projection: a group of one
         x,
         pool,
         layer,
@@ -109,10 +109,10 @@ def lora_decode(
         a_start,
         b_start,
         offsets,
-        h_outs=(h_out,),
-        tunables=tunables or tunables_for(pool.shape[2], x.shape[0]),
+        (h_out,),
+        implementation=implementation,
+        tunables=tunables,
         max_rank=max_rank,
-        interpret=path == "interpret",
     )
 
 
