@@ -8,13 +8,15 @@ import os
 import re
 
 
-def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
-    """Per-step device time by kernel name (numbered copies of one fusion folded together)."""
+def gpu_lines(trace_dir: str):
+    """The newest trace under trace_dir, its first GPU's lines: (ms and calls by event name, numbered
+    copies of one fusion folded together; each line's event spans; how many GPUs the trace holds).
+    A str saying what is missing instead when there is no trace or no GPU plane."""
     from jax.profiler import ProfileData
 
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
-        return {"error": f"no trace under {trace_dir}"}
+        return f"no trace under {trace_dir}"
     data = ProfileData.from_file(max(files, key=os.path.getmtime))
     lines: dict[str, dict[str, list[float]]] = {}
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
@@ -28,9 +30,24 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
                 by_name[name][1] += 1
                 spans[line.name].append((e.start_ns, e.start_ns + e.duration_ns))
     if not lines:
-        return {"error": "no GPU plane in the trace"}
-    # the line with the most events holds the kernels (stream lines); "XLA Ops" names HLO ops
-    kernel_line = max(lines, key=lambda n: sum(c for _, c in lines[n].values()))
+        return "no GPU plane in the trace"
+    return lines, spans, len(gpus)
+
+
+def busiest_stream(lines: dict[str, dict[str, list[float]]]) -> str:
+    """The line that holds the kernels: the one with the most events, not counting "XLA Ops" (HLO op
+    names) and "XLA Modules" (one event per call)."""
+    streams = [n for n in lines if n not in ("XLA Ops", "XLA Modules")]
+    return max(streams, key=lambda n: sum(c for _, c in lines[n].values()))
+
+
+def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
+    """Per-step device time by kernel name (numbered copies of one fusion folded together)."""
+    read = gpu_lines(trace_dir)
+    if isinstance(read, str):
+        return {"error": read}
+    lines, spans, n_gpus = read
+    kernel_line = busiest_stream(lines)
     out = {
         "steps": steps,
         "lines": {n: sum(v[0] for v in d.values()) / steps for n, d in lines.items()},
@@ -50,7 +67,7 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
         sum(v[0] for d in lines.values() for k, v in d.items() if collective.search(k)) / steps
     )
     out["collective_kernels"] = sorted({k for d in lines.values() for k in d if collective.search(k)})[:10]
-    out["devices_traced"] = len(gpus)
+    out["devices_traced"] = n_gpus
     out["kernels_per_step"] = sum(v[1] for v in by_name.values()) / steps
     # idle time between kernels: short gaps are launch overhead, long ones the host between steps
     events = sorted(spans[kernel_line])

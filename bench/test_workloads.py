@@ -112,3 +112,46 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
     assert [r["n"] for r in out["runs"]] == [5, 2000]
     assert out["T4"] == {"roofline_fraction_min": 0.53, "slo_at_largest_n": 1.0, "met": False}
     assert list(tmp_path.glob("slora-trace-llama2-7b-*-adapters.png"))
+
+
+def _fake_trace(monkeypatch, tmp_path):
+    """A trace file whose GPU plane has an "XLA Ops" line with more events than the kernel stream, a
+    module line, numbered copies of one kernel, and a CPU plane that must be ignored."""
+    import types
+
+    import jax.profiler
+
+    ev = lambda name, start, dur: types.SimpleNamespace(name=name, start_ns=start, duration_ns=dur)  # noqa: E731
+    line = lambda name, events: types.SimpleNamespace(name=name, events=events)  # noqa: E731
+    stream = [ev("bgmv_shrink", 0, 2000), ev("bgmv_expand.3", 2000, 3000), ev("bgmv_expand_1", 6000, 1000)]
+    gpu = types.SimpleNamespace(
+        name="/device:GPU:0",
+        lines=[
+            line("XLA Ops", [ev(f"op{i}", i, 1) for i in range(10)]),
+            line("XLA Modules", [ev("jit_run", 0, 9000)]),
+            line("Stream #14(Compute)", stream),
+        ],
+    )
+    cpu = types.SimpleNamespace(name="/host:CPU", lines=[line("python", [ev("x", 0, 10**9)] * 20)])
+    (tmp_path / "t.xplane.pb").write_bytes(b"")
+    monkeypatch.setattr(
+        jax.profiler.ProfileData,
+        "from_file",
+        staticmethod(lambda path: types.SimpleNamespace(planes=[cpu, gpu])),
+    )
+
+
+def test_trace_reading_finds_the_kernel_stream(monkeypatch, tmp_path):
+    """bench.profile's trace reading (decode_7b --profile and the kernel bench's device times): the
+    kernels are the busiest stream, not the HLO-op or module lines; numbered copies fold together."""
+    from bench.profile import busiest_stream, gpu_lines, kernel_breakdown
+
+    assert gpu_lines(str(tmp_path)).startswith("no trace")
+    _fake_trace(monkeypatch, tmp_path)
+    lines, spans, n_gpus = gpu_lines(str(tmp_path))
+    assert busiest_stream(lines) == "Stream #14(Compute)" and n_gpus == 1
+    assert dict(lines["Stream #14(Compute)"]) == {"bgmv_shrink": [0.002, 1], "bgmv_expand": [0.004, 2]}
+    out = kernel_breakdown(str(tmp_path), steps=1)
+    assert out["kernel_line"] == "Stream #14(Compute)"
+    assert out["device_busy_ms_per_step"] == pytest.approx(0.006)
+    assert out["idle_ms_per_step_in_step_gaps"] == pytest.approx(0.001)  # 5000 -> 6000 ns

@@ -55,12 +55,9 @@ def device_kernel_seconds(
     kernel name (numbered copies folded) and "busy", all kernels together (the harness's slicing and
     checksum kernels included: subtract a trivial op's busy time for the op's own). None without a GPU
     (the trace has no device plane)."""
-    import glob
-    import os
-    import re
     import tempfile
 
-    from jax.profiler import ProfileData
+    from bench.profile import busiest_stream, gpu_lines
 
     if jax.default_backend() != "gpu":
         return None
@@ -70,24 +67,11 @@ def device_kernel_seconds(
         jax.profiler.start_trace(trace_dir)
         jax.block_until_ready(run(fixed, stacked))
         jax.profiler.stop_trace()
-        [path] = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        data = ProfileData.from_file(path)
-    by_line: dict[str, tuple[dict[str, float], list[int]]] = {}
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name in ("XLA Ops", "XLA Modules"):
-                continue
-            names, count = by_line.setdefault(f"{plane.name}/{line.name}", ({}, [0]))
-            for e in line.events:
-                name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
-                names[name] = names.get(name, 0.0) + e.duration_ns * 1e-9 / iters
-                count[0] += 1
-    if not by_line:
+        read = gpu_lines(trace_dir)
+    if isinstance(read, str):
         return None
-    # the line with the most events is the stream that ran the kernels, as in bench/profile.py
-    kernels = max(by_line.values(), key=lambda v: v[1][0])[0]
+    lines = read[0]
+    kernels = {name: ms * 1e-3 / iters for name, (ms, _) in lines[busiest_stream(lines)].items()}
     return {**kernels, "busy": sum(kernels.values())}
 
 
