@@ -1,5 +1,6 @@
 """BGMV expand on Mosaic GPU (jax.experimental.pallas.mosaic_gpu, Hopper), the Triton expand's
-counterpart for choosing by measurement (bench/kernels/lora.py): the same inputs, the same output.
+counterpart for choosing by measurement (bench/kernels/lora.py): the same inputs, the same output,
+and the same oracle (reference.lora_decode_expand_reference, through lora_decode_expand_group).
 
 Grid (token, block of output units), one warpgroup each. A program copies each of its token's B rows'
 block ([out_units, Dh] from the unified pool, at the pair's dynamic unit) into shared memory with the
