@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.peft import PeftFormatError, load_peft_adapter
@@ -189,14 +190,15 @@ class Engine:
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: give token-id prompts")
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
+        elif (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)) or (
+            isinstance(prompt, np.ndarray) and prompt.ndim == 1
+        ):
             ids = list(prompt)
         else:
             raise InvalidRequestError(
                 f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
             )
-        validate_prompt_ids(ids, self.config.vocab_size)
-        return ids
+        return validate_prompt_ids(ids, self.config.vocab_size)
 
     def _stop_ids(self, p: SamplingParams) -> frozenset[int]:
         ids = set(p.stop_token_ids or ())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 from jlora.errors import InvalidRequestError
 
@@ -65,9 +68,16 @@ class RequestOutput:
     adapter: str | None = None
 
 
-def validate_prompt_ids(ids: list[int], vocab_size: int) -> None:
+def validate_prompt_ids(ids: list, vocab_size: int) -> list[int]:
+    """The prompt as plain ints. Any integer type is accepted (Python or numpy); bools, floats and
+    ids outside [0, vocab_size) are errors."""
     if not ids:
         raise InvalidRequestError("empty prompt")
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not (0 <= t < vocab_size)]
+    not_ints = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool | np.bool_)]
+    if not_ints:
+        raise InvalidRequestError(f"token ids must be integers, got {not_ints[:5]!r}")
+    out = [int(t) for t in ids]
+    bad = [t for t in out if not (0 <= t < vocab_size)]
     if bad:
         raise InvalidRequestError(f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return out

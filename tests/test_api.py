@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import jlora
@@ -26,6 +27,8 @@ def expected(smol_engine):
         ([], GREEDY, "empty prompt"),
         ([1, 2, 49152], GREEDY, "out of the vocabulary"),
         ([1, -3], GREEDY, "out of the vocabulary"),
+        ([1, 2.0], GREEDY, "must be integers"),
+        ([1, True], GREEDY, "must be integers"),
         ([1, 2, 3], jlora.SamplingParams(max_tokens=8190), "exceeds the context length"),
         ("hi", jlora.SamplingParams(max_tokens=0), "max_tokens"),
         ("hi", jlora.SamplingParams(temperature=-1.0), "temperature"),
@@ -43,6 +46,13 @@ def test_bad_input_raises_and_engine_keeps_serving(smol_engine, expected, prompt
     with pytest.raises(jlora.InvalidRequestError, match=match):
         smol_engine.generate([prompt], params)
     _still_serves(smol_engine, expected)
+
+
+def test_numpy_token_ids_are_a_prompt(smol_engine):
+    ids = smol_engine.tokenizer.encode("The capital of France is")
+    want = smol_engine.generate([ids], GREEDY)[0].token_ids
+    as_numpy = [np.asarray(ids, np.int64), [np.int32(t) for t in ids]]
+    assert [o.token_ids for o in smol_engine.generate(as_numpy, GREEDY)] == [want, want]
 
 
 def test_one_bad_prompt_in_a_batch_rejects_the_batch_cleanly(smol_engine, expected):
