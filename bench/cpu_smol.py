@@ -64,7 +64,7 @@ def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
     return best
 
 
-def run_jlora(folder: str, names, batch_prompts, repeats: int) -> tuple[float, float, dict]:
+def run_jlora(folder: str, names, batch_prompts, repeats: int, layer_loop: str) -> tuple[float, float, dict]:
     import jlora
     from jlora import loader
     from jlora.config import EngineConfig
@@ -80,6 +80,7 @@ def run_jlora(folder: str, names, batch_prompts, repeats: int) -> tuple[float, f
         page_buckets=(8,),
         lora_rank_buckets=(RANK,),
         lora_modules=tuple(TARGETS),
+        layer_loop=layer_loop,
     )
     sched = SchedulerConfig(
         max_batch=BATCH,
@@ -110,6 +111,12 @@ def run_jlora(folder: str, names, batch_prompts, repeats: int) -> tuple[float, f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--layer-loop",
+        default="unrolled",
+        help="unrolled (per-layer weight buffers, K/V written per layer: no weight or pool copies in a "
+        "step; compiles ~5x longer) or scan (EngineConfig's CPU default)",
+    )
     args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
@@ -130,7 +137,7 @@ def main() -> None:
         peft_model, names = build_adapters(hf, folder)
         peft_tps = run_peft(peft_model, names, batch_prompts, args.repeats)
         del peft_model, hf
-        jlora_tps, startup, info = run_jlora(folder, names, batch_prompts, args.repeats)
+        jlora_tps, startup, info = run_jlora(folder, names, batch_prompts, args.repeats, args.layer_loop)
     ratio = jlora_tps / peft_tps
     print(f"HF PEFT mixed batch: {peft_tps:.1f} tok/s")
     print(f"jlora paged engine:  {jlora_tps:.1f} tok/s  ({ratio:.2f}x; target T8 >= 3x)")
@@ -148,6 +155,7 @@ def main() -> None:
                 "targets": TARGETS,
                 "greedy": True,
                 "repeats": args.repeats,
+                "layer_loop": args.layer_loop,
                 "figure": "best of repeats",
             },
             "hf_peft_tok_s": round(peft_tps, 2),

@@ -161,7 +161,7 @@ def main() -> None:
     import jlora
     from bench.common import batch_filled, write_result
     from bench.kernels.timing import bandwidth, roofline_TBps
-    from bench.profile import kernel_breakdown
+    from bench.profile import host_breakdown, kernel_breakdown
     from jlora.config import PRESETS, MeshConfig
     from jlora.loader import LoadedModel
     from jlora.sharding import make_mesh
@@ -233,6 +233,9 @@ def main() -> None:
             jax.profiler.stop_trace()
             try:  # a profile that cannot be read must not lose the timings
                 profiles[label.split(":", 1)[1]] = kernel_breakdown(os.path.join(trace_root, label), steps=10)
+                profiles[label.split(":", 1)[1]]["host"] = host_breakdown(
+                    os.path.join(trace_root, label), steps=10
+                )
             except Exception as e:  # noqa: BLE001
                 profiles[label.split(":", 1)[1]] = {"error": repr(e)}
         return out
@@ -341,6 +344,9 @@ def main() -> None:
         )
         for row in prof.get("top", [])[:15]:
             print(f"   {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
+        print(label, "host, per step:")
+        for row in prof.get("host", {}).get("top", [])[:20]:
+            print(f"   {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['event'][:110]}")
     if base is not None:
         print(
             f"base {base['decode_step_ms']:.2f} ms/step ({base['roofline_fraction']:.0%} of floor), ", end=""

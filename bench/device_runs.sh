@@ -3,6 +3,7 @@
 # files to $OUT as soon as it ends, so a call stopped at its time limit still returns what finished.
 #
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh host           # GPU kernel tests, host time of a batch-128 launch
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -24,6 +25,12 @@ case "${1:-}" in
     run python3 -m pytest -q -x tests/test_lora_kernels.py   # every case compiled on the GPU
     run python3 -m bench.hf_peer --out "$OUT/peer.json"
     TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --peer "$OUT/peer.json" --tag=-check
+    ;;
+  host)  # the GPU kernel tests, then where a batch-128 step's launch spends its host time
+    run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py
+    run python3 -m pytest -q -x tests/test_lora_kernels.py
+    TAIL=70 run python3 -m bench.decode_7b --batch 128 --impl auto --layer-loop unrolled --profile \
+      --skip-base --no-overlap --tag=-b128-host
     ;;
   kernels)
     run python3 -m bench.kernels.lora
@@ -60,7 +67,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac

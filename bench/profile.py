@@ -83,6 +83,32 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     return out
 
 
+def host_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
+    """Host time per step by event name over every host thread (Python calls, PJRT execute and launch,
+    allocator and stream waits): where a step's launch spends its time on the host."""
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return {"error": f"no trace under {trace_dir}"}
+    data = ProfileData.from_file(max(files, key=os.path.getmtime))
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for plane in data.planes:
+        if not plane.name.startswith("/host"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
+                key = f"{line.name[:24]} | {name[:80]}"
+                by_name[key][0] += e.duration_ns / 1e6
+                by_name[key][1] += 1
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": steps,
+        "top": [{"event": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in rows],
+    }
+
+
 def _has_events(plane) -> bool:
     for line in plane.lines:
         for _ in line.events:  # events support iteration only

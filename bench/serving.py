@@ -51,6 +51,9 @@ class StepRecorder:
             "bytes": len(calls) * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
             "tokens": sum(len(ch.tokens) for ch in chunks),
             "decodes": len(schedule.decodes),
+            "kind": "mixed"
+            if schedule.decodes and schedule.prefills
+            else ("decode" if schedule.decodes else "prefill"),
             "adapters": len(adapters),
             "occupancy": 1 - memory.num_free / (memory.layout.num_pages - 1),
         }
@@ -167,7 +170,28 @@ def replay(
         "mean_batch_decodes": float(np.mean([s["decodes"] for s in steps])) if steps else 0.0,
         "mean_adapters_per_step": float(np.mean([s["adapters"] for s in steps])) if steps else 0.0,
         "pool_occupancy": _pct([s["occupancy"] for s in steps]),
+        "by_kind": by_kind(steps, bandwidth_Bps),
     }
+
+
+def by_kind(steps: list[dict], bandwidth_Bps: float) -> dict[str, dict[str, float]]:
+    """Steps, their wall time and their roofline share, for decode-only, prefill-only and mixed steps."""
+    out = {}
+    for kind in ("decode", "prefill", "mixed"):
+        mine = [s for s in steps if s["kind"] == kind]
+        if not mine:
+            continue
+        wall = sum(s["wall"] for s in mine)
+        floor = sum(s["bytes"] for s in mine) / bandwidth_Bps
+        out[kind] = {
+            "steps": len(mine),
+            "wall_s": wall,
+            "mean_step_ms": wall / len(mine) * 1e3,
+            "roofline_s": floor,
+            "roofline_fraction": floor / wall if wall else 0.0,
+            "mean_tokens": float(np.mean([s["tokens"] for s in mine])),
+        }
+    return out
 
 
 def cold_vs_warm(

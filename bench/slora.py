@@ -222,6 +222,11 @@ def print_table(runs: list[dict]) -> None:
             f"{r['n']:6d} {r['rate']:5.1f} {r['throughput_req_s']:7.2f} {r['throughput_tok_s']:8.1f} {r['ttft_s']['p50']:9.3f} "
             f"{r['ttft_s']['p99']:9.3f} {r['slo_attainment']:5.2f} {r['roofline_fraction']:9.2f} {r['adapter_loads']:6d}"
         )
+        for kind, k in r.get("by_kind", {}).items():
+            print(
+                f"       {kind:8s} {k['steps']:5d} steps, {k['mean_step_ms']:6.2f} ms each "
+                f"({k['mean_tokens']:.0f} tokens), roofline {k['roofline_fraction']:.2f}"
+            )
         if "T7" in r:
             t7 = r["T7"]
             print(

@@ -155,3 +155,18 @@ def test_trace_reading_finds_the_kernel_stream(monkeypatch, tmp_path):
     assert out["kernel_line"] == "Stream #14(Compute)"
     assert out["device_busy_ms_per_step"] == pytest.approx(0.006)
     assert out["idle_ms_per_step_in_step_gaps"] == pytest.approx(0.001)  # 5000 -> 6000 ns
+
+
+def test_by_kind_splits_steps_and_their_roofline():
+    from bench.serving import by_kind
+
+    steps = [
+        {"kind": "decode", "wall": 0.010, "bytes": 8e9, "tokens": 30},
+        {"kind": "decode", "wall": 0.010, "bytes": 8e9, "tokens": 32},
+        {"kind": "mixed", "wall": 0.040, "bytes": 16e9, "tokens": 288},
+    ]
+    out = by_kind(steps, bandwidth_Bps=1e12)
+    assert set(out) == {"decode", "mixed"}
+    assert out["decode"]["steps"] == 2 and abs(out["decode"]["mean_step_ms"] - 10.0) < 1e-9
+    assert abs(out["decode"]["roofline_fraction"] - 0.8) < 1e-9
+    assert abs(out["mixed"]["roofline_fraction"] - 0.4) < 1e-9 and out["mixed"]["mean_tokens"] == 288

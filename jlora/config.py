@@ -239,6 +239,10 @@ class EngineConfig:
     # (decode-7b mixed on the H100: 8.35 vs 8.94 ms/step, BGMV 0.87 vs 1.36 ms), off elsewhere (this
     # 2-core CPU, cpu-smol shape: 89.7 vs 92.1 tok/s)
     fuse_lora: str = "auto"
+    # where an unrolled step writes the new K/V (forward_paged's kv_write): "end" (one scatter after the
+    # last layer), "per_layer" (before each layer's attention), or "auto": per_layer on CPU, where XLA
+    # otherwise copies the whole pool twice a step, end elsewhere (one launch instead of one per layer)
+    kv_write: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -274,6 +278,8 @@ class EngineConfig:
             )
         if self.fuse_lora not in ("off", "on", "auto"):
             raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
+        if self.kv_write not in ("end", "per_layer", "auto"):
+            raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")
@@ -303,3 +309,10 @@ class EngineConfig:
         import jax
 
         return "unrolled" if jax.default_backend() == "gpu" else "scan"
+
+    def resolved_kv_write(self) -> str:
+        if self.kv_write != "auto":
+            return self.kv_write
+        import jax
+
+        return "per_layer" if jax.default_backend() == "cpu" else "end"

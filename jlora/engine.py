@@ -197,6 +197,7 @@ class PagedEngine:
             page_size=config.page_size,
             impl=config.implementation,
             prefill_kernel=config.prefill_kernel(),
+            kv_write=config.resolved_kv_write(),
         )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)

@@ -4,6 +4,7 @@ preemption forced by a small pool; serving never recompiles; streams and cancell
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -94,6 +95,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "kernels_interpret_lora_fused",
         "kernels_interpret_lora_fused_one_launch",
         "unrolled",
+        "unrolled_write_at_end",
         "no_overlap",
         "lora_fused",
     ],
@@ -111,7 +113,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     config = small_config(
         num_pages=128 if variant == "small_pool_preempts" else 400,
         implementation=impl,
-        layer_loop="unrolled" if variant == "unrolled" else "scan",
+        layer_loop="unrolled" if variant.startswith("unrolled") else "scan",
+        kv_write="end" if variant.endswith("write_at_end") else "auto",
         overlap=variant != "no_overlap",
         prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
         fuse_lora="on" if variant.endswith("lora_fused") else "auto",
@@ -131,6 +134,22 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     memory = engine.paged.memory
     assert not memory.page_tables
     memory.check_invariants()
+
+
+@pytest.mark.parametrize("kv_write,copied", [("per_layer", False), ("end", True)])
+def test_unrolled_cpu_step_updates_the_pool_in_place(tiny, kv_write, copied):
+    """The unrolled mixed-adapter decode step on CPU copies the whole donated pool only with the K/V
+    written after the last layer (XLA's copy insertion; what kv_write="per_layer" is for)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA's CPU compiler")
+    loaded, _, _ = tiny
+    config = small_config(layer_loop="unrolled", kv_write=kv_write, lora_rank_buckets=(16,))
+    engine = jlora.Engine(loaded, config)
+    pool = engine.paged.pool
+    shape = ",".join(map(str, pool.shape))
+    name = next(n for n in engine.paged.compiled if n.startswith("decode") and not n.endswith("_r0"))
+    hlo = engine.paged.compiled[name].as_text()
+    assert bool(re.search(rf"f32\[{shape}\]\{{[0-9,]*\}} copy\(", hlo)) == copied
 
 
 def test_stop_tokens_mid_batch_with_overlap(tiny):

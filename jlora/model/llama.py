@@ -24,6 +24,7 @@ from jlora.model.lora import LoraPairs, LoraWeights, lora_delta
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 LoraFn = Callable[[str, jax.Array, Any], jax.Array | None]  # (module, x, current attention state)
+Store = Callable[[jax.Array, jax.Array, Any], Any]  # (k, v, attention state) -> attention state
 
 
 class DecoderLayer(nn.Module):
@@ -49,22 +50,26 @@ class DecoderLayer(nn.Module):
         attend: Attend,
         lora_fn: LoraFn | None = None,
         reduce: Callable[[jax.Array], jax.Array] | None = None,
+        store: Store | None = None,
     ):
         # h [B, T, D]; positions [B, T]. reduce: the all-reduce of row-split layers' partial outputs
         # (tensor parallelism); their LoRA deltas are partial too and ride the same all-reduce.
+        # store(k, v, state) -> state, if given, stores the new K/V before the query is projected, so
+        # that every later read of the state (q's LoRA, attention, o's LoRA) sees it as written.
         c = self.config
         reduce = reduce or (lambda x: x)
         b, t, _ = h.shape
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
-        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn, attn_state)
+        inv_freq = rope_inverse_frequencies(c)
         k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn, attn_state)
         v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn, attn_state)
-        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        inv_freq = rope_inverse_frequencies(c)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if store is not None:
+            attn_state = store(k, v, attn_state)
+        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn, attn_state)
+        q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
         attn, attn_state = attend(q, k, v, attn_state)
         # LoRA after attention reads the state as updated (adapter rows are untouched by K/V writes),
         # so the pool is never needed in two versions and is updated in place

@@ -21,7 +21,7 @@ from pallas_kernels.lora import (
     lora_decode_group,
     lora_prefill,
 )
-from pallas_kernels.paged_attention import paged_attention, write_kv
+from pallas_kernels.paged_attention import paged_attention, write_kv, write_kv_layer
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
@@ -44,23 +44,36 @@ def forward_paged(
     impl: str = "reference",
     prefill_kernel: bool | None = None,
     tp_axis: str | None = None,
+    kv_write: str = "end",
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
-    outputs are summed over tp_axis and vocab-split logits gathered."""
+    outputs are summed over tp_axis and vocab-split logits gathered.
+
+    kv_write (unrolled layers only): "end" writes every layer's new K/V in one scatter after the last
+    layer; "per_layer" writes each layer's K/V before its attention, and what follows reads the pool as
+    written. Results are the same. XLA's CPU compiler copies the whole donated pool twice per step when
+    reads of it (the attention and LoRA gathers) do not all flow into the final scatter, as with "end";
+    with "per_layer" every read precedes a write in dataflow or comes after the last one, so the pool is
+    updated in place."""
+    if kv_write not in ("end", "per_layer"):
+        raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layer_module = DecoderLayer(config, params["embed"].dtype)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
     shapes = config.module_shapes()
 
-    def body(h, xs):
+    def body(h, xs, pool=pool, write_now=False):
+        """One layer. With write_now the attention state is the pool: K/V are written into it first and
+        the layer returns it; otherwise the state is the layer's (k, v), written after the loop."""
         layer_params, layer = xs
 
-        def attend(q, k, v, _state):
+        def attend(q, k, v, state):
+            pages = state if write_now else pool  # with write_now, the pool as `store` left it
             out = paged_attention(
                 q,
                 k,
                 v,
-                pool,
+                pages,
                 layer,
                 batch.page_tables,
                 batch.positions,
@@ -71,7 +84,7 @@ def forward_paged(
                 implementation=impl,
                 prefill_kernel=prefill_kernel,
             )
-            return out.reshape(*out.shape[:2], -1), (k, v)
+            return out.reshape(*out.shape[:2], -1), (pages if write_now else (k, v))
 
         lora_fn = None
         if lora is not None:
@@ -80,7 +93,8 @@ def forward_paged(
                 tuple[str, ...], tuple[jax.Array, jax.Array]
             ] = {}  # group -> (its input, its deltas)
 
-            def lora_fn(name, x, _state):
+            def lora_fn(name, x, state):
+                rows_pool = state if write_now else pool  # the pool as of this point of the layer
                 group = groups.get(name)
                 if group is not None:  # the first member runs the group's launches; the others reuse them
                     b, t, h_in = x.shape
@@ -90,7 +104,7 @@ def forward_paged(
                         max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
                         deltas = lora_decode_group(
                             x2,
-                            pool,
+                            rows_pool,
                             layer,
                             group.token_index,
                             group.a_start,
@@ -112,7 +126,7 @@ def forward_paged(
                     b, t, h_in = x.shape
                     delta = lora_decode(
                         x.reshape(b * t, h_in),
-                        pool,
+                        rows_pool,
                         layer,
                         meta.token_index,
                         meta.a_start,
@@ -123,24 +137,39 @@ def forward_paged(
                         max_rank=meta.token_index.shape[0] // (b * t),
                     )  # the rank bucket
                     return delta.reshape(b, t, h_out)
-                return lora_prefill(x, pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
+                return lora_prefill(
+                    x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl
+                )
 
-        h, (k, v) = layer_module.apply(
-            {"params": layer_params}, h, batch.positions, None, attend, lora_fn, reduce
+        def store(k, v, state):
+            return write_kv_layer(state, layer, k, v, batch.write_units)
+
+        return layer_module.apply(
+            {"params": layer_params},
+            h,
+            batch.positions,
+            pool if write_now else None,
+            attend,
+            lora_fn,
+            reduce,
+            store if write_now else None,
         )
-        return h, (k, v)
 
-    if isinstance(params["layers"], list | tuple):  # unstacked: one buffer per layer, no slicing in a loop
-        ks, vs = [], []
+    if isinstance(params["layers"], list | tuple) and kv_write == "per_layer":
         for i, layer_params in enumerate(params["layers"]):
-            h, (k, v) = body(h, (layer_params, jnp.int32(i)))
-            ks.append(k)
-            vs.append(v)
-        k, v = jnp.stack(ks), jnp.stack(vs)
+            h, pool = body(h, (layer_params, jnp.int32(i)), pool, write_now=True)
     else:
-        layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-        h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
-    pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
+        if isinstance(params["layers"], list | tuple):  # unstacked: one buffer per layer, no slicing
+            ks, vs = [], []
+            for i, layer_params in enumerate(params["layers"]):
+                h, (k, v) = body(h, (layer_params, jnp.int32(i)))
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        else:
+            layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+            h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
+        pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
     logits = take_logits(params, config, h, batch.logits_at)
     if tp_axis and not config.tie_word_embeddings:  # lm_head is split by vocab columns
         logits = jax.lax.all_gather(logits, tp_axis, axis=logits.ndim - 1, tiled=True)

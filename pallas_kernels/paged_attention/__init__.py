@@ -18,7 +18,11 @@ from pallas_kernels.paged_attention.kernel import (
 )
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import tunables_for as prefill_tunables_for
-from pallas_kernels.paged_attention.reference import paged_attention_reference, write_kv_reference
+from pallas_kernels.paged_attention.reference import (
+    paged_attention_reference,
+    write_kv_layer_reference,
+    write_kv_reference,
+)
 
 # path -> whether prefill chunks take the prefill kernel by default. On the H100 (bench/kernels/
 # attention.py, 8 x 256-token chunks over 1,024 cached keys) it takes 307 us MHA and 190 us GQA 32/8
@@ -32,6 +36,8 @@ __all__ = [
     "paged_attention",
     "paged_attention_reference",
     "write_kv",
+    "write_kv_layer",
+    "write_kv_layer_reference",
     "write_kv_reference",
 ]
 
@@ -45,6 +51,17 @@ def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> j
         raise ValueError(f"pool {pool.shape} does not match k {k.shape}")
     resolve(implementation)  # one XLA scatter on every backend
     return write_kv_reference(pool, k, v, write_units)
+
+
+def write_kv_layer(pool, layer, k, v, write_units) -> jax.Array:
+    """write_kv for one layer: k, v [B, T, Hkv, Dh] into layer `layer` ([] int32) of the pool."""
+    if k.shape != v.shape or k.ndim != 4 or write_units.shape != k.shape[:2]:
+        raise ValueError(
+            f"k {k.shape}, v {v.shape} must be [B, T, Hkv, Dh]; write_units {write_units.shape} [B, T]"
+        )
+    if pool.ndim != 3 or pool.shape[2] != k.shape[3]:
+        raise ValueError(f"pool {pool.shape} does not match k {k.shape}")
+    return write_kv_layer_reference(pool, layer, k, v, write_units)
 
 
 def paged_attention(

@@ -28,6 +28,21 @@ def write_kv_reference(
     return pool.at[:, units_k + hkv].set(v.astype(pool.dtype), mode="drop")
 
 
+def write_kv_layer_reference(
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    k: jax.Array,  # [B, T, Hkv, Dh] this step's keys of one layer
+    v: jax.Array,  # [B, T, Hkv, Dh]
+    write_units: jax.Array,  # [B, T] int32 first unit of each token's K; >= U for padding (dropped)
+) -> jax.Array:
+    # one scatter for K and V: a read of the pool that feeds either one is then ordered before the
+    # write (with two, XLA copies the pool to keep the V side's reads away from the K write)
+    hkv = k.shape[2]
+    units = write_units[..., None] + jnp.arange(2 * hkv, dtype=write_units.dtype)  # [B, T, 2 Hkv]: K, V
+    kv = jnp.concatenate([k, v], axis=2).astype(pool.dtype)
+    return pool.at[layer, units].set(kv, mode="drop")
+
+
 def paged_attention_reference(
     q: jax.Array,  # [B, T, Hq, Dh]
     k_new: jax.Array,  # [B, T, Hkv, Dh] this step's keys (not yet in the pool)
