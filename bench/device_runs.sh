@@ -4,6 +4,7 @@
 #
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh host           # GPU kernel tests, host time of a batch-128 launch
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch         # decode-7b at batch 128 and 32, profiled
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -31,6 +32,11 @@ case "${1:-}" in
     run python3 -m pytest -q -x tests/test_lora_kernels.py
     TAIL=70 run python3 -m bench.decode_7b --batch 128 --impl auto --layer-loop unrolled --profile \
       --skip-base --no-overlap --tag=-b128-host
+    ;;
+  launch)  # decode-7b at batch 128 (mixed) and 32 (base and mixed), profiled: device busy vs host launch
+    TAIL=40 run python3 -m bench.decode_7b --batch 128 --impl auto --layer-loop unrolled --profile \
+      --skip-base --tag=-b128
+    TAIL=40 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-b32
     ;;
   kernels)
     run python3 -m bench.kernels.lora
@@ -67,7 +73,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac

@@ -54,10 +54,12 @@ class Bucket:
     tokens: int
     pages: int
     lora: int  # 0: no LoRA; else the rank bucket (decode: K = batch * tokens * lora pairs)
+    draw: bool = False  # some row samples with a temperature (sampling.sample's draw, chosen on the host)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_b{self.batch}_t{self.tokens}_p{self.pages}_r{self.lora}"
+        name = f"{self.kind}_b{self.batch}_t{self.tokens}_p{self.pages}_r{self.lora}"
+        return name + "_draw" if self.draw else name
 
 
 @dataclasses.dataclass
@@ -202,7 +204,9 @@ class PagedEngine:
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)
         self._step_fn = jax.jit(
-            functools.partial(self._step, forward=forward), static_argnames=("spec",), donate_argnums=(1, 2)
+            functools.partial(self._step, forward=forward),
+            static_argnames=("spec", "draw"),
+            donate_argnums=(1, 2),
         )
         self.lora_groups = config.lora_groups()
         self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
@@ -229,7 +233,7 @@ class PagedEngine:
         return sharded
 
     @staticmethod
-    def _step(params, pool, carry, packed, *, spec, forward):
+    def _step(params, pool, carry, packed, *, spec, draw, forward):
         """One step. packed: the step's metadata (batch, lora, sampling, counters, feed) as one int32
         array. Returns the pool, the token carry and [2, B] int32: sampled tokens, and their log-probs'
         float32 bits."""
@@ -237,7 +241,7 @@ class PagedEngine:
         fed = jnp.where(feed.source >= 0, carry[jnp.maximum(feed.source, 0)], batch.tokens)
         pool, logits = forward(params, pool, batch.replace(tokens=fed), lora)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
-        tokens, logprobs = sample(logits, sampling.replace(keys=keys))
+        tokens, logprobs = sample(logits, sampling.replace(keys=keys), draw=draw)
         tokens = tokens.astype(jnp.int32)
         carry = carry.at[feed.dest].set(tokens, mode="drop")
         return pool, carry, jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
@@ -247,12 +251,13 @@ class PagedEngine:
         out = []
         for p in c.resolved_page_buckets():
             for r in (0, *c.lora_rank_buckets):
-                out += [Bucket("decode", b, 1, p, r) for b in c.decode_batch_buckets]
-                out += [
-                    Bucket("prefill", b, t, p, r)
-                    for b in c.prefill_batch_buckets
-                    for t in c.prefill_chunk_buckets
-                ]
+                for draw in (False, True):
+                    out += [Bucket("decode", b, 1, p, r, draw) for b in c.decode_batch_buckets]
+                    out += [
+                        Bucket("prefill", b, t, p, r, draw)
+                        for b in c.prefill_batch_buckets
+                        for t in c.prefill_chunk_buckets
+                    ]
         return out
 
     def _abstract_args(self, bucket: Bucket) -> tuple:
@@ -310,7 +315,7 @@ class PagedEngine:
                 spec = spec_of(self._abstract_args(bucket))
                 packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
                 self.compiled[bucket.name] = self._step_fn.lower(
-                    params, pool, carry, packed, spec=spec
+                    params, pool, carry, packed, spec=spec, draw=bucket.draw
                 ).compile()
                 self._specs[bucket.name] = spec
         self.bucket_names = sorted(self.compiled)  # the order the multihost leader and followers share
@@ -423,7 +428,8 @@ class PagedEngine:
                 r_bucket = _smallest(c.lora_rank_buckets, max(max_rank, -(-pairs // (b * t))))
             else:
                 r_bucket = _smallest(c.lora_rank_buckets, max_rank)
-        bucket = Bucket(kind, b, t, p, r_bucket)
+        draw = any(sampling[ch.request_id].temperature > 0 for ch in chunks)
+        bucket = Bucket(kind, b, t, p, r_bucket, draw)
 
         batch, samp, counters = self._fill_rows(chunks, sampling, b, t, p)
         tokens = batch.tokens
