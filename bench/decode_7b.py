@@ -95,6 +95,7 @@ def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):
         lora_rank_buckets=(RANK,),
         lora_modules=TARGETS,
         compilation_cache_dir=None,
+        greedy_only=True,
         **overrides,
     )
     sched = SchedulerConfig(

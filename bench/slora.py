@@ -45,7 +45,7 @@ def build_engine(model: str, args):
         max_model_len=max_len,
         max_batch=args.batch,
         decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})),
-        prefill_batch_buckets=(4,),
+        prefill_batch_buckets=(1, 2, 4),  # a lone chunk computes its own rows, not four (mixed steps)
         prefill_chunk_buckets=(args.chunk,),
         page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages),
         lora_rank_buckets=(16, 64),
@@ -53,6 +53,7 @@ def build_engine(model: str, args):
         compilation_cache_dir=None,
         implementation=args.impl,
         layer_loop=args.layer_loop,
+        greedy_only=True,  # the trace decodes greedily: half the start-up compiles
     )
     sched = SchedulerConfig(
         max_batch=args.batch,

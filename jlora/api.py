@@ -212,6 +212,10 @@ class Engine:
         if not isinstance(p, SamplingParams):
             raise InvalidRequestError("params must be a jlora.SamplingParams")
         p.validate(self.config.vocab_size)
+        if p.temperature > 0 and not self.reference and self.engine_config.greedy_only:
+            raise InvalidRequestError(
+                "this engine serves greedy decoding only (greedy_only): temperature must be 0"
+            )
         ids = self._prompt_ids(prompt)
         if len(ids) + p.max_tokens > self.max_model_len:
             raise InvalidRequestError(

@@ -243,6 +243,12 @@ class EngineConfig:
     # last layer), "per_layer" (before each layer's attention), or "auto": per_layer on CPU, where XLA
     # otherwise copies the whole pool twice a step, end elsewhere (one launch instead of one per layer)
     kv_write: str = "auto"
+    # compile only the greedy step variants (half the start-up compiles); requests with a temperature
+    # are then refused with InvalidRequestError
+    greedy_only: bool = False
+    # keep adapters' host pages in pinned host memory, so that paging one in is a DMA (H100 host:
+    # 47.8 vs 7.1 GB/s from pageable memory): "on", "off", or "auto" (on with a GPU)
+    pin_host_adapters: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -278,6 +284,10 @@ class EngineConfig:
             )
         if self.fuse_lora not in ("off", "on", "auto"):
             raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
+        if self.pin_host_adapters not in ("on", "off", "auto"):
+            raise ValueError(
+                f"pin_host_adapters must be 'on', 'off' or 'auto', not {self.pin_host_adapters!r}"
+            )
         if self.kv_write not in ("end", "per_layer", "auto"):
             raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
@@ -309,6 +319,13 @@ class EngineConfig:
         import jax
 
         return "unrolled" if jax.default_backend() == "gpu" else "scan"
+
+    def resolved_pin_host_adapters(self) -> bool:
+        if self.pin_host_adapters != "auto":
+            return self.pin_host_adapters == "on"
+        import jax
+
+        return jax.default_backend() == "gpu"
 
     def resolved_kv_write(self) -> str:
         if self.kv_write != "auto":

@@ -25,7 +25,19 @@ from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.paged import forward_paged, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
-from jlora.pool.device import WRITE_CHUNK, adapter_page_data, empty_block, new_pool, write_blocks, write_pages
+from jlora.pool.device import (
+    WRITE_CHUNK,
+    PinnedPages,
+    adapter_page_data,
+    block_page_ids,
+    can_pin,
+    empty_block,
+    new_pool,
+    pin_pages,
+    to_device,
+    write_blocks,
+    write_pages,
+)
 from jlora.pool.layout import PoolLayout
 from jlora.pool.memory import PoolManager
 from jlora.sampling import SamplingArrays, sample
@@ -208,6 +220,11 @@ class PagedEngine:
             static_argnames=("spec", "draw"),
             donate_argnums=(1, 2),
         )
+        # adapters' host pages in pinned memory (one device and one process only: the sharded and
+        # multihost paths write numpy blocks)
+        pin = config.resolved_pin_host_adapters() and mesh is None and not multihost.is_multiprocess()
+        device = jax.devices()[0]
+        self._pin_device = device if pin and can_pin(device) else None
         self.lora_groups = config.lora_groups()
         self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
         self.compiled: dict[str, Any] = {}
@@ -251,7 +268,7 @@ class PagedEngine:
         out = []
         for p in c.resolved_page_buckets():
             for r in (0, *c.lora_rank_buckets):
-                for draw in (False, True):
+                for draw in (False,) if c.greedy_only else (False, True):
                     out += [Bucket("decode", b, 1, p, r, draw) for b in c.decode_batch_buckets]
                     out += [
                         Bucket("prefill", b, t, p, r, draw)
@@ -324,14 +341,20 @@ class PagedEngine:
         log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def adapter_pages(self, adapter: PeftAdapter, ranks: dict[str, int]) -> np.ndarray:
-        """The adapter as page-major host data [n_pages, L, shards, PU, Dh] in the pool's dtype."""
+    def adapter_pages(self, adapter: PeftAdapter, ranks: dict[str, int]) -> np.ndarray | PinnedPages:
+        """The adapter as page-major host data [n_pages, L, shards, PU, Dh] in the pool's dtype; as
+        write blocks in pinned host memory when the engine pins (EngineConfig.pin_host_adapters)."""
         data = adapter_page_data(self.layout, adapter, ranks, self.model_config.module_shapes(), self.shards)
-        return np.ascontiguousarray(data.transpose(2, 0, 1, 3, 4).astype(self.dtype))
+        data = np.ascontiguousarray(data.transpose(2, 0, 1, 3, 4).astype(self.dtype))
+        return pin_pages(data, self._pin_device) if self._pin_device is not None else data
 
-    def copy_adapter(self, name: str, pages: np.ndarray) -> None:
+    def copy_adapter(self, name: str, pages: np.ndarray | PinnedPages) -> None:
         """Copy a placed adapter's host pages into its device pages (queued before the next step)."""
         placement = self.memory.adapters[name].placement
+        if isinstance(pages, PinnedPages):  # one device, one process: DMA from pinned memory
+            for ids, block in zip(block_page_ids(self.layout, placement), pages.blocks):
+                self.pool = write_pages(self.pool, self.layout, ids, to_device(block, self._pin_device))
+            return
         for ids, block in write_blocks(self.layout, placement, pages):
             if multihost.is_multiprocess():  # the followers make the same write
                 multihost.announce(

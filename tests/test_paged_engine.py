@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import jlora
 from jlora import loader
 from jlora.config import EngineConfig
+from jlora.engine import PagedEngine
 from pallas_kernels.lora import LoraTunables
 from pallas_kernels.lora import shapes as lora_shapes
 from tests.helpers import tiny_hf_model
@@ -98,6 +100,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "unrolled_write_at_end",
         "no_overlap",
         "lora_fused",
+        "small_pool_preempts_pinned",
     ],
 )
 def test_paged_equals_reference(tiny, variant, monkeypatch):
@@ -110,7 +113,10 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     variant = variant.removesuffix("_one_launch")
+    pinned = variant.endswith("_pinned")  # adapters paged in from pinned host memory (auto: GPU only)
+    variant = variant.removesuffix("_pinned")
     config = small_config(
+        pin_host_adapters="on" if pinned else "auto",
         num_pages=128 if variant == "small_pool_preempts" else 400,
         implementation=impl,
         layer_loop="unrolled" if variant.startswith("unrolled") else "scan",
@@ -120,6 +126,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         fuse_lora="on" if variant.endswith("lora_fused") else "auto",
     )
     engine = jlora.Engine(loaded, config)
+    assert (engine.paged._pin_device is not None) == pinned
     for name, path in paths.items():
         engine.load_adapter(name, path)
     reqs = requests(14, seed=3, long_decodes=variant != "roomy")
@@ -150,6 +157,18 @@ def test_unrolled_cpu_step_updates_the_pool_in_place(tiny, kv_write, copied):
     name = next(n for n in engine.paged.compiled if n.startswith("decode") and not n.endswith("_r0"))
     hlo = engine.paged.compiled[name].as_text()
     assert bool(re.search(rf"f32\[{shape}\]\{{[0-9,]*\}} copy\(", hlo)) == copied
+
+
+def test_greedy_only_compiles_half_and_refuses_a_temperature(tiny):
+    loaded, paths, reference = tiny
+    engine = jlora.Engine(loaded, small_config(greedy_only=True, lora_rank_buckets=(16,)))
+    both = PagedEngine.buckets(types.SimpleNamespace(config=small_config(lora_rank_buckets=(16,))))
+    assert 2 * engine.compile_count() == len(both)
+    assert not any(name.endswith("_draw") for name in engine.paged.compiled)
+    with pytest.raises(jlora.InvalidRequestError, match="greedy"):
+        engine.generate([[1, 2, 3]], jlora.SamplingParams(max_tokens=4, temperature=0.7))
+    want = reference.generate([[1, 2, 3]], PARAMS)[0].token_ids
+    assert engine.generate([[1, 2, 3]], PARAMS)[0].token_ids == want
 
 
 def test_stop_tokens_mid_batch_with_overlap(tiny):
