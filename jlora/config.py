@@ -249,6 +249,10 @@ class EngineConfig:
     # keep adapters' host pages in pinned host memory, so that paging one in is a DMA (H100 host:
     # 47.8 vs 7.1 GB/s from pageable memory): "on", "off", or "auto" (on with a GPU)
     pin_host_adapters: str = "auto"
+    # unrolled layers only, one device: q/k/v as one matmul and gate/up as one (fewer, larger launches;
+    # each projection's LoRA still adds to its own columns). "on", "off", or "auto": on with the GPU
+    # kernels
+    fuse_projections: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -284,6 +288,10 @@ class EngineConfig:
             )
         if self.fuse_lora not in ("off", "on", "auto"):
             raise ValueError(f"fuse_lora must be 'off', 'on' or 'auto', not {self.fuse_lora!r}")
+        if self.fuse_projections not in ("on", "off", "auto"):
+            raise ValueError(f"fuse_projections must be 'on', 'off' or 'auto', not {self.fuse_projections!r}")
+        if self.fuse_projections == "on" and self.resolved_layer_loop() != "unrolled":
+            raise ValueError("fuse_projections='on' needs layer_loop='unrolled'")
         if self.pin_host_adapters not in ("on", "off", "auto"):
             raise ValueError(
                 f"pin_host_adapters must be 'on', 'off' or 'auto', not {self.pin_host_adapters!r}"
@@ -319,6 +327,11 @@ class EngineConfig:
         import jax
 
         return "unrolled" if jax.default_backend() == "gpu" else "scan"
+
+    def resolved_fuse_projections(self) -> bool:
+        if self.fuse_projections != "auto":
+            return self.fuse_projections == "on"
+        return self.resolved_implementation() == "pallas" and self.resolved_layer_loop() == "unrolled"
 
     def resolved_pin_host_adapters(self) -> bool:
         if self.pin_host_adapters != "auto":

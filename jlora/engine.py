@@ -183,7 +183,13 @@ class PagedEngine:
         local = local_config(
             model_config, self.shards
         )  # one shard's geometry (the whole model without a mesh)
-        params = unstack_layers(params) if config.resolved_layer_loop() == "unrolled" else params
+        fuse = config.resolved_fuse_projections()
+        if fuse and mesh is not None:
+            if config.fuse_projections == "on":
+                raise ValueError("fuse_projections='on' needs one device (no mesh)")
+            fuse = False
+        if config.resolved_layer_loop() == "unrolled":
+            params = unstack_layers(params, fuse=fuse)
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
         self.layout = pool_layout(

@@ -101,6 +101,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "no_overlap",
         "lora_fused",
         "small_pool_preempts_pinned",
+        "kernels_interpret_unrolled_lora_fused_projections_fused",
     ],
 )
 def test_paged_equals_reference(tiny, variant, monkeypatch):
@@ -115,11 +116,16 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     variant = variant.removesuffix("_one_launch")
     pinned = variant.endswith("_pinned")  # adapters paged in from pinned host memory (auto: GPU only)
     variant = variant.removesuffix("_pinned")
+    # the GPU's configuration on CPU: kernels, unrolled layers, shared LoRA launches, q/k/v and gate/up
+    # each one matmul
+    fused_projections = variant.endswith("_projections_fused")
+    variant = variant.removesuffix("_projections_fused")
     config = small_config(
         pin_host_adapters="on" if pinned else "auto",
         num_pages=128 if variant == "small_pool_preempts" else 400,
         implementation=impl,
-        layer_loop="unrolled" if variant.startswith("unrolled") else "scan",
+        layer_loop="unrolled" if "unrolled" in variant else "scan",
+        fuse_projections="on" if fused_projections else "auto",
         kv_write="end" if variant.endswith("write_at_end") else "auto",
         overlap=variant != "no_overlap",
         prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
@@ -127,6 +133,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     )
     engine = jlora.Engine(loaded, config)
     assert (engine.paged._pin_device is not None) == pinned
+    layers = engine.paged.params["layers"]
+    assert fused_projections == (isinstance(layers, list) and "qkv_proj" in layers[0])
     for name, path in paths.items():
         engine.load_adapter(name, path)
     reqs = requests(14, seed=3, long_decodes=variant != "roomy")

@@ -8,6 +8,7 @@ are stored: it calls `attend(q, k, v, state) -> (out, state)`; LoRA enters throu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 LoraFn = Callable[[str, jax.Array, Any], jax.Array | None]  # (module, x, current attention state)
 Store = Callable[[jax.Array, jax.Array, Any], Any]  # (k, v, attention state) -> attention state
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # fused projections' members
 
 
 class DecoderLayer(nn.Module):
@@ -32,6 +34,22 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    # q/k/v as one "qkv_proj" and gate/up as one "gate_up_proj" matmul (jlora.model.paged.fuse_layer):
+    # fewer, larger launches; each member's LoRA delta is added to its own columns
+    fused: bool = False
+
+    def _proj_fused(
+        self, name, members, x, widths, bias: bool, lora_fn: LoraFn | None, state: Any
+    ) -> list[jax.Array]:
+        y = nn.Dense(sum(widths), use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
+        if lora_fn is not None:
+            deltas = [lora_fn(m, x, state) for m in members]
+            if any(d is not None for d in deltas):
+                zeros = lambda w: jnp.zeros((*x.shape[:-1], w), y.dtype)  # noqa: E731
+                y = y + jnp.concatenate(
+                    [d if d is not None else zeros(w) for d, w in zip(deltas, widths)], axis=-1
+                )
+        return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
 
     def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
         y = nn.Dense(features, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
@@ -62,13 +80,19 @@ class DecoderLayer(nn.Module):
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
         inv_freq = rope_inverse_frequencies(c)
-        k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn, attn_state)
-        v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn, attn_state)
+        if self.fused:
+            q, k, v = self._proj_fused(
+                "qkv_proj", QKV, x, (c.q_dim, c.kv_dim, c.kv_dim), bias, lora_fn, attn_state
+            )
+        else:
+            k = self._proj("k_proj", x, c.kv_dim, bias, lora_fn, attn_state)
+            v = self._proj("v_proj", x, c.kv_dim, bias, lora_fn, attn_state)
         k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         if store is not None:
             attn_state = store(k, v, attn_state)
-        q = self._proj("q_proj", x, c.q_dim, bias, lora_fn, attn_state)
+        if not self.fused:
+            q = self._proj("q_proj", x, c.q_dim, bias, lora_fn, attn_state)
         q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
         attn, attn_state = attend(q, k, v, attn_state)
         # LoRA after attention reads the state as updated (adapter rows are untouched by K/V writes),
@@ -76,8 +100,12 @@ class DecoderLayer(nn.Module):
         h = h + reduce(self._proj("o_proj", attn, c.hidden_size, False, lora_fn, attn_state))
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
-        up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
+        if self.fused:
+            size = c.intermediate_size
+            gate, up = self._proj_fused("gate_up_proj", GATE_UP, x, (size, size), False, lora_fn, attn_state)
+        else:
+            gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
+            up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
         h = h + reduce(
             self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
         )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
-from jlora.model.llama import DecoderLayer, take_logits
+from jlora.model.llama import GATE_UP, QKV, DecoderLayer, take_logits
 from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
@@ -24,13 +24,32 @@ from pallas_kernels.lora import (
 from pallas_kernels.paged_attention import paged_attention, write_kv, write_kv_layer
 
 
-def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
-    """The same params with "layers" as a list of per-layer trees (for the unrolled layer loop)."""
+def unstack_layers(params: dict[str, Any], fuse: bool = False) -> dict[str, Any]:
+    """The same params with "layers" as a list of per-layer trees (for the unrolled layer loop); with
+    fuse, each layer's q/k/v and gate/up kernels (and biases) joined column-wise (fuse_layer)."""
     stacked = params["layers"]
     if isinstance(stacked, list | tuple):
-        return params
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]}
+        layers = list(stacked)
+    else:
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+    if fuse:
+        layers = [fuse_layer(layer) for layer in layers]
+    return {**params, "layers": layers}
+
+
+def fuse_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    """One layer's params with q/k/v as "qkv_proj" and gate/up as "gate_up_proj" (DecoderLayer's
+    fused form): one matmul each instead of three and two."""
+    out = dict(layer)
+    for name, members in (("qkv_proj", QKV), ("gate_up_proj", GATE_UP)):
+        parts = [out.pop(m) for m in members]
+        out[name] = {k: jnp.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    return out
+
+
+def is_fused(layer_params: dict[str, Any]) -> bool:
+    return "qkv_proj" in layer_params
 
 
 def forward_paged(
@@ -58,7 +77,9 @@ def forward_paged(
     if kv_write not in ("end", "per_layer"):
         raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
-    layer_module = DecoderLayer(config, params["embed"].dtype)
+    layers = params["layers"]
+    fused = isinstance(layers, list | tuple) and is_fused(layers[0])
+    layer_module = DecoderLayer(config, params["embed"].dtype, fused=fused)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
     shapes = config.module_shapes()
 
