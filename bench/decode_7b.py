@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--prefill-attention", default="auto", help="kernel | reference | auto (EngineConfig)")
     ap.add_argument("--fuse-lora", default="auto", help="off | on | auto (EngineConfig)")
     ap.add_argument(
+        "--fuse-projections", default="auto", help="q/k/v and gate/up as one matmul each: off | on | auto"
+    )
+    ap.add_argument(
         "--no-overlap", action="store_true", help="run each step to the end before the next (EngineConfig)"
     )
     ap.add_argument(
@@ -184,6 +187,7 @@ def main() -> None:
         layer_loop=args.layer_loop,
         prefill_attention=args.prefill_attention,
         fuse_lora=args.fuse_lora,
+        fuse_projections=args.fuse_projections,
         overlap=not args.no_overlap,
     )
     start = time.perf_counter()
@@ -309,6 +313,7 @@ def main() -> None:
             "layer_loop": ec.layer_loop,
             "prefill_attention": ec.prefill_attention,
             "fuse_lora": ec.fuse_lora,
+            "fuse_projections": ec.fuse_projections,
             "overlap": ec.overlap,
             "lora_groups": [list(g) for g in ec.lora_groups()],
         },

@@ -5,6 +5,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh host           # GPU kernel tests, host time of a batch-128 launch
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch         # decode-7b at batch 128 and 32, profiled
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -37,6 +38,11 @@ case "${1:-}" in
     TAIL=40 run python3 -m bench.decode_7b --batch 128 --impl auto --layer-loop unrolled --profile \
       --skip-base --tag=-b128
     TAIL=40 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-b32
+    ;;
+  fuse)  # decode-7b with q/k/v and gate/up fused into one matmul each (the default), then without
+    TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-fused-proj
+    TAIL=4 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --fuse-projections off \
+      --tag=-unfused-proj
     ;;
   kernels)
     run python3 -m bench.kernels.lora
@@ -73,7 +79,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | launch | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac
