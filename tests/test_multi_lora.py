@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora.config import EngineConfig
 from tests.helpers import tiny_hf_model
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -89,12 +90,27 @@ def check_mixed_batch(engine, peft_model, paths, prompts, tol=2e-4):
     return outs
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_tiny_models_mixed_batch_equals_peft(tmp_path, kind):
+@pytest.mark.parametrize("kind,gpu_shape", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_tiny_models_mixed_batch_equals_peft(tmp_path, kind, gpu_shape):
+    """gpu_shape: the GPU's engine configuration run on CPU - the Pallas kernels in the interpreter,
+    unrolled layers, shared LoRA launches, and q/k/v (with Qwen2's biases) and gate/up joined into one
+    matmul each."""
     model = tiny_hf_model(kind, num_hidden_layers=3)
     model.save_pretrained(tmp_path / "base", safe_serialization=True)
     peft_model, paths = build_peft(model, adapter_specs(3), tmp_path / "adapters")
-    engine = jlora.Engine.from_pretrained(str(tmp_path / "base"), progress=False)
+    config = EngineConfig(
+        implementation="interpret",
+        layer_loop="unrolled",
+        fuse_lora="on",
+        fuse_projections="on",
+        max_model_len=64,
+        decode_batch_buckets=(4, 8),
+        prefill_chunk_buckets=(32,),
+    )
+    kwargs = {"engine_config": config} if gpu_shape else {}
+    engine = jlora.Engine.from_pretrained(str(tmp_path / "base"), progress=False, **kwargs)
+    if gpu_shape:
+        assert "qkv_proj" in engine.paged.params["layers"][0]
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 384, n).tolist() for n in (5, 11, 3, 17)]
     check_mixed_batch(engine, peft_model, paths, prompts)
