@@ -8,16 +8,26 @@ import os
 import re
 
 
+def _newest_trace(trace_dir: str):
+    """The newest trace under trace_dir as a jax.profiler.ProfileData, or None when there is none."""
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    return ProfileData.from_file(max(files, key=os.path.getmtime)) if files else None
+
+
+def _fold(name: str) -> str:
+    """An event name with its numbered-copy suffixes (fusion.3, nvjet_..._2) removed."""
+    return re.sub(r"(\.\d+|_\d+)+$", "", name)
+
+
 def gpu_lines(trace_dir: str):
     """The newest trace under trace_dir, its first GPU's lines: (ms and calls by event name, numbered
     copies of one fusion folded together; each line's event spans; how many GPUs the trace holds).
     A str saying what is missing instead when there is no trace or no GPU plane."""
-    from jax.profiler import ProfileData
-
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
+    data = _newest_trace(trace_dir)
+    if data is None:
         return f"no trace under {trace_dir}"
-    data = ProfileData.from_file(max(files, key=os.path.getmtime))
     lines: dict[str, dict[str, list[float]]] = {}
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     gpus = [p for p in data.planes if p.name.startswith("/device:GPU") and _has_events(p)]
@@ -25,7 +35,7 @@ def gpu_lines(trace_dir: str):
         for line in plane.lines:
             by_name = lines.setdefault(line.name, collections.defaultdict(lambda: [0.0, 0]))
             for e in line.events:
-                name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
+                name = _fold(e.name)
                 by_name[name][0] += e.duration_ns / 1e6
                 by_name[name][1] += 1
                 spans[line.name].append((e.start_ns, e.start_ns + e.duration_ns))
@@ -86,20 +96,16 @@ def kernel_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
 def host_breakdown(trace_dir: str, steps: int, top: int = 25) -> dict:
     """Host time per step by event name over every host thread (Python calls, PJRT execute and launch,
     allocator and stream waits): where a step's launch spends its time on the host."""
-    from jax.profiler import ProfileData
-
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
+    data = _newest_trace(trace_dir)
+    if data is None:
         return {"error": f"no trace under {trace_dir}"}
-    data = ProfileData.from_file(max(files, key=os.path.getmtime))
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for plane in data.planes:
         if not plane.name.startswith("/host"):
             continue
         for line in plane.lines:
             for e in line.events:
-                name = re.sub(r"(\.\d+|_\d+)+$", "", e.name)
-                key = f"{line.name[:24]} | {name[:80]}"
+                key = f"{line.name[:24]} | {_fold(e.name)[:80]}"
                 by_name[key][0] += e.duration_ns / 1e6
                 by_name[key][1] += 1
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]

@@ -144,7 +144,7 @@ def _fake_trace(monkeypatch, tmp_path):
 def test_trace_reading_finds_the_kernel_stream(monkeypatch, tmp_path):
     """bench.profile's trace reading (decode_7b --profile and the kernel bench's device times): the
     kernels are the busiest stream, not the HLO-op or module lines; numbered copies fold together."""
-    from bench.profile import busiest_stream, gpu_lines, kernel_breakdown
+    from bench.profile import busiest_stream, gpu_lines, host_breakdown, kernel_breakdown
 
     assert gpu_lines(str(tmp_path)).startswith("no trace")
     _fake_trace(monkeypatch, tmp_path)
@@ -155,6 +155,9 @@ def test_trace_reading_finds_the_kernel_stream(monkeypatch, tmp_path):
     assert out["kernel_line"] == "Stream #14(Compute)"
     assert out["device_busy_ms_per_step"] == pytest.approx(0.006)
     assert out["idle_ms_per_step_in_step_gaps"] == pytest.approx(0.001)  # 5000 -> 6000 ns
+    host = host_breakdown(str(tmp_path), steps=2)  # the host plane only, per step
+    assert [row["event"] for row in host["top"]] == ["python | x"]
+    assert host["top"][0]["ms_per_step"] == pytest.approx(10_000.0) and host["top"][0]["calls_per_step"] == 10
 
 
 def test_by_kind_splits_steps_and_their_roofline():

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.config import ModelConfig
+from jlora.config import SHARED_INPUT_MODULES, ModelConfig
 from jlora.metadata import ContiguousBatch, KVCache
 from jlora.model.attention import contiguous_attention
 from jlora.model.layers import RMSNorm, apply_rope, rms_norm, rope_inverse_frequencies
@@ -26,7 +26,7 @@ LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 LoraFn = Callable[[str, jax.Array, Any], jax.Array | None]  # (module, x, current attention state)
 Store = Callable[[jax.Array, jax.Array, Any], Any]  # (k, v, attention state) -> attention state
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # fused projections' members
+QKV, GATE_UP = SHARED_INPUT_MODULES  # the fused projections' members
 
 
 class DecoderLayer(nn.Module):
@@ -41,6 +41,8 @@ class DecoderLayer(nn.Module):
     def _proj_fused(
         self, name, members, x, widths, bias: bool, lora_fn: LoraFn | None, state: Any
     ) -> list[jax.Array]:
+        """One matmul over the members' joined weights, each member's LoRA delta added to its own
+        columns; the members' outputs."""
         y = nn.Dense(sum(widths), use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
         if lora_fn is not None:
             deltas = [lora_fn(m, x, state) for m in members]
@@ -52,12 +54,7 @@ class DecoderLayer(nn.Module):
         return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
 
     def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
-        y = nn.Dense(features, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
-        if lora_fn is not None:
-            delta = lora_fn(name, x, state)
-            if delta is not None:
-                y = y + delta
-        return y
+        return self._proj_fused(name, (name,), x, (features,), bias, lora_fn, state)[0]
 
     @nn.compact
     def __call__(

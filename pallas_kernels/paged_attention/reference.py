@@ -16,16 +16,24 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+def _kv_units_and_rows(k, v, write_units, dtype) -> tuple[jax.Array, jax.Array]:
+    """The units each token's K and V heads go to ([B, T, 2 Hkv]: K's, then V's) and the rows written
+    there ([..., B, T, 2 Hkv, Dh]). K and V go in one scatter: a read of the pool that feeds either is
+    then ordered before the write (with two, XLA on CPU copies the pool to keep the V side's reads
+    away from the K write)."""
+    hkv = k.shape[-2]
+    units = write_units[..., None] + jnp.arange(2 * hkv, dtype=write_units.dtype)
+    return units, jnp.concatenate([k, v], axis=-2).astype(dtype)
+
+
 def write_kv_reference(
     pool: jax.Array,  # [L, U, Dh]
     k: jax.Array,  # [L, B, T, Hkv, Dh] this step's keys, every layer
     v: jax.Array,  # [L, B, T, Hkv, Dh]
     write_units: jax.Array,  # [B, T] int32 first unit of each token's K; >= U for padding (dropped)
 ) -> jax.Array:
-    hkv = k.shape[3]
-    units_k = write_units[..., None] + jnp.arange(hkv, dtype=write_units.dtype)  # [B, T, Hkv]
-    pool = pool.at[:, units_k].set(k.astype(pool.dtype), mode="drop")
-    return pool.at[:, units_k + hkv].set(v.astype(pool.dtype), mode="drop")
+    units, kv = _kv_units_and_rows(k, v, write_units, pool.dtype)
+    return pool.at[:, units].set(kv, mode="drop")
 
 
 def write_kv_layer_reference(
@@ -35,11 +43,7 @@ def write_kv_layer_reference(
     v: jax.Array,  # [B, T, Hkv, Dh]
     write_units: jax.Array,  # [B, T] int32 first unit of each token's K; >= U for padding (dropped)
 ) -> jax.Array:
-    # one scatter for K and V: a read of the pool that feeds either one is then ordered before the
-    # write (with two, XLA copies the pool to keep the V side's reads away from the K write)
-    hkv = k.shape[2]
-    units = write_units[..., None] + jnp.arange(2 * hkv, dtype=write_units.dtype)  # [B, T, 2 Hkv]: K, V
-    kv = jnp.concatenate([k, v], axis=2).astype(pool.dtype)
+    units, kv = _kv_units_and_rows(k, v, write_units, pool.dtype)
     return pool.at[layer, units].set(kv, mode="drop")
 
 
