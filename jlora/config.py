@@ -253,6 +253,10 @@ class EngineConfig:
     # each projection's LoRA still adds to its own columns). "on", "off", or "auto": on with the GPU
     # kernels
     fuse_projections: str = "auto"
+    # a step with both decode rows and prefill chunks runs them in one call (one pass over the weights)
+    # instead of two: "on", "off", or "auto" (on with a GPU). Adds a compiled step per (decode batch,
+    # prefill batch, chunk) bucket
+    mixed_steps: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -296,6 +300,8 @@ class EngineConfig:
             raise ValueError(
                 f"pin_host_adapters must be 'on', 'off' or 'auto', not {self.pin_host_adapters!r}"
             )
+        if self.mixed_steps not in ("on", "off", "auto"):
+            raise ValueError(f"mixed_steps must be 'on', 'off' or 'auto', not {self.mixed_steps!r}")
         if self.kv_write not in ("end", "per_layer", "auto"):
             raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
@@ -346,3 +352,10 @@ class EngineConfig:
         import jax
 
         return "per_layer" if jax.default_backend() == "cpu" else "end"
+
+    def resolved_mixed_steps(self) -> bool:
+        if self.mixed_steps != "auto":
+            return self.mixed_steps == "on"
+        import jax
+
+        return jax.default_backend() == "gpu"

@@ -61,17 +61,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    kind: str  # "decode" | "prefill"
-    batch: int
-    tokens: int
+    kind: str  # "decode" | "prefill" | "mixed" (decode rows and prefill chunks in one call)
+    batch: int  # rows (mixed: decode rows)
+    tokens: int  # tokens per row (mixed: per prefill row; decode rows have one)
     pages: int
     lora: int  # 0: no LoRA; else the rank bucket (decode: K = batch * tokens * lora pairs)
     draw: bool = False  # some row samples with a temperature (sampling.sample's draw, chosen on the host)
+    prefill_batch: int = 0  # mixed: prefill rows
 
     @property
     def name(self) -> str:
-        name = f"{self.kind}_b{self.batch}_t{self.tokens}_p{self.pages}_r{self.lora}"
+        rows = f"b{self.batch}+{self.prefill_batch}" if self.kind == "mixed" else f"b{self.batch}"
+        name = f"{self.kind}_{rows}_t{self.tokens}_p{self.pages}_r{self.lora}"
         return name + "_draw" if self.draw else name
+
+    def parts(self) -> list[tuple[str, int, int]]:
+        """(kind, rows, tokens per row) of each batch the call carries, in order."""
+        if self.kind == "mixed":
+            return [("decode", self.batch, 1), ("prefill", self.prefill_batch, self.tokens)]
+        return [(self.kind, self.batch, self.tokens)]
 
 
 @dataclasses.dataclass
@@ -261,12 +269,21 @@ class PagedEngine:
         array. Returns the pool, the token carry and [2, B] int32: sampled tokens, and their log-probs'
         float32 bits."""
         batch, lora, sampling, counters, feed = unpack(packed, spec)
-        fed = jnp.where(feed.source >= 0, carry[jnp.maximum(feed.source, 0)], batch.tokens)
-        pool, logits = forward(params, pool, batch.replace(tokens=fed), lora)
+
+        def fed(batch: PagedBatch, feed: TokenFeed) -> PagedBatch:
+            pending = carry[jnp.maximum(feed.source, 0)]
+            return batch.replace(tokens=jnp.where(feed.source >= 0, pending, batch.tokens))
+
+        if isinstance(batch, tuple):  # a mixed call: (decode rows, prefill chunks), rows sampled in order
+            batch = tuple(fed(b, f) for b, f in zip(batch, feed))
+            dest = jnp.concatenate([f.dest for f in feed])
+        else:
+            batch, dest = fed(batch, feed), feed.dest
+        pool, logits = forward(params, pool, batch, lora)
         keys = jax.vmap(jax.random.fold_in)(sampling.keys, counters)
         tokens, logprobs = sample(logits, sampling.replace(keys=keys), draw=draw)
         tokens = tokens.astype(jnp.int32)
-        carry = carry.at[feed.dest].set(tokens, mode="drop")
+        carry = carry.at[dest].set(tokens, mode="drop")
         return pool, carry, jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
 
     def buckets(self) -> list[Bucket]:
@@ -281,10 +298,36 @@ class PagedEngine:
                         for b in c.prefill_batch_buckets
                         for t in c.prefill_chunk_buckets
                     ]
+                    if c.resolved_mixed_steps():
+                        out += [
+                            Bucket("mixed", d, t, p, r, draw, prefill_batch=b)
+                            for d in c.decode_batch_buckets
+                            for b in c.prefill_batch_buckets
+                            for t in c.prefill_chunk_buckets
+                        ]
         return out
 
     def _abstract_args(self, bucket: Bucket) -> tuple:
-        b, t, p = bucket.batch, bucket.tokens, bucket.pages
+        """The step's metadata as shapes: (batch, lora, sampling, counters, feed); a mixed call's batch,
+        lora and feed are (decode rows', prefill chunks') pairs."""
+        i32 = jnp.int32
+
+        def s(*shape, dtype=i32):
+            return jax.ShapeDtypeStruct(shape, dtype)
+
+        parts = [self._abstract_part(kind, b, t, bucket.pages, bucket.lora) for kind, b, t in bucket.parts()]
+        rows = sum(b for _, b, _ in bucket.parts())
+        sampling = SamplingArrays(
+            temperature=s(rows, dtype=jnp.float32),
+            top_k=s(rows),
+            top_p=s(rows, dtype=jnp.float32),
+            keys=s(rows, 2, dtype=jnp.uint32),
+        )
+        batch, lora, feed = parts[0] if len(parts) == 1 else tuple(zip(*parts))
+        return batch, lora, sampling, s(rows, dtype=jnp.uint32), feed
+
+    def _abstract_part(self, kind: str, b: int, t: int, p: int, rank: int) -> tuple:
+        """One batch's (PagedBatch, LoRA metadata, TokenFeed) as shapes."""
         i32 = jnp.int32
 
         def s(*shape, dtype=i32):
@@ -300,9 +343,9 @@ class PagedEngine:
             logits_at=s(b),
         )
         lora = None
-        if bucket.lora:
-            if bucket.kind == "decode":
-                k = b * t * bucket.lora
+        if rank:
+            if kind == "decode":
+                k = b * t * rank
                 lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
                 for group in self.lora_groups:  # a group's entry replaces its members'
                     for m in group:
@@ -312,16 +355,8 @@ class PagedEngine:
                         s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group
                     )
             else:
-                lora = {
-                    m: PrefillLora(s(b, bucket.lora), s(b, bucket.lora)) for m in self.config.lora_modules
-                }
-        sampling = SamplingArrays(
-            temperature=s(b, dtype=jnp.float32),
-            top_k=s(b),
-            top_p=s(b, dtype=jnp.float32),
-            keys=s(b, 2, dtype=jnp.uint32),
-        )
-        return batch, lora, sampling, s(b, dtype=jnp.uint32), TokenFeed(s(b, t), s(b))
+                lora = {m: PrefillLora(s(b, rank), s(b, rank)) for m in self.config.lora_modules}
+        return batch, lora, TokenFeed(s(b, t), s(b))
 
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
@@ -399,15 +434,18 @@ class PagedEngine:
     def prepare(
         self, schedule: Schedule, sampling: dict[int, SamplingRow], sources: Mapping[int, int] | None = None
     ) -> list[PreparedCall]:
-        """The schedule's compiled calls with their metadata packed. A chunk token that is still PENDING
+        """The schedule's compiled calls with their metadata packed: decode rows and prefill chunks in
+        one mixed call (EngineConfig.mixed_steps), or a call each. A chunk token that is still PENDING
         is read on the device from the token carry, at sources[request] (InFlight.sources of the step
         that samples it, which must be the last one launched)."""
-        calls = []
-        if schedule.decodes:
-            calls.append(self._prepare_call("decode", schedule.decodes, sampling, sources or {}))
-        if schedule.prefills:
-            calls.append(self._prepare_call("prefill", schedule.prefills, sampling, sources or {}))
-        return calls
+        parts = [
+            (k, chunks)
+            for k, chunks in (("decode", schedule.decodes), ("prefill", schedule.prefills))
+            if chunks
+        ]
+        if len(parts) == 2 and self.config.resolved_mixed_steps():
+            return [self._prepare_call(parts, sampling, sources or {})]
+        return [self._prepare_call([part], sampling, sources or {}) for part in parts]
 
     def launch(self, calls: list[PreparedCall]) -> InFlight:
         """Queue the calls on the device without waiting for them (nor for the step before)."""
@@ -434,70 +472,95 @@ class PagedEngine:
 
     def _prepare_call(
         self,
-        kind: str,
-        chunks: list[ScheduledChunk],
+        parts: list[tuple[str, list[ScheduledChunk]]],
         sampling: dict[int, SamplingRow],
         sources: Mapping[int, int],
     ) -> PreparedCall:
+        """One call over (kind, chunks) parts: one part, or decode rows then prefill chunks (mixed)."""
         c = self.config
-        n = len(chunks)
-        b = _smallest(c.decode_batch_buckets if kind == "decode" else c.prefill_batch_buckets, n)
-        t = (
-            1
-            if kind == "decode"
-            else _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
-        )
-        p = _smallest(c.resolved_page_buckets(), max(len(ch.page_table) for ch in chunks))
-        ranks = [self.memory.adapters[ch.adapter].placement.ranks for ch in chunks if ch.adapter]
-        max_rank = max((r for rk in ranks for r in rk.values()), default=0)
-        r_bucket = 0
-        if ranks:
+        shapes = []  # (rows, tokens per row) of each part's bucket
+        for kind, chunks in parts:
             if kind == "decode":
-                pairs = max(sum(rk.get(m, 0) for rk in ranks) for m in c.lora_modules)
-                r_bucket = _smallest(c.lora_rank_buckets, max(max_rank, -(-pairs // (b * t))))
+                shapes.append((_smallest(c.decode_batch_buckets, len(chunks)), 1))
             else:
-                r_bucket = _smallest(c.lora_rank_buckets, max_rank)
-        draw = any(sampling[ch.request_id].temperature > 0 for ch in chunks)
-        bucket = Bucket(kind, b, t, p, r_bucket, draw)
-
-        batch, samp, counters = self._fill_rows(chunks, sampling, b, t, p)
-        tokens = batch.tokens
-
-        lora = None
-        if r_bucket:
-            lora = (
-                self._decode_lora(chunks, b * t, r_bucket)
-                if kind == "decode"
-                else self._prefill_lora(chunks, b, r_bucket)
-            )
+                t = _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
+                shapes.append((_smallest(c.prefill_batch_buckets, len(chunks)), t))
+        every = [ch for _, chunks in parts for ch in chunks]
+        p = _smallest(c.resolved_page_buckets(), max(len(ch.page_table) for ch in every))
+        r_bucket = max(
+            self._rank_bucket(kind, chunks, b * t) for (kind, chunks), (b, t) in zip(parts, shapes)
+        )
+        draw = any(sampling[ch.request_id].temperature > 0 for ch in every)
+        if len(parts) == 1:
+            bucket = Bucket(parts[0][0], *shapes[0], p, r_bucket, draw)
+        else:
+            (b_decode, _), (b_prefill, t) = shapes
+            bucket = Bucket("mixed", b_decode, t, p, r_bucket, draw, prefill_batch=b_prefill)
         if bucket.name not in self.compiled:
             raise RuntimeError(f"no compiled step for bucket {bucket.name}")
-        source = np.full((b, t), -1, np.int32)
-        rows, cols = np.nonzero(tokens == PENDING)
-        for i, j in zip(rows, cols):
-            rid = chunks[i].request_id
-            if rid not in sources:
-                raise RuntimeError(
-                    f"request {rid} has a pending token that the last launched step does not sample"
+
+        metas, sample_requests, sample_rows, carry_slots, first_row = [], [], [], [], 0
+        for (kind, chunks), (b, t) in zip(parts, shapes):
+            batch, samp, counters = self._fill_rows(chunks, sampling, b, t, p)
+            lora = None
+            if r_bucket:
+                lora = (
+                    self._decode_lora(chunks, b * t, r_bucket)
+                    if kind == "decode"
+                    else self._prefill_lora(chunks, b, r_bucket)
                 )
-            source[i, j] = sources[rid]
-        tokens[rows, cols] = 0
-        sample_rows = [i for i, ch in enumerate(chunks) if ch.sample]
-        # this step's half of the carry: decode rows first, then prefill rows
-        first_slot = self._half * self._carry_half + (max(c.decode_batch_buckets) if kind == "prefill" else 0)
-        carry_slots = [first_slot + i for i in sample_rows]
-        dest = np.full(b, 2 * self._carry_half, np.int32)  # out of range: dropped
-        dest[sample_rows] = carry_slots
-        packed = pack((batch, lora, samp, counters, TokenFeed(source, dest)), self._specs[bucket.name])
+            tokens = batch.tokens
+            source = np.full((b, t), -1, np.int32)
+            rows, cols = np.nonzero(tokens == PENDING)
+            for i, j in zip(rows, cols):
+                rid = chunks[i].request_id
+                if rid not in sources:
+                    raise RuntimeError(
+                        f"request {rid} has a pending token that the last launched step does not sample"
+                    )
+                source[i, j] = sources[rid]
+            tokens[rows, cols] = 0
+            rows_sampled = [i for i, ch in enumerate(chunks) if ch.sample]
+            # this step's half of the carry: decode rows first, then prefill rows
+            first_slot = self._half * self._carry_half + (
+                max(c.decode_batch_buckets) if kind == "prefill" else 0
+            )
+            slots = [first_slot + i for i in rows_sampled]
+            dest = np.full(b, 2 * self._carry_half, np.int32)  # out of range: dropped
+            dest[rows_sampled] = slots
+            metas.append((batch, lora, samp, counters, TokenFeed(source, dest)))
+            sample_requests += [chunks[i].request_id for i in rows_sampled]
+            sample_rows += [first_row + i for i in rows_sampled]
+            carry_slots += slots
+            first_row += b
+        if len(metas) == 1:
+            meta = metas[0]
+        else:  # per-batch metadata as pairs; sampling rows joined, decode rows first
+            batches, loras, samps, counters, feeds = zip(*metas)
+            joined = jax.tree.map(lambda *x: np.concatenate(x), *samps)
+            meta = (batches, loras, joined, np.concatenate(counters), feeds)
         return PreparedCall(
             bucket=bucket.name,
-            packed=packed,
-            sample_requests=[chunks[i].request_id for i in sample_rows],
+            packed=pack(meta, self._specs[bucket.name]),
+            sample_requests=sample_requests,
             sample_rows=sample_rows,
             carry_slots=carry_slots,
-            kind=kind,
-            tokens=sum(len(ch.tokens) for ch in chunks),
+            kind=bucket.kind,
+            tokens=sum(len(ch.tokens) for ch in every),
         )
+
+    def _rank_bucket(self, kind: str, chunks: list[ScheduledChunk], n_tokens: int) -> int:
+        """The LoRA rank bucket the chunks need (0: no adapter among them). A decode call's pairs are
+        packed by token: it needs room for the pairs of its most-used projection too."""
+        c = self.config
+        ranks = [self.memory.adapters[ch.adapter].placement.ranks for ch in chunks if ch.adapter]
+        if not ranks:
+            return 0
+        max_rank = max((r for rk in ranks for r in rk.values()), default=0)
+        if kind == "decode":
+            pairs = max(sum(rk.get(m, 0) for rk in ranks) for m in c.lora_modules)
+            return _smallest(c.lora_rank_buckets, max(max_rank, -(-pairs // n_tokens)))
+        return _smallest(c.lora_rank_buckets, max_rank)
 
     def _fill_rows(
         self, chunks: list[ScheduledChunk], sampling: dict[int, SamplingRow], b: int, t: int, p: int

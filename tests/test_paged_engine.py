@@ -102,6 +102,10 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "lora_fused",
         "small_pool_preempts_pinned",
         "kernels_interpret_unrolled_lora_fused_projections_fused",
+        "roomy_mixed",
+        "small_pool_preempts_mixed",
+        "unrolled_write_at_end_mixed",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
     ],
 )
 def test_paged_equals_reference(tiny, variant, monkeypatch):
@@ -114,6 +118,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     variant = variant.removesuffix("_one_launch")
+    mixed = variant.endswith("_mixed")  # decode rows and prefill chunks in one call (auto: GPU only)
+    variant = variant.removesuffix("_mixed")
     pinned = variant.endswith("_pinned")  # adapters paged in from pinned host memory (auto: GPU only)
     variant = variant.removesuffix("_pinned")
     # the GPU's configuration on CPU: kernels, unrolled layers, shared LoRA launches, q/k/v and gate/up
@@ -130,8 +136,14 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         overlap=variant != "no_overlap",
         prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
         fuse_lora="on" if variant.endswith("lora_fused") else "auto",
+        mixed_steps="on" if mixed else "auto",
     )
     engine = jlora.Engine(loaded, config)
+    kinds = []
+    launch = engine.paged.launch
+    monkeypatch.setattr(
+        engine.paged, "launch", lambda calls: kinds.extend(c.kind for c in calls) or launch(calls)
+    )
     assert (engine.paged._pin_device is not None) == pinned
     layers = engine.paged.params["layers"]
     assert fused_projections == (isinstance(layers, list) and "qkv_proj" in layers[0])
@@ -146,6 +158,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     stats = engine.runner.scheduler.stats
     if variant == "small_pool_preempts":
         assert stats["preemptions"] > 0 and stats["adapter_evictions"] > 0
+    assert ("mixed" in kinds) == mixed and ("decode" in kinds and "prefill" in kinds)
     memory = engine.paged.memory
     assert not memory.page_tables
     memory.check_invariants()

@@ -8,6 +8,7 @@ come out of the scan and are written into their pages in one in-place scatter (t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
-from jlora.model.llama import GATE_UP, QKV, DecoderLayer, take_logits
+from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head
 from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
@@ -52,11 +53,106 @@ def is_fused(layer_params: dict[str, Any]) -> bool:
     return "qkv_proj" in layer_params
 
 
+def _lora_for(
+    lora: dict[str, Any], layer: jax.Array, shapes: dict[str, tuple[int, int]], impl: str
+) -> Callable[[str, jax.Array, jax.Array], jax.Array | None]:
+    """One batch's LoRA: (module, x [B, T, in], pool as of this point of the layer) -> delta or None.
+    A DecodeGroup's first member runs the group's launches; the others reuse them."""
+    groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
+    shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
+
+    def lora_fn(name: str, x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
+        b, t, h_in = x.shape
+        group = groups.get(name)
+        if group is not None:
+            widths = tuple(shapes[m][1] for m in group.modules)
+            if group.modules not in shared or shared[group.modules][0] is not x:
+                max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
+                deltas = lora_decode_group(
+                    x.reshape(b * t, h_in),
+                    rows_pool,
+                    layer,
+                    group.token_index,
+                    group.a_start,
+                    group.b_start,
+                    group.offsets,
+                    widths,
+                    implementation=impl,
+                    max_rank=max_rank,
+                )
+                shared[group.modules] = (x, deltas)
+            i = group.modules.index(name)
+            col = sum(widths[:i])
+            return shared[group.modules][1][:, col : col + widths[i]].reshape(b, t, widths[i])
+        meta = lora.get(name)
+        if meta is None:
+            return None
+        h_out = shapes[name][1]
+        if isinstance(meta, DecodeLora):
+            delta = lora_decode(
+                x.reshape(b * t, h_in),
+                rows_pool,
+                layer,
+                meta.token_index,
+                meta.a_start,
+                meta.b_start,
+                h_out,
+                meta.offsets,
+                implementation=impl,
+                max_rank=meta.token_index.shape[0] // (b * t),  # the rank bucket
+            )
+            return delta.reshape(b, t, h_out)
+        return lora_prefill(x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
+
+    return lora_fn
+
+
+class _Parts:
+    """A step's batches as one token sequence: a single batch keeps its [B, T] rows; several (a mixed
+    step: decode rows and prefill chunks) are flattened and joined into one row [1, sum B*T], so that
+    every matmul reads the weights once for all of them, and split again for attention and LoRA."""
+
+    def __init__(self, batches: tuple[PagedBatch, ...]):
+        self.batches = batches
+        self.sizes = [b.tokens.shape[0] * b.tokens.shape[1] for b in batches]
+
+    @property
+    def single(self) -> bool:
+        return len(self.batches) == 1
+
+    def join(self, xs: list[jax.Array]) -> jax.Array:
+        """Per-batch [B_i, T_i, ...] -> the step's layout ([B, T, ...] or [1, N, ...])."""
+        if self.single:
+            return xs[0]
+        return jnp.concatenate([x.reshape(1, -1, *x.shape[2:]) for x in xs], axis=1)
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        """The step's layout -> per-batch [B_i, T_i, ...]."""
+        if self.single:
+            return [x]
+        out, start = [], 0
+        for batch, size in zip(self.batches, self.sizes):
+            out.append(x[0, start : start + size].reshape(*batch.tokens.shape, *x.shape[2:]))
+            start += size
+        return out
+
+    def sampled_rows(self, h: jax.Array) -> jax.Array:
+        """The hidden state of each row's sampled token: [sum B_i, D]."""
+        if self.single:
+            return jnp.take_along_axis(h, self.batches[0].logits_at[:, None, None], axis=1)[:, 0]
+        start, index = 0, []
+        for batch, size in zip(self.batches, self.sizes):
+            b, t = batch.tokens.shape
+            index.append(start + jnp.arange(b, dtype=jnp.int32) * t + batch.logits_at)
+            start += size
+        return h[0, jnp.concatenate(index)]
+
+
 def forward_paged(
     params: dict[str, Any],
     pool: jax.Array,  # [L, U, Dh]
-    batch: PagedBatch,
-    lora: dict[str, DecodeLora] | dict[str, PrefillLora] | None,
+    batch: PagedBatch | tuple[PagedBatch, ...],
+    lora: dict[str, DecodeLora] | dict[str, PrefillLora] | None | tuple,
     *,
     config: ModelConfig,
     page_size: int,
@@ -64,9 +160,12 @@ def forward_paged(
     prefill_kernel: bool | None = None,
     tp_axis: str | None = None,
     kv_write: str = "end",
-) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32
+) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32 (B: every batch's rows, in order)
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
     outputs are summed over tp_axis and vocab-split logits gathered.
+
+    A tuple of batches (with a tuple of their LoRA metadata) is one mixed step: decode rows and prefill
+    chunks through the same matmuls (_Parts), each batch with its own attention and LoRA.
 
     kv_write (unrolled layers only): "end" writes every layer's new K/V in one scatter after the last
     layer; "per_layer" writes each layer's K/V before its attention, and what follows reads the pool as
@@ -76,12 +175,20 @@ def forward_paged(
     updated in place."""
     if kv_write not in ("end", "per_layer"):
         raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
+    batches = batch if isinstance(batch, tuple) else (batch,)
+    loras = lora if isinstance(lora, tuple) else (lora,)
+    if len(loras) != len(batches):
+        raise ValueError(f"{len(batches)} batches but {len(loras)} LoRA metadata entries")
+    parts = _Parts(batches)
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layers = params["layers"]
     fused = isinstance(layers, list | tuple) and is_fused(layers[0])
     layer_module = DecoderLayer(config, params["embed"].dtype, fused=fused)
-    h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
+    h = jnp.take(params["embed"], parts.join([b.tokens for b in batches]), axis=0)  # [B, T, D]
+    positions = parts.join([b.positions for b in batches])
+    write_units = parts.join([b.write_units for b in batches])
     shapes = config.module_shapes()
+    any_lora = any(m is not None for m in loras)
 
     def body(h, xs, pool=pool, write_now=False):
         """One layer. With write_now the attention state is the pool: K/V are written into it first and
@@ -90,85 +197,51 @@ def forward_paged(
 
         def attend(q, k, v, state):
             pages = state if write_now else pool  # with write_now, the pool as `store` left it
-            out = paged_attention(
-                q,
-                k,
-                v,
-                pages,
-                layer,
-                batch.page_tables,
-                batch.positions,
-                batch.cached_lens,
-                batch.new_lens,
-                page_size=page_size,
-                sliding_window=config.sliding_window,
-                implementation=impl,
-                prefill_kernel=prefill_kernel,
-            )
-            return out.reshape(*out.shape[:2], -1), (pages if write_now else (k, v))
+            outs = []
+            for b, qi, ki, vi in zip(batches, parts.split(q), parts.split(k), parts.split(v)):
+                out = paged_attention(
+                    qi,
+                    ki,
+                    vi,
+                    pages,
+                    layer,
+                    b.page_tables,
+                    b.positions,
+                    b.cached_lens,
+                    b.new_lens,
+                    page_size=page_size,
+                    sliding_window=config.sliding_window,
+                    implementation=impl,
+                    prefill_kernel=prefill_kernel,
+                )
+                outs.append(out.reshape(*out.shape[:2], -1))
+            return parts.join(outs), (pages if write_now else (k, v))
 
         lora_fn = None
-        if lora is not None:
-            groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
-            shared: dict[
-                tuple[str, ...], tuple[jax.Array, jax.Array]
-            ] = {}  # group -> (its input, its deltas)
+        if any_lora:
+            fns = [_lora_for(m, layer, shapes, impl) if m is not None else None for m in loras]
 
             def lora_fn(name, x, state):
                 rows_pool = state if write_now else pool  # the pool as of this point of the layer
-                group = groups.get(name)
-                if group is not None:  # the first member runs the group's launches; the others reuse them
-                    b, t, h_in = x.shape
-                    widths = tuple(shapes[m][1] for m in group.modules)
-                    if group.modules not in shared or shared[group.modules][0] is not x:
-                        x2 = x.reshape(b * t, h_in)
-                        max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
-                        deltas = lora_decode_group(
-                            x2,
-                            rows_pool,
-                            layer,
-                            group.token_index,
-                            group.a_start,
-                            group.b_start,
-                            group.offsets,
-                            widths,
-                            implementation=impl,
-                            max_rank=max_rank,
-                        )
-                        shared[group.modules] = (x, deltas)
-                    i = group.modules.index(name)
-                    col = sum(widths[:i])
-                    return shared[group.modules][1][:, col : col + widths[i]].reshape(b, t, widths[i])
-                meta = lora.get(name)
-                if meta is None:
+                xs = parts.split(x)
+                deltas = [fn(name, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
+                if all(d is None for d in deltas):
                     return None
                 h_out = shapes[name][1]
-                if isinstance(meta, DecodeLora):
-                    b, t, h_in = x.shape
-                    delta = lora_decode(
-                        x.reshape(b * t, h_in),
-                        rows_pool,
-                        layer,
-                        meta.token_index,
-                        meta.a_start,
-                        meta.b_start,
-                        h_out,
-                        meta.offsets,
-                        implementation=impl,
-                        max_rank=meta.token_index.shape[0] // (b * t),
-                    )  # the rank bucket
-                    return delta.reshape(b, t, h_out)
-                return lora_prefill(
-                    x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl
+                return parts.join(
+                    [
+                        d if d is not None else jnp.zeros((*xi.shape[:2], h_out), x.dtype)
+                        for d, xi in zip(deltas, xs)
+                    ]
                 )
 
         def store(k, v, state):
-            return write_kv_layer(state, layer, k, v, batch.write_units)
+            return write_kv_layer(state, layer, k, v, write_units)
 
         return layer_module.apply(
             {"params": layer_params},
             h,
-            batch.positions,
+            positions,
             pool if write_now else None,
             attend,
             lora_fn,
@@ -190,8 +263,8 @@ def forward_paged(
         else:
             layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
             h, (k, v) = jax.lax.scan(body, h, (params["layers"], layers))  # k, v: [L, B, T, Hkv, Dh]
-        pool = write_kv(pool, k, v, batch.write_units, implementation=impl)
-    logits = take_logits(params, config, h, batch.logits_at)
+        pool = write_kv(pool, k, v, write_units, implementation=impl)
+    logits = lm_head(params, config, parts.sampled_rows(h))
     if tp_axis and not config.tie_word_embeddings:  # lm_head is split by vocab columns
         logits = jax.lax.all_gather(logits, tp_axis, axis=logits.ndim - 1, tiled=True)
     return pool, logits
