@@ -42,15 +42,24 @@ def run(engine: jlora.Engine, paths) -> list:
     return engine.generate(prompts, params, adapters=[NAMES[i % len(NAMES)] for i in range(10)])
 
 
-@pytest.mark.parametrize("ways,layer_loop,fuse_lora", [(2, "scan", "on"), (4, "unrolled", "off")])
-def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop, fuse_lora):
-    """fuse_lora="on": q/k/v and gate/up LoRA in shared launches, each shard over its own slices."""
+@pytest.mark.parametrize(
+    "ways,layer_loop,fuse_lora,mixed_steps", [(2, "scan", "on", "off"), (4, "unrolled", "off", "on")]
+)
+def test_model_parallel_equals_one_device(tiny_tp, ways, layer_loop, fuse_lora, mixed_steps):
+    """fuse_lora="on": q/k/v and gate/up LoRA in shared launches, each shard over its own slices;
+    mixed_steps="on": decode rows and prefill chunks in one call."""
     loaded, paths = tiny_tp
     want = run(jlora.Engine(loaded, config(layer_loop=layer_loop)), paths)
     engine = jlora.Engine(
-        loaded, config(layer_loop=layer_loop, fuse_lora=fuse_lora), mesh=MeshConfig(model=ways)
+        loaded,
+        config(layer_loop=layer_loop, fuse_lora=fuse_lora, mixed_steps=mixed_steps),
+        mesh=MeshConfig(model=ways),
     )
+    kinds = []
+    launch = engine.paged.launch
+    engine.paged.launch = lambda calls: kinds.extend(c.kind for c in calls) or launch(calls)
     got = run(engine, paths)
+    assert ("mixed" in kinds) == (mixed_steps == "on")
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
         assert np.abs(np.array(g.logprobs) - np.array(w.logprobs)).max() < 1e-4
