@@ -1,0 +1,194 @@
+"""mixed-step: what a step costs when prefill chunks join decode rows. Llama-2-7B geometry (random bf16
+weights), `--decodes` requests decoding with their own rank-16 q/k/v/o adapters while long prompts
+are prefilled in chunks of `--chunk` tokens, so that every step during a prompt carries both. Times
+decode-only steps, then the steps with a chunk (one mixed call, or a decode call and a prefill call
+with --mixed-steps off), against their roofline floor (weights + KV + adapters over bandwidth measured
+in the same run), and profiles the chunk steps' kernels.
+
+python -m bench.mixed_step [--mixed-steps on|off] [--decodes 16] [--chunk 256] [--prompts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+RANK = 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--geometry", default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check)")
+    ap.add_argument("--mixed-steps", default="on")
+    ap.add_argument("--decodes", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    import dataclasses
+
+    import jax
+
+    import jlora
+    from bench.common import write_result
+    from bench.decode_7b import load_random_adapters, make_params
+    from bench.kernels.timing import bandwidth, roofline_TBps
+    from bench.profile import kernel_breakdown
+    from jlora.config import PRESETS, EngineConfig
+    from jlora.loader import LoadedModel
+    from jlora.scheduler import SchedulerConfig
+
+    config = PRESETS[args.geometry]
+    if args.layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
+    max_len = args.prompt + 512
+    pages_per_seq = -(-max_len // 16)
+    ec = EngineConfig(
+        page_size=16,
+        num_pages=(args.decodes + 2) * (pages_per_seq + 8) + 64,
+        max_model_len=max_len,
+        max_batch=args.decodes + 1,
+        decode_batch_buckets=(args.decodes + 1,),
+        prefill_batch_buckets=(1,),
+        prefill_chunk_buckets=(args.chunk,),
+        page_buckets=(pages_per_seq,),
+        lora_rank_buckets=(RANK,),
+        lora_modules=TARGETS,
+        compilation_cache_dir=None,
+        implementation=args.impl,
+        layer_loop="unrolled",
+        greedy_only=True,
+        mixed_steps=args.mixed_steps,
+    )
+    sched = SchedulerConfig(
+        max_batch=args.decodes + 1,
+        max_prefill_tokens=args.chunk,
+        max_prefill_seqs=1,
+        max_chunk=args.chunk,
+        max_model_len=max_len,
+    )
+    params = make_params(config, None, unrolled=True)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bw = bandwidth()
+    bps = roofline_TBps(bw) * 1e12
+    start = time.perf_counter()
+    engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
+    startup = time.perf_counter() - start
+    del params
+    names = load_random_adapters(engine, config, args.decodes + 1)
+    paged, runner = engine.paged, engine.runner
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    adapter_bytes = paged.memory.adapter_pages_needed({m: RANK for m in TARGETS}) * paged.layout.page_bytes(2)
+
+    steps: list[dict] = []  # one per step: kind, seconds (step period), context tokens, adapters
+    original = paged.collect
+    last = {"end": None}
+
+    def timed_collect(inflight):
+        out = original(inflight)
+        end = time.perf_counter()
+        kinds = sorted({c.kind for c in inflight.calls})
+        chunk = any(k != "decode" for k in kinds)
+        if last["end"] is not None:
+            steps.append({"kind": "chunk" if chunk else "decode", "calls": kinds, "s": end - last["end"]})
+        last["end"] = end
+        return out
+
+    paged.collect = timed_collect
+    rng = np.random.default_rng(0)
+    sp_long = jlora.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    sp_one = jlora.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    ids = [
+        runner.add(
+            engine._prepare(rng.integers(0, config.vocab_size, 64).tolist(), sp_long, names[i]), names[i]
+        )
+        for i in range(args.decodes)
+    ]
+    for _ in range(30):  # the decodes' prefill, then decode-only steps
+        runner.step()
+    steps.clear()
+    last["end"] = None
+    for _ in range(40):
+        runner.step()
+    trace = tempfile.mkdtemp()
+    traced_steps = 0
+    for p in range(args.prompts):  # long prompts one at a time: prompt / chunk steps with a chunk each
+        state = engine._prepare(rng.integers(0, config.vocab_size, args.prompt).tolist(), sp_one, names[-1])
+        rid = runner.add(state, names[-1])
+        if p == args.prompts - 1:
+            jax.profiler.start_trace(trace)
+        while rid in runner.states:
+            runner.step()
+            traced_steps += p == args.prompts - 1
+        if p == args.prompts - 1:
+            jax.block_until_ready(paged.pool)
+            jax.profiler.stop_trace()
+    for rid in ids:
+        runner.cancel(rid)
+
+    floor_decode = (weight_bytes + args.decodes * (adapter_bytes + 600 * kv_bytes_per_token)) / bps
+    floor_chunk = floor_decode + (adapter_bytes + args.prompt * kv_bytes_per_token) / bps
+    summary = {}
+    for kind, floor in (("decode", floor_decode), ("chunk", floor_chunk)):
+        times = [s["s"] for s in steps if s["kind"] == kind][2:]  # not the first after a change
+        if times:
+            med = float(np.median(times))
+            summary[kind] = {
+                "steps": len(times),
+                "median_ms": med * 1e3,
+                "floor_ms": floor * 1e3,
+                "roofline_fraction": floor / med,
+                "calls": sorted({c for s in steps if s["kind"] == kind for c in s["calls"]}),
+            }
+    flops = 2 * (weight_bytes / 2) * (args.decodes + args.chunk)
+    summary["chunk_step_tflops_at_median"] = flops / (summary["chunk"]["median_ms"] / 1e3) / 1e12
+    try:
+        summary["profile"] = kernel_breakdown(trace, steps=max(traced_steps, 1), top=20)
+    except Exception as e:  # noqa: BLE001
+        summary["profile"] = {"error": repr(e)}
+    for kind in ("decode", "chunk"):
+        s = summary.get(kind)
+        if s:
+            print(
+                f"{kind:6s} {s['steps']:4d} steps, {s['median_ms']:.2f} ms (floor {s['floor_ms']:.2f}, "
+                f"{s['roofline_fraction']:.2f}) calls {s['calls']}"
+            )
+    prof = summary["profile"]
+    if "top" in prof:
+        print(f"chunk steps: device busy {prof['device_busy_ms_per_step']:.2f} ms/step")
+        for row in prof["top"][:14]:
+            print(f"  {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
+    out = write_result(
+        f"mixed-step{args.tag}",
+        {
+            "workload": {
+                "geometry": args.geometry,
+                "layers": config.num_hidden_layers,
+                "decodes": args.decodes,
+                "chunk": args.chunk,
+                "prompt": args.prompt,
+                "prompts": args.prompts,
+                "mixed_steps": args.mixed_steps,
+                "rank": RANK,
+            },
+            "bandwidth": bw,
+            "weight_bytes": weight_bytes,
+            "startup_s": startup,
+            **summary,
+        },
+    )
+    print("wrote", out)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
