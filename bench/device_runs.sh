@@ -10,6 +10,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mg GEOMETRY    # tensor parallel mp 4, 2, 1 (4-GPU kinds)
 set -u
@@ -65,6 +66,10 @@ case "${1:-}" in
       --batch 32 --pages 3000 --chunk 256 --impl auto --layer-loop unrolled --one-page-bucket \
       --partial "$OUT/slora-partial.json"
     ;;
+  mixed)
+    run python3 -m pytest -q -x tests/test_lora_kernels.py
+    for m in on off; do TAIL=22 run python3 -m bench.mixed_step --mixed-steps $m --tag=-$m; done
+    ;;
   cmdbuf)
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL TAIL=30 \
       run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-cmdbuf
@@ -79,7 +84,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | mixed | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac
