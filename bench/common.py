@@ -61,6 +61,7 @@ def run_record() -> dict[str, str]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

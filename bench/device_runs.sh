@@ -10,6 +10,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mg GEOMETRY    # tensor parallel mp 4, 2, 1 (4-GPU kinds)
@@ -61,6 +62,11 @@ case "${1:-}" in
     TAIL=30 run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile \
       --lora-tunables "$OUT/lora.json" --tag=-tiers
     ;;
+  slora-cublas)  # slora with XLA's cuBLAS GEMMs instead of its Triton GEMM fusions (decode-7b: 6.67 vs 6.85 ms base)
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b \
+      --n 5,100,1000,2000 --rate 8 --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto \
+      --layer-loop unrolled --one-page-bucket --partial "$OUT/slora-partial.json"
+    ;;
   slora)
     TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n 5,100,1000,2000 --rate 8 --duration 20 \
       --batch 32 --pages 3000 --chunk 256 --impl auto --layer-loop unrolled --one-page-bucket \
@@ -84,7 +90,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | mixed | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | slora-cublas | mixed | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac
