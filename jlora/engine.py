@@ -112,7 +112,7 @@ class PreparedCall:
     sample_rows: list[int]  # ... their batch rows
     carry_slots: list[int]  # ... and where in the token carry the step writes their tokens
     kind: str
-    tokens: int
+    prefill_tokens: int  # prompt tokens the call prefills (its prefill chunks')
 
 
 @dataclasses.dataclass
@@ -546,7 +546,9 @@ class PagedEngine:
             sample_rows=sample_rows,
             carry_slots=carry_slots,
             kind=bucket.kind,
-            tokens=sum(len(ch.tokens) for ch in every),
+            prefill_tokens=sum(
+                len(ch.tokens) for kind, chunks in parts if kind == "prefill" for ch in chunks
+            ),
         )
 
     def _rank_bucket(self, kind: str, chunks: list[ScheduledChunk], n_tokens: int) -> int:

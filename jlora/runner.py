@@ -192,9 +192,11 @@ class Runner:
 
     def _collect(self, inflight: InFlight) -> dict[int, tuple[int, float]]:
         results = self.engine.collect(inflight)
-        if all(call.kind == "prefill" for call in inflight.calls):
+        if all(call.kind != "decode" for call in inflight.calls):
+            # a prompt advances only in steps that carry its chunks: the step's time over their tokens
+            # (a mixed call's decode rows included) is what the scheduler's early abort must expect
             self.scheduler.observe_prefill(
-                sum(c.tokens for c in inflight.calls), time.perf_counter() - inflight.launched_at
+                sum(c.prefill_tokens for c in inflight.calls), time.perf_counter() - inflight.launched_at
             )
         return results
 

@@ -192,6 +192,29 @@ def test_greedy_only_compiles_half_and_refuses_a_temperature(tiny):
     assert engine.generate([[1, 2, 3]], PARAMS)[0].token_ids == want
 
 
+def test_mixed_steps_time_the_prefill_estimate(tiny, monkeypatch):
+    """A prompt advances only in steps that carry its chunks: with mixed steps those are mixed calls, and
+    the scheduler's per-token prefill estimate (its early abort's) is taken from them."""
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config(mixed_steps="on"))
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    runner = engine.runner
+    observed, collect = [], runner._collect
+
+    def spy(inflight):
+        before = runner.scheduler.prefill_seconds_per_token
+        out = collect(inflight)
+        if runner.scheduler.prefill_seconds_per_token != before:
+            observed.append([c.kind for c in inflight.calls])
+        return out
+
+    monkeypatch.setattr(runner, "_collect", spy)
+    run_staggered(engine, requests(10, seed=4, long_decodes=True), per_step=1)
+    assert ["mixed"] in observed
+    assert all(kinds in (["mixed"], ["prefill"]) for kinds in observed)
+
+
 def test_stop_tokens_mid_batch_with_overlap(tiny):
     """Requests that stop on a sampled token while the next step is already queued for them: the extra
     step's output is dropped, their pages are freed, and the others are not disturbed."""
@@ -214,8 +237,9 @@ def test_stop_tokens_mid_batch_with_overlap(tiny):
 
 
 def test_serving_never_recompiles(tiny):
+    """Mixed steps on: their buckets are compiled ahead of time too."""
     loaded, paths, _ = tiny
-    engine = jlora.Engine(loaded, small_config())
+    engine = jlora.Engine(loaded, small_config(mixed_steps="on"))
     compiles = []
 
     def listener(event, duration, **kw):
