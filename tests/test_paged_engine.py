@@ -192,6 +192,26 @@ def test_greedy_only_compiles_half_and_refuses_a_temperature(tiny):
     assert engine.generate([[1, 2, 3]], PARAMS)[0].token_ids == want
 
 
+def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch):
+    """The decode rows of a mixed step run each shared q/k/v and gate/up LoRA launch once per layer, as a
+    decode step does (the members' inputs are one split, not one each)."""
+    import jlora.model.paged as paged_model
+
+    loaded, _, _ = tiny
+    launches = []
+    real = paged_model.lora_decode_group
+    monkeypatch.setattr(paged_model, "lora_decode_group", lambda *a, **k: launches.append(1) or real(*a, **k))
+    config = small_config(mixed_steps="on", fuse_lora="on", greedy_only=True, lora_rank_buckets=(16,))
+    engine = jlora.Engine(loaded, dataclasses.replace(config, compilation_cache_dir=None))
+    groups = len(engine.paged.lora_groups)
+    assert groups == 2 and sorted(n for n in engine.paged.compiled if n.endswith("_r16")) == [
+        "decode_b4_t1_p12_r16",
+        "mixed_b4+2_t8_p12_r16",
+        "prefill_b2_t8_p12_r16",
+    ]
+    assert len(launches) == 2 * groups  # the scanned layer traced once per bucket with decode rows
+
+
 def test_mixed_steps_time_the_prefill_estimate(tiny, monkeypatch):
     """A prompt advances only in steps that carry its chunks: with mixed steps those are mixed calls, and
     the scheduler's per-token prefill estimate (its early abort's) is taken from them."""

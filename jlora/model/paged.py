@@ -220,10 +220,13 @@ def forward_paged(
         lora_fn = None
         if any_lora:
             fns = [_lora_for(m, layer, shapes, impl) if m is not None else None for m in loras]
+            last_split: list = [None, None]  # (x, its per-batch parts): a group's members share one input
 
             def lora_fn(name, x, state):
                 rows_pool = state if write_now else pool  # the pool as of this point of the layer
-                xs = parts.split(x)
+                if last_split[0] is not x:  # the same split arrays, so a DecodeGroup launches once
+                    last_split[:] = [x, parts.split(x)]
+                xs = last_split[1]
                 deltas = [fn(name, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
                 if all(d is None for d in deltas):
                     return None
