@@ -2,8 +2,12 @@
 
 Layers run under lax.scan over stacked weights, or as an unrolled loop when params["layers"] is a list
 of per-layer trees (unstack_layers): then every layer's weights are their own buffers and no per-layer
-slice is copied before its matmuls. Inside the layer loop the pool is read-only (cached K/V pages and adapter rows); the step's new K/V
-come out of the scan and are written into their pages in one in-place scatter (the pool is donated).
+slice is copied before its matmuls. Inside the layer loop the pool is read-only (cached K/V pages and
+adapter rows); the step's new K/V come out of the loop and are written into their pages in one in-place
+scatter (the pool is donated), or, with kv_write="per_layer", each layer's before its attention.
+
+`batch` may be a tuple of batches (a mixed step: decode rows, then prefill chunks): their tokens share
+every matmul, and each batch has its own attention and LoRA (_Parts).
 """
 
 from __future__ import annotations
