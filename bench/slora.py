@@ -54,6 +54,7 @@ def build_engine(model: str, args):
         implementation=args.impl,
         layer_loop=args.layer_loop,
         greedy_only=True,  # the trace decodes greedily: half the start-up compiles
+        mixed_steps=args.mixed_steps,
     )
     sched = SchedulerConfig(
         max_batch=args.batch,
@@ -89,6 +90,7 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
             "pages": args.pages,
             "impl": args.impl,
             "layer_loop": args.layer_loop,
+            "mixed_steps": args.mixed_steps,
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
@@ -119,6 +121,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--layer-loop", default="scan")
+    ap.add_argument(
+        "--mixed-steps", default="auto", help="decode rows and prefill chunks in one call: on | off | auto"
+    )
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     ap.add_argument(
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
