@@ -129,6 +129,10 @@ class InFlight:
         return [rid for call in self.calls for rid in call.sample_requests]
 
 
+def _shape(*shape: int, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _smallest(options: tuple[int, ...], n: int) -> int:
     for o in sorted(options):
         if o >= n:
@@ -240,6 +244,7 @@ class PagedEngine:
         device = jax.devices()[0]
         self._pin_device = device if pin and can_pin(device) else None
         self.lora_groups = config.lora_groups()
+        self.mixed_steps = config.resolved_mixed_steps()  # resolved once: prepare() asks every step
         self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
@@ -298,7 +303,7 @@ class PagedEngine:
                         for b in c.prefill_batch_buckets
                         for t in c.prefill_chunk_buckets
                     ]
-                    if c.resolved_mixed_steps():
+                    if self.mixed_steps:
                         out += [
                             Bucket("mixed", d, t, p, r, draw, prefill_batch=b)
                             for d in c.decode_batch_buckets
@@ -310,53 +315,46 @@ class PagedEngine:
     def _abstract_args(self, bucket: Bucket) -> tuple:
         """The step's metadata as shapes: (batch, lora, sampling, counters, feed); a mixed call's batch,
         lora and feed are (decode rows', prefill chunks') pairs."""
-        i32 = jnp.int32
-
-        def s(*shape, dtype=i32):
-            return jax.ShapeDtypeStruct(shape, dtype)
-
         parts = [self._abstract_part(kind, b, t, bucket.pages, bucket.lora) for kind, b, t in bucket.parts()]
         rows = sum(b for _, b, _ in bucket.parts())
         sampling = SamplingArrays(
-            temperature=s(rows, dtype=jnp.float32),
-            top_k=s(rows),
-            top_p=s(rows, dtype=jnp.float32),
-            keys=s(rows, 2, dtype=jnp.uint32),
+            temperature=_shape(rows, dtype=jnp.float32),
+            top_k=_shape(rows),
+            top_p=_shape(rows, dtype=jnp.float32),
+            keys=_shape(rows, 2, dtype=jnp.uint32),
         )
         batch, lora, feed = parts[0] if len(parts) == 1 else tuple(zip(*parts))
-        return batch, lora, sampling, s(rows, dtype=jnp.uint32), feed
+        return batch, lora, sampling, _shape(rows, dtype=jnp.uint32), feed
 
     def _abstract_part(self, kind: str, b: int, t: int, p: int, rank: int) -> tuple:
         """One batch's (PagedBatch, LoRA metadata, TokenFeed) as shapes."""
-        i32 = jnp.int32
-
-        def s(*shape, dtype=i32):
-            return jax.ShapeDtypeStruct(shape, dtype)
-
         batch = PagedBatch(
-            tokens=s(b, t),
-            positions=s(b, t),
-            write_units=s(b, t),
-            page_tables=s(b, p),
-            cached_lens=s(b),
-            new_lens=s(b),
-            logits_at=s(b),
+            tokens=_shape(b, t),
+            positions=_shape(b, t),
+            write_units=_shape(b, t),
+            page_tables=_shape(b, p),
+            cached_lens=_shape(b),
+            new_lens=_shape(b),
+            logits_at=_shape(b),
         )
         lora = None
         if rank:
             if kind == "decode":
                 k = b * t * rank
-                lora = {m: DecodeLora(s(k), s(k), s(k), s(b * t + 1)) for m in self.config.lora_modules}
+                lora = {
+                    m: DecodeLora(_shape(k), _shape(k), _shape(k), _shape(b * t + 1))
+                    for m in self.config.lora_modules
+                }
                 for group in self.lora_groups:  # a group's entry replaces its members'
                     for m in group:
                         del lora[m]
                     g = len(group)
                     lora["+".join(group)] = DecodeGroup(
-                        s(g * k), s(g * k), s(g * k), s(g * (b * t + 1)), group
+                        _shape(g * k), _shape(g * k), _shape(g * k), _shape(g * (b * t + 1)), group
                     )
             else:
-                lora = {m: PrefillLora(s(b, rank), s(b, rank)) for m in self.config.lora_modules}
-        return batch, lora, TokenFeed(s(b, t), s(b))
+                lora = {m: PrefillLora(_shape(b, rank), _shape(b, rank)) for m in self.config.lora_modules}
+        return batch, lora, TokenFeed(_shape(b, t), _shape(b))
 
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
@@ -443,7 +441,7 @@ class PagedEngine:
             for k, chunks in (("decode", schedule.decodes), ("prefill", schedule.prefills))
             if chunks
         ]
-        if len(parts) == 2 and self.config.resolved_mixed_steps():
+        if len(parts) == 2 and self.mixed_steps:
             return [self._prepare_call(parts, sampling, sources or {})]
         return [self._prepare_call([part], sampling, sources or {}) for part in parts]
 

@@ -183,7 +183,10 @@ def test_unrolled_cpu_step_updates_the_pool_in_place(tiny, kv_write, copied):
 def test_greedy_only_compiles_half_and_refuses_a_temperature(tiny):
     loaded, paths, reference = tiny
     engine = jlora.Engine(loaded, small_config(greedy_only=True, lora_rank_buckets=(16,)))
-    both = PagedEngine.buckets(types.SimpleNamespace(config=small_config(lora_rank_buckets=(16,))))
+    config = small_config(lora_rank_buckets=(16,))
+    both = PagedEngine.buckets(
+        types.SimpleNamespace(config=config, mixed_steps=config.resolved_mixed_steps())
+    )
     assert 2 * engine.compile_count() == len(both)
     assert not any(name.endswith("_draw") for name in engine.paged.compiled)
     with pytest.raises(jlora.InvalidRequestError, match="greedy"):

@@ -141,15 +141,13 @@ class _Parts:
         return out
 
     def sampled_rows(self, h: jax.Array) -> jax.Array:
-        """The hidden state of each row's sampled token: [sum B_i, D]."""
-        if self.single:
-            return jnp.take_along_axis(h, self.batches[0].logits_at[:, None, None], axis=1)[:, 0]
+        """The hidden state of each row's sampled token: [sum B_i, D] (h in the step's layout)."""
         start, index = 0, []
         for batch, size in zip(self.batches, self.sizes):
             b, t = batch.tokens.shape
             index.append(start + jnp.arange(b, dtype=jnp.int32) * t + batch.logits_at)
             start += size
-        return h[0, jnp.concatenate(index)]
+        return h.reshape(-1, h.shape[-1])[jnp.concatenate(index)]
 
 
 def forward_paged(
