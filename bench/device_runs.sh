@@ -9,7 +9,8 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh cmdbuf         # decode-7b with XLA command buffers on
@@ -67,10 +68,15 @@ case "${1:-}" in
       --n 5,100,1000,2000 --rate 8 --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto \
       --layer-loop unrolled --one-page-bucket --partial "$OUT/slora-partial.json"
     ;;
-  slora)
-    TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n 5,100,1000,2000 --rate 8 --duration 20 \
-      --batch 32 --pages 3000 --chunk 256 --impl auto --layer-loop unrolled --one-page-bucket \
+  slora)  # RATE (default 8) offered at every n
+    TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n 5,100,1000,2000 --rate "${RATE:-8}" \
+      --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto --layer-loop unrolled --one-page-bucket \
       --partial "$OUT/slora-partial.json"
+    ;;
+  slora-rates)  # latency against offered rate at n = 100 (ranks 8..64): RATE first, then SWEEP
+    TAIL=60 run timeout 560 python3 -m bench.slora --model llama2-7b --n 100 --rate "${RATE:-12}" \
+      --rate-sweep "${SWEEP:-4,8,16}" --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto \
+      --layer-loop unrolled --one-page-bucket --cold-warm 0 --partial "$OUT/slora-partial.json"
     ;;
   mixed)
     run python3 -m pytest -q -x tests/test_lora_kernels.py
@@ -90,7 +96,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | slora-cublas | mixed | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | slora-rates | slora-cublas | mixed | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac
