@@ -173,3 +173,19 @@ def test_by_kind_splits_steps_and_their_roofline():
     assert out["decode"]["steps"] == 2 and abs(out["decode"]["mean_step_ms"] - 10.0) < 1e-9
     assert abs(out["decode"]["roofline_fraction"] - 0.8) < 1e-9
     assert abs(out["mixed"]["roofline_fraction"] - 0.4) < 1e-9 and out["mixed"]["mean_tokens"] == 288
+
+
+def test_cpu_matmul_floor_times_the_engines_fused_matmuls():
+    """The T8 ceiling times the matmuls the engine runs: its fused layer's kernels, in order."""
+    import jax
+
+    from bench.cpu_matmul_floor import shapes
+    from jlora.config import PRESETS
+    from jlora.model.llama import random_params
+    from jlora.model.paged import fuse_layer, unstack_layers
+
+    config = PRESETS["tiny"]
+    layer = unstack_layers(random_params(config, jax.random.PRNGKey(0)))["layers"][0]
+    fused = fuse_layer(layer)
+    kernels = [fused[m]["kernel"].shape for m in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+    assert kernels == shapes(config)
