@@ -91,6 +91,7 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
             "impl": args.impl,
             "layer_loop": args.layer_loop,
             "mixed_steps": args.mixed_steps,
+            "chunk": args.chunk,
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
