@@ -71,7 +71,7 @@ case "${1:-}" in
   slora)  # RATE (default 8) offered at every n; CHUNK (default 256) prompt tokens per step; BATCH (32) rows
     TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n "${N:-5,100,1000,2000}" --rate "${RATE:-8}" \
       --duration "${DURATION:-20}" --batch "${BATCH:-32}" --pages 3000 --chunk "${CHUNK:-256}" --impl auto --layer-loop unrolled \
-      --one-page-bucket --partial "$OUT/slora-partial.json"
+      --one-page-bucket --cold-warm "${COLD:-4}" --partial "$OUT/slora-partial.json"
     ;;
   slora-rates)  # latency against offered rate at n = 100 (ranks 8..64): RATE first, then SWEEP
     TAIL=60 run timeout 560 python3 -m bench.slora --model llama2-7b --n 100 --rate "${RATE:-12}" \
