@@ -146,13 +146,16 @@ class Engine:
                 raise AdapterLoadError(
                     "adapter is too large for the device pool (it must fit beside one sequence)"
                 )
+        # laid out as device pages before taking the lock: serving goes on meanwhile, and loads from
+        # several threads overlap (numpy and the file reads release the GIL)
+        pages = None if self.reference else self.paged.adapter_pages(adapter, ranks)
         with self._lock:
             if name in self._adapter_info:
                 raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
             if self.reference:
                 self._adapters.add(name, adapter)
             else:
-                self.runner.add_adapter(name, adapter, ranks)
+                self.runner.add_adapter(name, pages, ranks)
             self._adapter_info[name] = {"path": str(path), "ranks": ranks, "bytes": adapter.nbytes}
 
     def unload_adapter(self, name: str, wait: bool = True) -> None:

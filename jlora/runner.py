@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from checkpoints.peft import PeftAdapter
 from jlora.engine import PENDING, InFlight, PagedEngine, SamplingRow
 from jlora.errors import AdapterInUseError, AdapterNotFoundError
 from jlora.generate import SequenceState, seed_key
+from jlora.pool.device import PinnedPages
 from jlora.scheduler import SchedRequest, Scheduler, SchedulerConfig
 from jlora.tokenizer import JloraTokenizer
 
@@ -70,9 +70,10 @@ class Runner:
         self.phase_seconds: collections.Counter[str] = collections.Counter()
 
     # ---- adapters -----------------------------------------------------------------------------------
-    def add_adapter(self, name: str, adapter: PeftAdapter, ranks: dict[str, int]) -> None:
-        """Lay the adapter out as device pages now (off the serving path); the PEFT tensors are dropped."""
-        self.adapters.add(name, self.engine.adapter_pages(adapter, ranks), ranks)
+    def add_adapter(self, name: str, pages: np.ndarray | PinnedPages, ranks: dict[str, int]) -> None:
+        """Register an adapter already laid out as its device pages (PagedEngine.adapter_pages, which
+        callers run beforehand, outside any lock: off the serving path, several at once)."""
+        self.adapters.add(name, pages, ranks)
 
     def adapter_users(self, name: str) -> int:
         return sum(1 for a in self.adapter_of.values() if a == name)

@@ -308,6 +308,43 @@ def test_stream_matches_generate_and_cancel_frees_pages(tiny):
     engine.paged.memory.check_invariants()
 
 
+def test_adapter_pages_are_laid_out_outside_the_engine_lock(tiny, monkeypatch):
+    """Loads from several threads at once: each adapter's pages are built while the engine stays free
+    for a serving caller, and every adapter then serves as the reference does."""
+    import concurrent.futures
+    import threading
+
+    loaded, paths, reference = tiny
+    engine = jlora.Engine(loaded, small_config())
+    free_during_layout = []
+    layout = engine.paged.adapter_pages
+
+    def checked_layout(adapter, ranks):
+        def try_lock():  # another thread, as a serving caller would be
+            if engine._lock.acquire(blocking=False):
+                engine._lock.release()
+                free_during_layout.append(True)
+            else:
+                free_during_layout.append(False)
+
+        t = threading.Thread(target=try_lock)
+        t.start()
+        t.join()
+        return layout(adapter, ranks)
+
+    monkeypatch.setattr(engine.paged, "adapter_pages", checked_layout)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda item: engine.load_adapter(*item), paths.items()))
+    assert free_during_layout == [True] * len(paths)
+    names = sorted(paths)
+    prompts = [list(range(2 + i, 9 + 2 * i)) for i in range(len(names))]
+    got = engine.generate(prompts, PARAMS, adapters=names)
+    for prompt, name, out in zip(prompts, names, got):
+        want = reference.generate([prompt], PARAMS, adapters=[name])[0]
+        assert out.token_ids == want.token_ids
+        assert np.abs(np.array(out.logprobs) - np.array(want.logprobs)).max() < 1e-4
+
+
 def test_unknown_adapter_and_bad_input_leave_paged_engine_serving(tiny):
     loaded, paths, _ = tiny
     engine = jlora.Engine(loaded, small_config())
