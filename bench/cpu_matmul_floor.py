@@ -13,7 +13,6 @@ python -m bench.cpu_matmul_floor [--peer-tok-s TOK_S]
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -26,21 +25,12 @@ def shapes(config) -> list[tuple[int, int]]:
     return [(h, config.q_dim + 2 * config.kv_dim), (config.q_dim, h), (h, 2 * f), (f, h)]
 
 
-def time_fn(fn, *args, repeats: int = 7) -> float:
-    """Best wall time of fn(*args) after one warm-up call."""
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def layer_stack(config, rows: int, out_in: bool):
     """The time of every layer's matmuls for `rows` input rows, chained so that none is skipped."""
     import jax
     import jax.numpy as jnp
+
+    from bench.kernels.timing import best_wall_seconds
 
     rng = np.random.default_rng(0)
     h, f = config.hidden_size, config.intermediate_size
@@ -60,42 +50,34 @@ def layer_stack(config, rows: int, out_in: bool):
             x = x + mm(jax.nn.silu(g[:, :f]) * g[:, f:], down)
         return x
 
-    return time_fn(run, jnp.full((rows, h), 0.01, jnp.float32), layers)
+    x = jnp.full((rows, h), 0.01, jnp.float32)
+    return best_wall_seconds(lambda: run(x, layers))
 
 
 def lm_head(config, rows: int) -> float:
     import jax
     import jax.numpy as jnp
 
+    from bench.kernels.timing import best_wall_seconds
+
     emb = jax.device_put(
         np.random.default_rng(1).standard_normal((config.vocab_size, config.hidden_size), np.float32)
     )
     run = jax.jit(lambda x, e: x @ e.T)
-    return time_fn(run, jnp.full((rows, config.hidden_size), 0.01, jnp.float32), emb)
+    x = jnp.full((rows, config.hidden_size), 0.01, jnp.float32)
+    return best_wall_seconds(lambda: run(x, emb))
 
 
 def peer_tok_s(repeats: int = 3) -> float:
     """HF PEFT mixed-batch tok/s on the cpu-smol workload (bench.cpu_smol's peer)."""
-    import os
     import tempfile
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    from bench.cpu_smol import build_adapters, hf_model_and_prompts, run_peft
 
-    from bench.cpu_smol import build_adapters, prompts, run_peft
-    from checkpoints.gguf import GGUFFile
-    from jlora.loader import embedded_model_path
-    from jlora.tokenizer import JloraTokenizer
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    path = embedded_model_path()
-    tok = JloraTokenizer.from_gguf(GGUFFile(path).tokenizer_data())
-    hf = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
+    hf, batch_prompts = hf_model_and_prompts()
     with tempfile.TemporaryDirectory() as folder:
         peft_model, names = build_adapters(hf, folder)
-        return run_peft(peft_model, names, prompts(tok), repeats)
+        return run_peft(peft_model, names, batch_prompts, repeats)
 
 
 def main() -> None:

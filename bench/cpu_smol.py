@@ -41,6 +41,24 @@ def prompts(tokenizer) -> list[list[int]]:
     return [ids[i * 3 : i * 3 + PROMPT] for i in range(BATCH)]
 
 
+def hf_model_and_prompts() -> tuple[object, list[list[int]]]:
+    """The embedded SmolLM2 in HF transformers (float32, on every core) and the workload's prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from checkpoints.gguf import GGUFFile
+    from jlora.loader import embedded_model_path
+    from jlora.tokenizer import JloraTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = embedded_model_path()
+    tok = JloraTokenizer.from_gguf(GGUFFile(path).tokenizer_data())
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    return hf, prompts(tok)
+
+
 def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
     import torch
 
@@ -128,21 +146,9 @@ def main() -> None:
         "(this CPU: 72-73 vs 75-78 ms a decode step); off: one per projection",
     )
     args = ap.parse_args()
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from bench.common import write_result
-    from checkpoints.gguf import GGUFFile
-    from jlora.loader import embedded_model_path
-    from jlora.tokenizer import JloraTokenizer
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    path = embedded_model_path()
-    tok = JloraTokenizer.from_gguf(GGUFFile(path).tokenizer_data())
-    batch_prompts = prompts(tok)
-    hf = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
+    hf, batch_prompts = hf_model_and_prompts()
     with tempfile.TemporaryDirectory() as folder:
         peft_model, names = build_adapters(hf, folder)
         peft_tps = run_peft(peft_model, names, batch_prompts, args.repeats)

@@ -22,29 +22,21 @@ def main() -> None:
     import jax
 
     from bench.common import write_result
+    from bench.kernels.timing import best_wall_seconds
 
     device = jax.devices()[0]
     host = np.random.default_rng(0).integers(0, 1 << 15, int(args.mb * 1e6 / 2), dtype=np.int16)
     kinds = [m.kind for m in device.addressable_memories()]
     out: dict = {"bytes": host.nbytes, "memory_kinds": kinds}
 
-    def timed(fn) -> float:
-        jax.block_until_ready(fn())  # warm up
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    s = timed(lambda: jax.device_put(host, device))
+    s = best_wall_seconds(lambda: jax.device_put(host, device), args.repeats)
     out["pageable_GBps"] = host.nbytes / s / 1e9
     if "pinned_host" in kinds:
         pinned_sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
         pinned = jax.device_put(host, pinned_sharding)
         jax.block_until_ready(pinned)
         on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
-        s = timed(lambda: jax.device_put(pinned, on_device))
+        s = best_wall_seconds(lambda: jax.device_put(pinned, on_device), args.repeats)
         out["pinned_GBps"] = host.nbytes / s / 1e9
         start = time.perf_counter()
         jax.block_until_ready(jax.device_put(host, pinned_sharding))

@@ -10,6 +10,18 @@ import jax
 import jax.numpy as jnp
 
 
+def best_wall_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
+    """The best wall time of fn() to its result (blocked on), over `repeats` calls after one warm-up:
+    for whole calls that take milliseconds, where launch overhead does not matter."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _chained(op: Callable, rotations: list[tuple], iters: int) -> Callable:
     """jit(fixed, stacked) running op iters times: iteration i uses rotations[i % len], and every
     output feeds a checksum (no dead code)."""
