@@ -23,6 +23,14 @@ marker=$(mktemp)
 save() { find bench/results -newer "$marker" -type f -exec cp {} "$OUT/" \; ; }
 run() { echo "== $*"; "$@" 2>&1 | grep -vE "Warning|warn\(" | tail -"${TAIL:-12}"; save; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# slora-trace on the Llama-2-7B geometry: the flags every slora mode shares, and the trace at every n
+slora_common=(--model llama2-7b --pages 3000 --impl auto --layer-loop unrolled --one-page-bucket
+  --partial "$OUT/slora-partial.json")
+slora_trace() {
+  TAIL=40 run timeout 540 python3 -m bench.slora "${slora_common[@]}" --n "${N:-5,100,1000,2000}" \
+    --rate "${RATE:-8}" --duration "${DURATION:-20}" --batch "${BATCH:-32}" --chunk "${CHUNK:-256}" \
+    --cold-warm "${COLD:-4}"
+}
 
 case "${1:-}" in
   check)
@@ -64,19 +72,14 @@ case "${1:-}" in
       --lora-tunables "$OUT/lora.json" --tag=-tiers
     ;;
   slora-cublas)  # slora with XLA's cuBLAS GEMMs instead of its Triton GEMM fusions (decode-7b: 6.67 vs 6.85 ms base)
-    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b \
-      --n 5,100,1000,2000 --rate 8 --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto \
-      --layer-loop unrolled --one-page-bucket --partial "$OUT/slora-partial.json"
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false slora_trace
     ;;
   slora)  # RATE (default 8) offered at every n; CHUNK (default 256) prompt tokens per step; BATCH (32) rows
-    TAIL=40 run timeout 540 python3 -m bench.slora --model llama2-7b --n "${N:-5,100,1000,2000}" --rate "${RATE:-8}" \
-      --duration "${DURATION:-20}" --batch "${BATCH:-32}" --pages 3000 --chunk "${CHUNK:-256}" --impl auto --layer-loop unrolled \
-      --one-page-bucket --cold-warm "${COLD:-4}" --partial "$OUT/slora-partial.json"
+    slora_trace
     ;;
   slora-rates)  # latency against offered rate at n = 100 (ranks 8..64): RATE first, then SWEEP
-    TAIL=60 run timeout 560 python3 -m bench.slora --model llama2-7b --n 100 --rate "${RATE:-12}" \
-      --rate-sweep "${SWEEP:-4,8,16}" --duration 20 --batch 32 --pages 3000 --chunk 256 --impl auto \
-      --layer-loop unrolled --one-page-bucket --cold-warm 0 --partial "$OUT/slora-partial.json"
+    TAIL=60 run timeout 560 python3 -m bench.slora "${slora_common[@]}" --n 100 --rate "${RATE:-12}" \
+      --rate-sweep "${SWEEP:-4,8,16}" --duration 20 --batch 32 --chunk 256 --cold-warm 0
     ;;
   mixed)
     run python3 -m pytest -q -x tests/test_lora_kernels.py
