@@ -124,6 +124,7 @@ class Engine:
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA folder under `name`. A bad folder raises AdapterLoadError and changes nothing."""
         check_adapter_name(name)
+        self._refuse_loaded(name)  # before reading and laying it out; again under the lock (a race)
         try:
             adapter = load_peft_adapter(
                 path, num_layers=self.config.num_hidden_layers, module_shapes=self.config.module_shapes()
@@ -150,13 +151,16 @@ class Engine:
         # several threads overlap (numpy and the file reads release the GIL)
         pages = None if self.reference else self.paged.adapter_pages(adapter, ranks)
         with self._lock:
-            if name in self._adapter_info:
-                raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
+            self._refuse_loaded(name)
             if self.reference:
                 self._adapters.add(name, adapter)
             else:
                 self.runner.add_adapter(name, pages, ranks)
             self._adapter_info[name] = {"path": str(path), "ranks": ranks, "bytes": adapter.nbytes}
+
+    def _refuse_loaded(self, name: str) -> None:
+        if name in self._adapter_info:
+            raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
 
     def unload_adapter(self, name: str, wait: bool = True) -> None:
         """Unload an adapter. With wait=True a running batch that uses it finishes first; with
