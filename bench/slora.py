@@ -21,6 +21,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DISTINCT = 4  # distinct folders per rank
 
 
+def chunk_buckets(args) -> tuple[int, ...]:
+    """The compiled prompt-chunk lengths: --chunk-buckets below --chunk, and --chunk."""
+    extra = {int(v) for v in args.chunk_buckets.split(",") if v}
+    if any(v <= 0 or v > args.chunk for v in extra):
+        raise SystemExit(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
+    return tuple(sorted(extra | {args.chunk}))
+
+
 def build_engine(model: str, args):
     import jax
     import jax.numpy as jnp
@@ -45,8 +53,9 @@ def build_engine(model: str, args):
         max_model_len=max_len,
         max_batch=args.batch,
         decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})),
-        prefill_batch_buckets=(1, 2, 4),  # a lone chunk computes its own rows, not four (mixed steps)
-        prefill_chunk_buckets=(args.chunk,),
+        # a lone chunk computes its own rows, not four (mixed steps)
+        prefill_batch_buckets=tuple(b for b in (1, 2, 4) if b <= args.prefill_seqs),
+        prefill_chunk_buckets=chunk_buckets(args),
         page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages),
         lora_rank_buckets=(16, 64),
         lora_modules=tuple(TARGETS),
@@ -60,7 +69,7 @@ def build_engine(model: str, args):
         max_batch=args.batch,
         max_prefill_tokens=args.chunk,
         max_chunk=args.chunk,
-        max_prefill_seqs=4,
+        max_prefill_seqs=args.prefill_seqs,
         max_model_len=max_len,
     )
     start = time.perf_counter()
@@ -92,6 +101,8 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
             "layer_loop": args.layer_loop,
             "mixed_steps": args.mixed_steps,
             "chunk": args.chunk,
+            "chunk_buckets": chunk_buckets(args),
+            "prefill_seqs": args.prefill_seqs,
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
@@ -119,7 +130,16 @@ def main() -> None:
     ap.add_argument("--output", default="8,512")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pages", type=int, default=2048)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=256, help="prompt tokens per step, all sequences together")
+    ap.add_argument(
+        "--prefill-seqs", type=int, default=4, help="sequences whose prompts share a step (1, 2 or 4)"
+    )
+    ap.add_argument(
+        "--chunk-buckets",
+        default="",
+        help="compiled chunk lengths up to --chunk, e.g. 64,128 (with --prefill-seqs 1, a short chunk "
+        "then computes its own bucket's rows, not --chunk's); default: --chunk alone",
+    )
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--layer-loop", default="scan")
     ap.add_argument(
