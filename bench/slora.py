@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=256, help="prompt tokens per step, all sequences together")
     ap.add_argument(
-        "--prefill-seqs", type=int, default=4, help="sequences whose prompts share a step (1, 2 or 4)"
+        "--prefill-seqs", type=int, default=4, choices=(1, 2, 4), help="sequences whose prompts share a step"
     )
     ap.add_argument(
         "--chunk-buckets",
