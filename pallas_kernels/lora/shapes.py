@@ -45,8 +45,12 @@ TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
     128: (
         # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json
         (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1)),
-        # T5's 256 tokens on 256 adapters, the same run
-        (1 << 30, LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1)),
+        # T5's 256 tokens on 256 adapters, the same run; SGMV (prompt chunks) one output unit per
+        # expand program: a 256-token chunk's expands 0.98 -> 0.72 ms a step (mixed-step-sgmv1-*.json)
+        (
+            1 << 30,
+            LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1, sgmv_out_units=1),
+        ),
     )
 }
 
