@@ -21,14 +21,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DISTINCT = 4  # distinct folders per rank
 
 
-def chunk_buckets(args) -> tuple[int, ...]:
-    """The compiled prompt-chunk lengths: --chunk-buckets below --chunk, and --chunk."""
-    extra = {int(v) for v in args.chunk_buckets.split(",") if v}
-    if any(v <= 0 or v > args.chunk for v in extra):
-        raise SystemExit(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
-    return tuple(sorted(extra | {args.chunk}))
-
-
 def build_engine(model: str, args):
     import jax
     import jax.numpy as jnp
@@ -55,7 +47,7 @@ def build_engine(model: str, args):
         decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})),
         # a lone chunk computes its own rows, not four (mixed steps)
         prefill_batch_buckets=tuple(b for b in (1, 2, 4) if b <= args.prefill_seqs),
-        prefill_chunk_buckets=chunk_buckets(args),
+        prefill_chunk_buckets=args.chunk_buckets,
         page_buckets=(pages,) if args.one_page_bucket else (pages // 4, pages),
         lora_rank_buckets=(16, 64),
         lora_modules=tuple(TARGETS),
@@ -101,7 +93,7 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
             "layer_loop": args.layer_loop,
             "mixed_steps": args.mixed_steps,
             "chunk": args.chunk,
-            "chunk_buckets": chunk_buckets(args),
+            "chunk_buckets": args.chunk_buckets,
             "prefill_seqs": args.prefill_seqs,
         },
         "bandwidth": bw,
@@ -160,6 +152,10 @@ def main() -> None:
         return
     args.input = tuple(int(v) for v in args.input.split(","))
     args.output = tuple(int(v) for v in args.output.split(","))
+    extra = {int(v) for v in args.chunk_buckets.split(",") if v}
+    if any(v <= 0 or v > args.chunk for v in extra):
+        ap.error(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
+    args.chunk_buckets = tuple(sorted(extra | {args.chunk}))  # the compiled prompt-chunk lengths
 
     from bench.common import run_record, write_result
     from bench.kernels.timing import bandwidth, roofline_TBps
