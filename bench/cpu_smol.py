@@ -83,7 +83,7 @@ def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
 
 
 def run_jlora(
-    folder: str, names, batch_prompts, repeats: int, layer_loop: str, fuse: str
+    folder: str, names, batch_prompts, repeats: int, layer_loop: str, fuse: str, cpu_kernels: str = "on"
 ) -> tuple[float, float, dict]:
     import jlora
     from jlora import loader
@@ -103,6 +103,10 @@ def run_jlora(
         layer_loop=layer_loop,
         fuse_projections=fuse if layer_loop == "unrolled" else "off",
         fuse_lora=fuse,
+        # on: the C++ CPU kernels (pallas_kernels.cpu: panel matmuls, BGMV, decode attention); off: XLA's
+        # own ops (the jnp references)
+        cpu_matmul="auto" if cpu_kernels == "on" else "xla",
+        implementation="auto" if cpu_kernels == "on" else "reference",
     )
     sched = SchedulerConfig(
         max_batch=BATCH,
@@ -127,7 +131,8 @@ def run_jlora(
         seconds = time.perf_counter() - start
         assert all(len(o.token_ids) == NEW for o in outs)
         best = max(best, BATCH * NEW / seconds)
-    return best, startup, {"compiled_steps": engine.compile_count(), "steps": engine.runner.steps}
+    info = {"compiled_steps": engine.compile_count(), "steps": engine.runner.steps}
+    return best, startup, {**info, "cpu_matmul": engine.paged.cpu_matmul}
 
 
 def main() -> None:
@@ -138,6 +143,13 @@ def main() -> None:
         default="unrolled",
         help="unrolled (per-layer weight buffers, K/V written per layer: no weight or pool copies in a "
         "step; compiles ~5x longer) or scan (EngineConfig's CPU default)",
+    )
+    ap.add_argument(
+        "--cpu-kernels",
+        default="on",
+        choices=("on", "off"),
+        help="on: the C++ CPU kernels (weights as column panels, BGMV and decode attention reading the "
+        "pool in place); off: XLA's CPU ops only",
     )
     ap.add_argument(
         "--fuse",
@@ -154,7 +166,7 @@ def main() -> None:
         peft_tps = run_peft(peft_model, names, batch_prompts, args.repeats)
         del peft_model, hf
         jlora_tps, startup, info = run_jlora(
-            folder, names, batch_prompts, args.repeats, args.layer_loop, args.fuse
+            folder, names, batch_prompts, args.repeats, args.layer_loop, args.fuse, args.cpu_kernels
         )
     ratio = jlora_tps / peft_tps
     print(f"HF PEFT mixed batch: {peft_tps:.1f} tok/s")
@@ -175,6 +187,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "layer_loop": args.layer_loop,
                 "fuse": args.fuse,
+                "cpu_kernels": args.cpu_kernels,
                 "figure": "best of repeats",
             },
             "hf_peft_tok_s": round(peft_tps, 2),

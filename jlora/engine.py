@@ -23,7 +23,7 @@ from checkpoints.peft import PeftAdapter
 from jlora import multihost
 from jlora.config import EngineConfig, ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
-from jlora.model.paged import forward_paged, unstack_layers
+from jlora.model.paged import forward_paged, pack_linear_weights, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
 from jlora.pool.device import (
     WRITE_CHUNK,
@@ -202,6 +202,9 @@ class PagedEngine:
             fuse = False
         if config.resolved_layer_loop() == "unrolled":
             params = unstack_layers(params, fuse=fuse)
+        self.cpu_matmul = config.resolved_cpu_matmul(params["embed"].dtype, mesh)
+        if self.cpu_matmul == "panels":
+            params = pack_linear_weights(params)
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.dtype = params["embed"].dtype
         self.layout = pool_layout(

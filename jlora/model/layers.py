@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary embeddings (default, linear, llama3), SwiGLU MLP."""
+"""Building blocks: RMSNorm, Linear, rotary embeddings (default, linear, llama3)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
+from pallas_kernels.cpu import panel_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -28,6 +29,28 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
         return rms_norm(x, weight, self.eps)
+
+
+class Linear(nn.Module):
+    """nn.Dense's parameters ("kernel" [in, out], "bias") and math. A kernel stored instead as column
+    panels ("panels" [P, in, 48], pallas_kernels.cpu.pack_panels; see pack_linear_weights) is multiplied
+    by the CPU panel kernel."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.has_variable("params", "panels"):
+            y = panel_matmul(x, self.get_variable("params", "panels"), self.features)
+        else:
+            init = nn.initializers.lecun_normal()
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jlora.config import SHARED_INPUT_MODULES, ModelConfig
 from jlora.metadata import ContiguousBatch, KVCache
 from jlora.model.attention import contiguous_attention
-from jlora.model.layers import RMSNorm, apply_rope, rms_norm, rope_inverse_frequencies
+from jlora.model.layers import Linear, RMSNorm, apply_rope, rms_norm, rope_inverse_frequencies
 from jlora.model.lora import LoraPairs, LoraWeights, lora_delta
+from pallas_kernels.cpu import panel_matmul
 
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -43,7 +44,7 @@ class DecoderLayer(nn.Module):
     ) -> list[jax.Array]:
         """One matmul over the members' joined weights, each member's LoRA delta added to its own
         columns; the members' outputs."""
-        y = nn.Dense(sum(widths), use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype)(x)
+        y = Linear(sum(widths), use_bias=bias, name=name, dtype=self.dtype)(x)
         if lora_fn is not None:
             deltas = [lora_fn(m, x, state) for m in members]
             if any(d is not None for d in deltas):
@@ -117,6 +118,8 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCa
 def lm_head(params: dict[str, Any], config: ModelConfig, h: jax.Array) -> jax.Array:
     """Final norm and logits in float32. h: [..., D] -> [..., V]."""
     h = rms_norm(h, params["norm"], config.rms_norm_eps)
+    if "lm_head_panels" in params:  # pack_linear_weights: the (tied or own) head as column panels
+        return panel_matmul(h.astype(jnp.float32), params["lm_head_panels"], config.vocab_size)
     if config.tie_word_embeddings:
         return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
 from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head
+from pallas_kernels.cpu import pack_panels
 from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
@@ -50,6 +51,30 @@ def fuse_layer(layer: dict[str, Any]) -> dict[str, Any]:
     for name, members in (("qkv_proj", QKV), ("gate_up_proj", GATE_UP)):
         parts = [out.pop(m) for m in members]
         out[name] = {k: jnp.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    return out
+
+
+def pack_linear_weights(params: dict[str, Any]) -> dict[str, Any]:
+    """The same params with every projection's "kernel" [.., in, out] replaced by "panels" (column
+    panels, pallas_kernels.cpu.pack_panels: the CPU panel kernel's layout), and the logits' weights
+    added as "lm_head_panels" (a tied head keeps "embed" for the token lookup)."""
+
+    def pack_layer(layer: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, leaf in layer.items():
+            if isinstance(leaf, dict) and "kernel" in leaf:
+                rest = {k: v for k, v in leaf.items() if k != "kernel"}
+                out[name] = {**rest, "panels": pack_panels(leaf["kernel"])}
+            else:
+                out[name] = leaf
+        return out
+
+    layers = params["layers"]
+    packed = [pack_layer(x) for x in layers] if isinstance(layers, list | tuple) else pack_layer(layers)
+    out = {k: v for k, v in params.items() if k != "lm_head"}
+    out["layers"] = packed
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T  # [D, V]
+    out["lm_head_panels"] = pack_panels(head)
     return out
 
 
@@ -184,7 +209,7 @@ def forward_paged(
     parts = _Parts(batches)
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layers = params["layers"]
-    fused = isinstance(layers, list | tuple) and is_fused(layers[0])
+    fused = is_fused(layers[0] if isinstance(layers, list | tuple) else layers)
     layer_module = DecoderLayer(config, params["embed"].dtype, fused=fused)
     h = jnp.take(params["embed"], parts.join([b.tokens for b in batches]), axis=0)  # [B, T, D]
     positions = parts.join([b.positions for b in batches])
