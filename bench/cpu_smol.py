@@ -59,7 +59,8 @@ def hf_model_and_prompts() -> tuple[object, list[list[int]]]:
     return hf, prompts(tok)
 
 
-def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
+def run_peft(peft_model, names, batch_prompts, repeats: int) -> tuple[float, list[list[int]]]:
+    """Best tok/s over the repeats, and the greedy tokens generated."""
     import torch
 
     ids = torch.tensor(batch_prompts)
@@ -79,7 +80,21 @@ def run_peft(peft_model, names, batch_prompts, repeats: int) -> float:
             seconds = time.perf_counter() - start
             assert out.shape[1] - PROMPT == NEW
             best = max(best, BATCH * NEW / seconds)
-    return best
+    return best, out[:, PROMPT:].tolist()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How far two runs' greedy tokens agree: identical sequences, and the mean shared prefix."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefixes.append(n)
+    return {
+        "sequences_identical": sum(x == y for x, y in zip(a, b)),
+        "mean_shared_prefix": round(sum(prefixes) / len(prefixes), 1),
+    }
 
 
 def run_jlora(
@@ -132,6 +147,7 @@ def run_jlora(
         assert all(len(o.token_ids) == NEW for o in outs)
         best = max(best, BATCH * NEW / seconds)
     info = {"compiled_steps": engine.compile_count(), "steps": engine.runner.steps}
+    info["tokens"] = [list(o.token_ids) for o in outs]
     return best, startup, {**info, "cpu_matmul": engine.paged.cpu_matmul}
 
 
@@ -163,14 +179,19 @@ def main() -> None:
     hf, batch_prompts = hf_model_and_prompts()
     with tempfile.TemporaryDirectory() as folder:
         peft_model, names = build_adapters(hf, folder)
-        peft_tps = run_peft(peft_model, names, batch_prompts, args.repeats)
+        peft_tps, peft_tokens = run_peft(peft_model, names, batch_prompts, args.repeats)
         del peft_model, hf
         jlora_tps, startup, info = run_jlora(
             folder, names, batch_prompts, args.repeats, args.layer_loop, args.fuse, args.cpu_kernels
         )
     ratio = jlora_tps / peft_tps
+    same = agreement(peft_tokens, info.pop("tokens"))
     print(f"HF PEFT mixed batch: {peft_tps:.1f} tok/s")
     print(f"jlora paged engine:  {jlora_tps:.1f} tok/s  ({ratio:.2f}x; target T8 >= 3x)")
+    print(
+        f"greedy tokens vs HF PEFT: {same['sequences_identical']}/{BATCH} sequences identical, "
+        f"mean shared prefix {same['mean_shared_prefix']} of {NEW}"
+    )
     out = write_result(
         "cpu-smol",
         {
@@ -196,6 +217,7 @@ def main() -> None:
             "target_T8": ">= 3x",
             "met": ratio >= 3.0,
             "jlora_startup_s": round(startup, 1),
+            "greedy_tokens_vs_hf_peft": same,
             **info,
         },
     )

@@ -191,3 +191,10 @@ def test_cpu_matmul_floor_times_the_engines_fused_matmuls():
     fused = fuse_layer(layer)
     kernels = [fused[m]["kernel"].shape for m in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
     assert kernels == shapes(config)
+
+
+def test_cpu_smol_agreement_counts_identical_runs_and_shared_prefixes():
+    from bench.cpu_smol import agreement
+
+    got = agreement([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 0, 6], [0, 8, 9]])
+    assert got == {"sequences_identical": 1, "mean_shared_prefix": round((3 + 1 + 0) / 3, 1)}
