@@ -2,7 +2,7 @@
 # GPU runs through the device tool, one call each (bench/README.md). Copies each run's new result
 # files to $OUT as soon as it ends, so a call stopped at its time limit still returns what finished.
 #
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # GPU kernel tests, decode-7b with the HF peer
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh check          # CPU + GPU kernel tests, decode-7b with the HF peer
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh host           # GPU kernel tests, host time of a batch-128 launch
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch         # decode-7b at batch 128 and 32, profiled
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
@@ -34,6 +34,8 @@ slora_trace() {
 
 case "${1:-}" in
   check)
+    # the C++ CPU kernels built and checked under this image's jax and Python (the CPU backend)
+    JAX_PLATFORMS=cpu run python3 -m pytest -q -x tests/test_cpu_kernels.py
     run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py
     run python3 -m pytest -q -x tests/test_lora_kernels.py   # every case compiled on the GPU
     run python3 -m bench.hf_peer --out "$OUT/peer.json"
