@@ -35,7 +35,7 @@ slora_trace() {
 case "${1:-}" in
   check)
     # the C++ CPU kernels built and checked under this image's jax and Python (the CPU backend)
-    JAX_PLATFORMS=cpu run python3 -m pytest -q -x tests/test_cpu_kernels.py
+    run env JAX_PLATFORMS=cpu python3 -m pytest -q -x tests/test_cpu_kernels.py
     run python3 -m pytest -q -m gpu -x tests/test_paged_attention_kernel.py
     run python3 -m pytest -q -x tests/test_lora_kernels.py   # every case compiled on the GPU
     run python3 -m bench.hf_peer --out "$OUT/peer.json"
