@@ -142,22 +142,52 @@ def test_bgmv_skips_rows_outside_the_pool():
 
 
 @needs_kernel
-@pytest.mark.parametrize("hq,hkv,window", [(9, 3, None), (4, 4, None), (8, 2, 5)])
-def test_decode_attention_matches_reference(hq, hkv, window):
+@pytest.mark.parametrize(
+    "hq,hkv,window,t", [(9, 3, None, 1), (4, 4, None, 1), (8, 2, 5, 1), (9, 3, None, 6), (8, 2, 4, 5)]
+)
+def test_paged_attention_matches_reference(hq, hkv, window, t):
+    """Decode (t = 1) and prefill chunks (t > 1, some rows shorter than t: their padding is not
+    compared) after 0 to 12 cached tokens, with and without a sliding window."""
     from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 
-    rng = np.random.default_rng(hq * 10 + hkv)
-    layers, page_size, dh, n_pages, b, p = 2, 4, 32, 20, 5, 3
+    rng = np.random.default_rng(hq * 10 + hkv + t)
+    layers, page_size, dh, n_pages, b, p = 2, 4, 32, 30, 5, 5
     pool = rng.standard_normal((layers, n_pages * page_size * 2 * hkv, dh), dtype=np.float32)
     tables = rng.permutation(np.arange(1, n_pages))[: b * p].reshape(b, p).astype(np.int32)
     cached = np.array([0, 1, 4, 7, 12], np.int32)  # empty, one page part-full, whole pages
-    q = rng.standard_normal((b, 1, hq, dh), dtype=np.float32)
-    k = rng.standard_normal((b, 1, hkv, dh), dtype=np.float32)
-    v = rng.standard_normal((b, 1, hkv, dh), dtype=np.float32)
+    new = np.minimum(np.array([t, max(t - 2, 1), t, 1, t]), t).astype(np.int32)
+    positions = (cached[:, None] + np.arange(t)[None]).astype(np.int32)
+    q = rng.standard_normal((b, t, hq, dh), dtype=np.float32)
+    k = rng.standard_normal((b, t, hkv, dh), dtype=np.float32)
+    v = rng.standard_normal((b, t, hkv, dh), dtype=np.float32)
     args = [jnp.asarray(a) for a in (q, k, v, pool)]
-    meta = [jnp.asarray(a) for a in (tables, cached[:, None], cached, np.ones(b, np.int32))]
+    meta = [jnp.asarray(a) for a in (tables, positions, cached, new)]
     kw = dict(page_size=page_size, sliding_window=window)
+    real = np.arange(t)[None] < new[:, None]  # [B, T] rows with a token
     for layer in (jnp.int32(0), jnp.int32(1)):
         got = jax.jit(lambda *a: paged_attention(*a, **kw, implementation="cpu"))(*args, layer, *meta)
         want = paged_attention_reference(*args, layer, *meta, **kw)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+        assert not np.asarray(got)[~real].any()  # padding rows: zeros
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,h_in,h_out,r", [(3, 5, 64, 96, 4), (8, 64, 128, 64, 16)])
+def test_sgmv_matches_lora_prefill_reference(b, t, h_in, h_out, r):
+    from pallas_kernels.lora import lora_prefill, lora_prefill_reference
+
+    rng = np.random.default_rng(b * t)
+    layers, units, dh = 2, 400, 32
+    pool = rng.standard_normal((layers, units, dh), dtype=np.float32)
+    pool[:, : 2 * (h_in + h_out) // dh] = 0  # the zero page (padding rows point at unit 0)
+    a = rng.integers(1, units - h_in // dh, (b, r)).astype(np.int32)
+    bs = rng.integers(1, units - h_out // dh, (b, r)).astype(np.int32)
+    a[0, r // 2 :] = 0  # sequence 0 has a smaller rank: padding rows
+    bs[0, r // 2 :] = 0
+    a[1] = bs[1] = 0  # sequence 1 has no adapter
+    x = jnp.asarray(rng.standard_normal((b, t, h_in), dtype=np.float32))
+    args = (x, jnp.asarray(pool), jnp.int32(1), jnp.asarray(a), jnp.asarray(bs), h_out)
+    got = jax.jit(lambda *a: lora_prefill(*a, h_out, implementation="cpu"))(*args[:5])
+    want = lora_prefill_reference(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got)[1].any()

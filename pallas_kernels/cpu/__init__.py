@@ -6,28 +6,30 @@ stream with prefetch reaches ~22 GB/s on the 2-core dev CPU where XLA's GEMM (it
 ~13. Larger row counts (prefill chunks) run as fast as XLA's. The C++ is compiled on first use
 (build.py); without a compiler, or off the CPU, the pure-jnp reference runs instead.
 
-bgmv_group: the decode LoRA (pallas_kernels.lora's BGMV) reading adapter rows in place from the
-unified pool, where XLA gathers them into new arrays, dots them and scatter-adds the result.
+bgmv_group, sgmv: the decode and prefill LoRA (pallas_kernels.lora's BGMV and SGMV) reading adapter
+rows in place from the unified pool, where XLA gathers them into new arrays, dots them and
+scatter-adds the result.
 
-decode_attention: paged attention for one query per sequence, reading K/V pages in place.
+paged_attention: decode and prefill attention over the pool's pages, read in place.
 """
 
 from __future__ import annotations
 
-from pallas_kernels.cpu.attention import decode_attention, decode_attention_supported
-from pallas_kernels.cpu.bgmv import bgmv_group, bgmv_supported
+from pallas_kernels.cpu.attention import attention_supported, paged_attention
 from pallas_kernels.cpu.build import kernel_available
+from pallas_kernels.cpu.lora import bgmv_group, lora_supported, sgmv
 from pallas_kernels.cpu.panel import PANEL, pack_panels, panel_matmul
 from pallas_kernels.cpu.reference import panel_matmul_reference
 
 __all__ = [
     "PANEL",
     "bgmv_group",
-    "bgmv_supported",
-    "decode_attention",
-    "decode_attention_supported",
+    "attention_supported",
     "kernel_available",
+    "lora_supported",
     "pack_panels",
     "panel_matmul",
     "panel_matmul_reference",
+    "paged_attention",
+    "sgmv",
 ]

@@ -16,13 +16,14 @@ import warnings
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("panel_gemm.cc", "bgmv.cc", "decode_attention.cc")  # one library; the headers are shared
+SOURCES = ("panel_gemm.cc", "bgmv.cc", "sgmv.cc", "paged_attention.cc")  # one library; the headers are shared
 HEADERS = ("parallel.h", "vec.h")
-TARGETS = {
+TARGETS = {  # XLA FFI name -> C symbol
     "jlora_panel_gemm": "PanelGemm",
     "jlora_bgmv": "Bgmv",
-    "jlora_decode_attention": "DecodeAttention",
-}  # XLA FFI name -> C symbol
+    "jlora_sgmv": "Sgmv",
+    "jlora_paged_attention": "PagedAttention",
+}
 
 
 def _cpu_identity() -> str:

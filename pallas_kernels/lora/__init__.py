@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import cpu_kernels, resolve
-from pallas_kernels.cpu import bgmv_group, bgmv_supported
+from pallas_kernels.cpu import bgmv_group, lora_supported, sgmv
 from pallas_kernels.lora.kernel import (
     bgmv_shrink,
     expand_kernel,
@@ -98,7 +98,7 @@ def lora_decode(
         raise ValueError(f"offsets {offsets.shape} must be [N + 1] = [{x.shape[0] + 1}]")
     _check_widths(x.shape[1], h_out, pool.shape[2])
     path = resolve(implementation)
-    if path == "reference" and cpu_kernels(implementation) and bgmv_supported(x, pool):
+    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
         offsets = decode_offsets(token_index, x.shape[0]) if offsets is None else offsets
         return bgmv_group(x, pool, layer, a_start, b_start, offsets, (h_out,)).astype(x.dtype)
     if path == "reference":
@@ -241,7 +241,7 @@ def lora_decode_group(
     for h in h_outs:
         _check_widths(x.shape[1], h, pool.shape[2])
     path = resolve(implementation)
-    if path == "reference" and cpu_kernels(implementation) and bgmv_supported(x, pool):
+    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
         return bgmv_group(x, pool, layer, a_start, b_start, offsets, tuple(h_outs)).astype(x.dtype)
     if path == "reference":
         s = lora_decode_shrink_reference(x, pool, layer, token_index, a_start)
@@ -283,6 +283,8 @@ def lora_prefill(
         )
     _check_widths(x.shape[2], h_out, pool.shape[2])
     path = resolve(implementation)
+    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
+        return sgmv(x, pool, layer, a_start, b_start, h_out).astype(x.dtype)
     tunables = tunables or tunables_for(pool.shape[2], x.shape[0] * x.shape[1])
     if path == "reference" or not sgmv_supported(x.shape[1], a_start.shape[1], tunables):
         return lora_prefill_reference(x, pool, layer, a_start, b_start, h_out)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.backend import cpu_kernels, resolve
-from pallas_kernels.cpu import decode_attention, decode_attention_supported
+from pallas_kernels.cpu import attention_supported
+from pallas_kernels.cpu import paged_attention as cpu_paged_attention
 from pallas_kernels.paged_attention.kernel import (
     AttentionTunables,
     paged_decode_attention_kernel,
@@ -117,8 +118,8 @@ def paged_attention(
             tunables=prefill_tunables or prefill_tunables_for(page_size, q.shape[3], group),
             interpret=path == "interpret",
         )
-    if path == "reference" and cpu_kernels(implementation) and decode_attention_supported(q, pool):
-        return decode_attention(*args[:-1], **window).astype(q.dtype)
+    if path == "reference" and cpu_kernels(implementation) and attention_supported(q, pool):
+        return cpu_paged_attention(*args, **window).astype(q.dtype)
     if path == "reference" or q.shape[1] != 1:
         return paged_attention_reference(*args, **window)
     out = paged_decode_attention_kernel(

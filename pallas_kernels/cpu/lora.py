@@ -1,6 +1,7 @@
-"""BGMV on the CPU (bgmv.cc): the decode LoRA of G projections that read the same x, rows read in
-place from the unified pool. Same contract as pallas_kernels.lora.lora_decode_group, whose reference
-is the oracle."""
+"""Gathered LoRA on the CPU, adapter rows read in place from the unified pool: BGMV (bgmv.cc, the
+decode LoRA of G projections that read the same x; the contract of pallas_kernels.lora's
+lora_decode_group) and SGMV (sgmv.cc, a prefill chunk per sequence; lora_prefill's contract). The
+references in pallas_kernels.lora are the oracles."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from pallas_kernels.cpu.build import kernel_available
 
 
-def bgmv_supported(x: jax.Array, pool: jax.Array) -> bool:
+def lora_supported(x: jax.Array, pool: jax.Array) -> bool:
     """The kernel runs here: the CPU backend with the library built, float32 activations and pool."""
     return x.dtype == jnp.float32 and pool.dtype == jnp.float32 and kernel_available()
 
@@ -35,4 +36,23 @@ def bgmv_group(
         b_start.astype(jnp.int32),
         offsets.astype(jnp.int32),
         h_outs=np.asarray(h_outs, np.int64),
+    )
+
+
+def sgmv(
+    x: jax.Array,  # [B, T, H_in] float32
+    pool: jax.Array,  # [L, U, Dh] float32
+    layer: jax.Array,  # [] int32
+    a_start: jax.Array,  # [B, R] int32; <= 0 for padding rows
+    b_start: jax.Array,  # [B, R] int32
+    h_out: int,
+) -> jax.Array:  # [B, T, H_out] float32
+    """Each sequence's chunk times its adapter's A^T rows, then its B rows."""
+    out = jax.ShapeDtypeStruct((*x.shape[:2], h_out), jnp.float32)
+    return jax.ffi.ffi_call("jlora_sgmv", out)(
+        x,
+        pool,
+        jnp.asarray(layer, jnp.int32).reshape(()),
+        a_start.astype(jnp.int32),
+        b_start.astype(jnp.int32),
     )
