@@ -42,6 +42,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)  # as nn.Dense's promote_dtype
         if self.has_variable("params", "panels"):
             y = panel_matmul(x, self.get_variable("params", "panels"), self.features)
         else:
