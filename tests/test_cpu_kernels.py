@@ -191,3 +191,15 @@ def test_sgmv_matches_lora_prefill_reference(b, t, h_in, h_out, r):
     want = lora_prefill_reference(*args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     assert not np.asarray(got)[1].any()
+
+
+def test_wrappers_refuse_clearly_without_the_library(monkeypatch):
+    """Called directly where the library is absent, a wrapper says so (not XLA's missing-handler error)."""
+    from pallas_kernels.cpu import build, lora
+
+    monkeypatch.setattr(build, "kernel_available", lambda: False)
+    x, pool, _, a, b, off = _bgmv_case(5, 2, 64, (64,), [1, 1])
+    with pytest.raises(ValueError, match="not available"):
+        lora.bgmv_group(x, pool, jnp.int32(0), a, b, off, (64,))
+    with pytest.raises(ValueError, match="not available"):
+        lora.sgmv(x[None], pool, jnp.int32(0), a[None, :2], b[None, :2], 64)

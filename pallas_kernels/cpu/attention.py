@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu.build import kernel_available
+from pallas_kernels.cpu.build import kernel_available, require_kernels
 
 
 def attention_supported(q: jax.Array, pool: jax.Array) -> bool:
@@ -30,6 +30,7 @@ def paged_attention(
     page_size: int,
     sliding_window: int | None = None,
 ) -> jax.Array:  # [B, T, Hq, Dh] float32
+    require_kernels()
     i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
     return jax.ffi.ffi_call("jlora_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q,

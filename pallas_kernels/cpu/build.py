@@ -89,3 +89,12 @@ def kernel_available() -> bool:
         warnings.warn(f"CPU kernels unavailable, using the XLA references: {err}", stacklevel=2)
         return False
     return True
+
+
+def require_kernels() -> None:
+    """Raise ValueError unless the CPU kernels are built and registered (the wrappers call this, so a
+    direct call fails clearly instead of with XLA's missing-handler error)."""
+    if not kernel_available():
+        raise ValueError(
+            "the C++ CPU kernels are not available here (see pallas_kernels.cpu.build's warning)"
+        )

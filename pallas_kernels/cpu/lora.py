@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu.build import kernel_available
+from pallas_kernels.cpu.build import kernel_available, require_kernels
 
 
 def lora_supported(x: jax.Array, pool: jax.Array) -> bool:
@@ -27,6 +27,7 @@ def bgmv_group(
     h_outs: tuple[int, ...],
 ) -> jax.Array:  # [N, sum(h_outs)] float32
     """Each token's sum over its pairs of (x . A row) * B row, the G projections side by side."""
+    require_kernels()
     out = jax.ShapeDtypeStruct((x.shape[0], sum(h_outs)), jnp.float32)
     return jax.ffi.ffi_call("jlora_bgmv", out)(
         x,
@@ -48,6 +49,7 @@ def sgmv(
     h_out: int,
 ) -> jax.Array:  # [B, T, H_out] float32
     """Each sequence's chunk times its adapter's A^T rows, then its B rows."""
+    require_kernels()
     out = jax.ShapeDtypeStruct((*x.shape[:2], h_out), jnp.float32)
     return jax.ffi.ffi_call("jlora_sgmv", out)(
         x,
