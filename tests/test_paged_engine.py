@@ -15,6 +15,7 @@ import jlora
 from jlora import loader
 from jlora.config import EngineConfig
 from jlora.engine import PagedEngine
+from pallas_kernels.cpu import kernel_available as cpu_kernels_built
 from pallas_kernels.lora import LoraTunables
 from pallas_kernels.lora import shapes as lora_shapes
 from tests.helpers import tiny_hf_model
@@ -106,14 +107,26 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "small_pool_preempts_mixed",
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
+        "cpu_kernels",
+        "cpu_kernels_small_pool_preempts",
+        "cpu_kernels_unrolled_lora_fused_projections_fused_mixed",
+        "xla_matmul",
     ],
 )
 def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
-    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size."""
+    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
+    cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
+    on the CPU backend but xla_matmul, which keeps XLA's matmuls)."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
+    if variant.startswith("cpu_kernels"):
+        if jax.default_backend() != "cpu" or not cpu_kernels_built():
+            pytest.skip("the C++ CPU kernels run on the CPU backend, where they build")
+        impl, variant = "cpu", variant.removeprefix("cpu_kernels").removeprefix("_") or "roomy"
+    xla_matmul = variant == "xla_matmul"
+    variant = "roomy" if xla_matmul else variant
     if variant.endswith("one_launch"):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
@@ -137,8 +150,11 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         prefill_attention="reference" if variant.endswith("prefill_reference") else "auto",
         fuse_lora="on" if variant.endswith("lora_fused") else "auto",
         mixed_steps="on" if mixed else "auto",
+        cpu_matmul="xla" if xla_matmul else "auto",
     )
     engine = jlora.Engine(loaded, config)
+    on_cpu = jax.default_backend() == "cpu" and cpu_kernels_built()
+    assert (engine.paged.cpu_matmul == "panels") == (on_cpu and not xla_matmul)
     kinds = []
     launch = engine.paged.launch
     monkeypatch.setattr(
