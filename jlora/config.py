@@ -360,16 +360,16 @@ class EngineConfig:
 
         from pallas_kernels.cpu import kernel_available
 
+        if self.cpu_matmul == "xla":
+            return "xla"
         fits = jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and mesh is None
+        if fits and kernel_available():
+            return "panels"
         if self.cpu_matmul == "panels":
-            if not fits or not kernel_available():
-                raise ValueError(
-                    "cpu_matmul='panels' needs the CPU backend, float32 weights, one device and the "
-                    "C++ kernel built (pallas_kernels.cpu)"
-                )
-            return "panels"
-        if self.cpu_matmul == "auto" and fits and kernel_available():
-            return "panels"
+            raise ValueError(
+                "cpu_matmul='panels' needs the CPU backend, float32 weights, one device and the "
+                "C++ kernel built (pallas_kernels.cpu)"
+            )
         return "xla"
 
     def resolved_kv_write(self) -> str:

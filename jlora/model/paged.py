@@ -209,7 +209,7 @@ def forward_paged(
     parts = _Parts(batches)
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layers = params["layers"]
-    fused = is_fused(layers[0] if isinstance(layers, list | tuple) else layers)
+    fused = isinstance(layers, list | tuple) and is_fused(layers[0])
     layer_module = DecoderLayer(config, params["embed"].dtype, fused=fused)
     h = jnp.take(params["embed"], parts.join([b.tokens for b in batches]), axis=0)  # [B, T, D]
     positions = parts.join([b.positions for b in batches])

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu.build import kernel_available
+from pallas_kernels.cpu.build import kernel_available, require_kernels
 from pallas_kernels.cpu.reference import panel_matmul_reference
 
 PANEL = 48  # columns per panel (the kernel's register tile: 3 vectors of 16 floats)
@@ -42,8 +42,7 @@ def panel_matmul(x: jax.Array, panels: jax.Array, n: int, *, implementation: str
     if use_kernel:
         if not f32:
             raise ValueError(f"the CPU panel kernel takes float32; got {x.dtype} x {panels.dtype}")
-        if not kernel_available():
-            raise ValueError("the CPU panel kernel is not available here (see build.py's warning)")
+        require_kernels()
         if flat.shape[0] == 0:
             return jnp.zeros((*lead, n), x.dtype)
         out = jax.ShapeDtypeStruct((flat.shape[0], panels.shape[0] * PANEL), jnp.float32)

@@ -98,10 +98,7 @@ def lora_decode(
         raise ValueError(f"offsets {offsets.shape} must be [N + 1] = [{x.shape[0] + 1}]")
     _check_widths(x.shape[1], h_out, pool.shape[2])
     path = resolve(implementation)
-    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
-        offsets = decode_offsets(token_index, x.shape[0]) if offsets is None else offsets
-        return bgmv_group(x, pool, layer, a_start, b_start, offsets, (h_out,)).astype(x.dtype)
-    if path == "reference":
+    if path == "reference" and not (cpu_kernels(implementation) and lora_supported(x, pool)):
         return lora_decode_reference(x, pool, layer, token_index, a_start, b_start, h_out)
     if offsets is None:
         offsets = decode_offsets(token_index, x.shape[0])
@@ -241,7 +238,7 @@ def lora_decode_group(
     for h in h_outs:
         _check_widths(x.shape[1], h, pool.shape[2])
     path = resolve(implementation)
-    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
+    if cpu_kernels(implementation) and lora_supported(x, pool):
         return bgmv_group(x, pool, layer, a_start, b_start, offsets, tuple(h_outs)).astype(x.dtype)
     if path == "reference":
         s = lora_decode_shrink_reference(x, pool, layer, token_index, a_start)
@@ -283,7 +280,7 @@ def lora_prefill(
         )
     _check_widths(x.shape[2], h_out, pool.shape[2])
     path = resolve(implementation)
-    if path == "reference" and cpu_kernels(implementation) and lora_supported(x, pool):
+    if cpu_kernels(implementation) and lora_supported(x, pool):
         return sgmv(x, pool, layer, a_start, b_start, h_out).astype(x.dtype)
     tunables = tunables or tunables_for(pool.shape[2], x.shape[0] * x.shape[1])
     if path == "reference" or not sgmv_supported(x.shape[1], a_start.shape[1], tunables):

@@ -118,7 +118,7 @@ def paged_attention(
             tunables=prefill_tunables or prefill_tunables_for(page_size, q.shape[3], group),
             interpret=path == "interpret",
         )
-    if path == "reference" and cpu_kernels(implementation) and attention_supported(q, pool):
+    if cpu_kernels(implementation) and attention_supported(q, pool):
         return cpu_paged_attention(*args, **window).astype(q.dtype)
     if path == "reference" or q.shape[1] != 1:
         return paged_attention_reference(*args, **window)
