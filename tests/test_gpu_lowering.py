@@ -16,6 +16,7 @@ from pallas_kernels.lora.kernel import bgmv_fused, bgmv_shrink, expand_kernel, l
 from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
+from pallas_kernels.paged_attention.write_kernel import write_kv_kernel
 
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
@@ -160,3 +161,16 @@ def test_prefill_attention_lowers(dtype, hq, hkv, t, window):
         ),
         *shapes,
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,t,hkv", [(16, 1, 8), (2, 37, 3)])
+def test_write_kv_lowers(dtype, b, t, hkv):
+    text = _lower_for_cuda(
+        lambda pool, k, v, wu: write_kv_kernel(pool, k, v, wu),
+        S((LAYERS, UNITS, DH), dtype),
+        S((LAYERS, b, t, hkv, DH), dtype),
+        S((LAYERS, b, t, hkv, DH), dtype),
+        S((b, t), I32),
+    )
+    assert "write_kv" in text

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import AttentionTunables, PrefillTunables, paged_attention
+from pallas_kernels.paged_attention import AttentionTunables, PrefillTunables, paged_attention, write_kv
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
@@ -146,6 +146,8 @@ def _prefill_case(rng, b, t, hq, hkv, dh, page_size, max_pages, dtype, layers=2)
         (2, 20, 6, 2, 32, 8, 6, None),  # GQA 3, chunk not a power of two
         (2, 16, 8, 1, 16, 16, 3, None),  # MQA
         (3, 12, 4, 2, 16, 4, 8, 7),  # sliding window
+        (2, 32, 4, 4, 16, 8, 8, None),  # MHA in whole blocks: q, k, v and out in the caller's layout
+        (2, 64, 8, 2, 16, 16, 8, 40),  # GQA 4 in whole blocks, sliding window
     ],
 )
 def test_prefill_kernel_matches_reference(b, t, hq, hkv, dh, page_size, max_pages, window, dtype):
@@ -194,3 +196,29 @@ def test_prefill_kernel_tuned_block_sizes(block_queries, t, hq, hkv):
     real = np.arange(t)[None, :] < new[:, None]
     assert np.isfinite(got[real]).all()
     assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,t,hkv,dh", [(3, 1, 2, 16), (2, 37, 3, 32), (1, 5, 4, 16)])
+def test_write_kv_kernel_matches_reference(b, t, hkv, dh, dtype):
+    """The Pallas K/V write against the XLA scatter: every layer's rows at their units, padding tokens
+    (unit >= U) dropped, the rest of the pool untouched (any hkv: the rows are written flat). Page 0 is
+    the zero page, as in the engine: the kernel writes padding rows there as zeros."""
+    rng = np.random.default_rng(b * 100 + t)
+    layers, page_size = 3, 4
+    page_units = page_size * 2 * hkv
+    n_pages = 2 + b * (-(-t // page_size))
+    n_units = n_pages * page_units
+    pool = rng.standard_normal((layers, n_units, dh))
+    pool[:, :page_units] = 0.0
+    pool = jnp.asarray(pool, dtype)
+    slots = rng.permutation(np.arange(page_size, n_pages * page_size))[: b * t].reshape(b, t)
+    write_units = (slots // page_size) * page_units + (slots % page_size) * 2 * hkv
+    write_units[-1, -1] = n_units  # a padding token
+    k = jnp.asarray(rng.standard_normal((layers, b, t, hkv, dh)), dtype)
+    v = jnp.asarray(rng.standard_normal((layers, b, t, hkv, dh)), dtype)
+    wu = jnp.asarray(write_units, jnp.int32)
+    want = write_kv(pool, k, v, wu, implementation="reference")
+    got = write_kv(pool, k, v, wu, implementation=_impl())
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert not np.array_equal(np.asarray(want, np.float32), np.asarray(pool, np.float32))

@@ -1,7 +1,8 @@
 """Paged attention and K/V writes over the unified pool. The public functions validate, then pick
 the kernel or the reference (pallas_kernels.backend.IMPLEMENTATIONS).
 
-Decode steps (one query per sequence) take the Pallas kernel on GPU. Prefill chunks take the
+Decode steps (one query per sequence) take the Pallas kernel on GPU, and so does the write of a
+step's new K/V into the pool (write_kv). Prefill chunks take the
 flash-style prefill kernel where `prefill_kernel` says so (default PREFILL_KERNEL: on the GPU and in
 interpret mode), else the reference, as every other backend.
 """
@@ -25,6 +26,7 @@ from pallas_kernels.paged_attention.reference import (
     write_kv_layer_reference,
     write_kv_reference,
 )
+from pallas_kernels.paged_attention.write_kernel import write_kv_kernel
 
 # path -> whether prefill chunks take the prefill kernel by default. On the H100 (bench/kernels/
 # attention.py, 8 x 256-token chunks over 1,024 cached keys) it takes 307 us MHA and 190 us GQA 32/8
@@ -51,8 +53,10 @@ def write_kv(pool, k, v, write_units, *, implementation: str = "reference") -> j
         )
     if pool.ndim != 3 or pool.shape[2] != k.shape[4] or pool.shape[0] != k.shape[0]:
         raise ValueError(f"pool {pool.shape} does not match k {k.shape}")
-    resolve(implementation)  # one XLA scatter on every backend
-    return write_kv_reference(pool, k, v, write_units)
+    path = resolve(implementation)
+    if path == "reference":  # one XLA scatter
+        return write_kv_reference(pool, k, v, write_units)
+    return write_kv_kernel(pool, k, v, write_units, interpret=path == "interpret")
 
 
 def write_kv_layer(pool, layer, k, v, write_units) -> jax.Array:
