@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 from checkpoints.peft import PeftAdapter
 from jlora import multihost
 from jlora.config import EngineConfig, ModelConfig
-from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
+from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillGroup, PrefillLora
 from jlora.model.paged import forward_paged, pack_linear_weights, unstack_layers
 from jlora.packing import PackedSpec, pack, spec_of, unpack
 from jlora.pool.device import (
@@ -55,6 +55,7 @@ from jlora.sharding import (
 from jlora.sharding import (
     spec as logical_spec,
 )
+from pallas_kernels.lora import prefill_group_width
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,11 @@ class PagedEngine:
                     )
             else:
                 lora = {m: PrefillLora(_shape(b, rank), _shape(b, rank)) for m in self.config.lora_modules}
+                for group in self.lora_groups:  # a group's entry replaces its members'
+                    for m in group:
+                        del lora[m]
+                    width = prefill_group_width(len(group), rank)
+                    lora["+".join(group)] = PrefillGroup(_shape(b, width), _shape(b, width), group, rank)
         return batch, lora, TokenFeed(_shape(b, t), _shape(b))
 
     def compile_all(self) -> None:
@@ -649,8 +655,8 @@ class PagedEngine:
             )
         return out
 
-    def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, PrefillLora]:
-        out = {}
+    def _prefill_lora(self, chunks: list[ScheduledChunk], b: int, r: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for m in self.config.lora_modules:
             a, bb = np.zeros((b, r), np.int32), np.zeros((b, r), np.int32)
             for i, ch in enumerate(chunks):
@@ -659,6 +665,13 @@ class PagedEngine:
                     a[i, : len(rows_a)] = rows_a
                     bb[i, : len(rows_b)] = rows_b
             out[m] = PrefillLora(a, bb)
+        for group in self.lora_groups:  # shared launches over the members' rows, in their place
+            members = [out.pop(m) for m in group]
+            pad = ((0, 0), (0, prefill_group_width(len(group), r) - len(group) * r))
+            cat = lambda field, members=members, pad=pad: np.pad(  # noqa: E731
+                np.concatenate([getattr(p, field) for p in members], axis=1), pad
+            )
+            out["+".join(group)] = PrefillGroup(cat("a_start"), cat("b_start"), group, r)
         return out
 
 

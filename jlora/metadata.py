@@ -64,3 +64,15 @@ class PrefillLora:
 
     a_start: jax.Array  # [B, R] int32; 0 (zero page) for padding rows
     b_start: jax.Array  # [B, R] int32
+
+
+@flax.struct.dataclass
+class PrefillGroup:
+    """One SGMV shrink and one expand launch for projections that read the same input (q/k/v;
+    gate/up), in place of their PrefillLora: member i's rows (padded to `rank`) at columns
+    [i*rank, (i+1)*rank), the columns past G*rank padding (pallas_kernels.lora.prefill_group_width)."""
+
+    a_start: jax.Array  # [B, RG] int32; 0 (zero page) for padding
+    b_start: jax.Array  # [B, RG] int32
+    modules: tuple[str, ...] = flax.struct.field(pytree_node=False)
+    rank: int = flax.struct.field(pytree_node=False)

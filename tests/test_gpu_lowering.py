@@ -107,17 +107,21 @@ def test_bgmv_fused_lowers(h_outs, max_rank, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_sgmv_lowers(dtype):
-    b, t, r = 2, 64, 16
+@pytest.mark.parametrize(
+    "h_outs,r,width", [((256,), 16, 16), ((512, 128, 128), 16, 64), ((256, 256), 32, 64)]
+)
+def test_sgmv_lowers(dtype, h_outs, r, width):
+    """One projection, and groups (one shrink and one expand launch for all members)."""
+    b, t = 2, 64
     text = _lower_for_cuda(
         lambda x, pool, layer, a, bb: lora_prefill_kernel(
-            x, pool, layer, a, bb, h_out=256, tunables=LoraTunables()
+            x, pool, layer, a, bb, h_outs=h_outs, rank=r, tunables=LoraTunables()
         ),
         S((b, t, 512), dtype),
         S((LAYERS, UNITS, DH), dtype),
         S((), I32),
-        S((b, r), I32),
-        S((b, r), I32),
+        S((b, width), I32),
+        S((b, width), I32),
     )
     assert text.count("xla.gpu.triton") == 2  # shrink and expand
 

@@ -21,6 +21,8 @@ from pallas_kernels.lora import (
     lora_decode_group,
     lora_decode_shrink,
     lora_prefill,
+    lora_prefill_group,
+    prefill_group_width,
 )
 from pallas_kernels.lora.mosaic_kernel import interpret_params
 
@@ -284,6 +286,61 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
     want = lora_prefill(x, pool, layer, jnp.asarray(a), jnp.asarray(b), h_out, implementation="reference")
     got = lora_prefill(x, pool, layer, jnp.asarray(a), jnp.asarray(b), h_out, implementation=_impl())
     _check(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "batch,t,r,widths,used",
+    [
+        (2, 16, 16, (96, 32, 32), ((16, 3), (5, 0), (16, 16))),  # q/k/v of GQA, mixed use
+        (1, 32, 32, (64, 64), ((7,), (32,))),  # gate/up
+    ],
+)
+def test_sgmv_group_matches_members(batch, t, r, widths, used, dtype):
+    """One grouped SGMV (shared shrink and expand launches) equals each member's own SGMV side by
+    side; the group's columns past G * rank are padding."""
+    rng = np.random.default_rng(batch * 10 + t + r)
+    h_in, dh, g = 64, 16, len(widths)
+    units_in = h_in // dh
+    pool = _pool(rng, 3, 8 + g * batch * r * (units_in + max(widths) // dh), dh, dtype)
+    width = prefill_group_width(g, r)
+    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    unit = 8
+    for m, h_out in enumerate(widths):
+        for i in range(batch):
+            for j in range(used[m][i]):
+                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
+                unit += units_in + h_out // dh
+    x = jnp.asarray(rng.standard_normal((batch, t, h_in)), dtype)
+    layer = jnp.int32(1)
+    got = lora_prefill_group(
+        x, pool, layer, jnp.asarray(a), jnp.asarray(b), widths, r, implementation=_impl()
+    )
+    want = jnp.concatenate(
+        [
+            lora_prefill(
+                x,
+                pool,
+                layer,
+                jnp.asarray(a[:, m * r : (m + 1) * r]),
+                jnp.asarray(b[:, m * r : (m + 1) * r]),
+                h_out,
+                implementation="reference",
+            )
+            for m, h_out in enumerate(widths)
+        ],
+        axis=-1,
+    )
+    assert got.shape == (batch, t, sum(widths))
+    _check(got, want, dtype)
+
+
+def test_sgmv_group_rejects_bad_width():
+    x = jnp.zeros((1, 16, 64))
+    pool = jnp.zeros((2, 64, 16))
+    bad = jnp.zeros((1, 48), jnp.int32)  # 3 x 16, not padded to 64
+    with pytest.raises(ValueError, match=r"\[B, 64\]"):
+        lora_prefill_group(x, pool, jnp.int32(0), bad, bad, (32, 32, 32), 16)
 
 
 @pytest.mark.parametrize("tunables", FUSED)

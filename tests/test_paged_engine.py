@@ -217,9 +217,15 @@ def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch):
     import jlora.model.paged as paged_model
 
     loaded, _, _ = tiny
-    launches = []
+    launches, prefill_launches = [], []
     real = paged_model.lora_decode_group
     monkeypatch.setattr(paged_model, "lora_decode_group", lambda *a, **k: launches.append(1) or real(*a, **k))
+    real_prefill = paged_model.lora_prefill_group
+    monkeypatch.setattr(
+        paged_model,
+        "lora_prefill_group",
+        lambda *a, **k: prefill_launches.append(a[5]) or real_prefill(*a, **k),
+    )
     config = small_config(mixed_steps="on", fuse_lora="on", greedy_only=True, lora_rank_buckets=(16,))
     engine = jlora.Engine(loaded, dataclasses.replace(config, compilation_cache_dir=None))
     groups = len(engine.paged.lora_groups)
@@ -229,6 +235,9 @@ def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch):
         "prefill_b2_t8_p12_r16",
     ]
     assert len(launches) == 2 * groups  # the scanned layer traced once per bucket with decode rows
+    # and the prompt chunks' q/k/v and gate/up SGMV as one launch per group too (prefill and mixed)
+    widths = {tuple(w) for w in prefill_launches}
+    assert len(prefill_launches) == 2 * groups and len(widths) == groups
 
 
 def test_mixed_steps_time_the_prefill_estimate(tiny, monkeypatch):

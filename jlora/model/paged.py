@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig
-from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillLora
+from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillGroup, PrefillLora
 from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head
 from pallas_kernels.cpu import pack_panels
 from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
     lora_prefill,
+    lora_prefill_group,
 )
 from pallas_kernels.paged_attention import paged_attention, write_kv, write_kv_layer
 
@@ -86,33 +87,41 @@ def _lora_for(
     lora: dict[str, Any], layer: jax.Array, shapes: dict[str, tuple[int, int]], impl: str
 ) -> Callable[[str, jax.Array, jax.Array], jax.Array | None]:
     """One batch's LoRA: (module, x [B, T, in], pool as of this point of the layer) -> delta or None.
-    A DecodeGroup's first member runs the group's launches; the others reuse them."""
-    groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup) for m in g.modules}
+    A DecodeGroup's or PrefillGroup's first member runs the group's launches; the others reuse them."""
+    groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup | PrefillGroup) for m in g.modules}
     shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
+
+    def group_deltas(group: DecodeGroup | PrefillGroup, x: jax.Array, rows_pool: jax.Array) -> jax.Array:
+        """The members' deltas side by side: [B, T, sum of their widths]."""
+        b, t, h_in = x.shape
+        widths = tuple(shapes[m][1] for m in group.modules)
+        if isinstance(group, PrefillGroup):
+            return lora_prefill_group(
+                x, rows_pool, layer, group.a_start, group.b_start, widths, group.rank, implementation=impl
+            )
+        deltas = lora_decode_group(
+            x.reshape(b * t, h_in),
+            rows_pool,
+            layer,
+            group.token_index,
+            group.a_start,
+            group.b_start,
+            group.offsets,
+            widths,
+            implementation=impl,
+            max_rank=group.token_index.shape[0] // (len(widths) * b * t),  # the rank bucket
+        )
+        return deltas.reshape(b, t, -1)
 
     def lora_fn(name: str, x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
         b, t, h_in = x.shape
         group = groups.get(name)
         if group is not None:
-            widths = tuple(shapes[m][1] for m in group.modules)
             if group.modules not in shared or shared[group.modules][0] is not x:
-                max_rank = group.token_index.shape[0] // (len(widths) * b * t)  # the rank bucket
-                deltas = lora_decode_group(
-                    x.reshape(b * t, h_in),
-                    rows_pool,
-                    layer,
-                    group.token_index,
-                    group.a_start,
-                    group.b_start,
-                    group.offsets,
-                    widths,
-                    implementation=impl,
-                    max_rank=max_rank,
-                )
-                shared[group.modules] = (x, deltas)
+                shared[group.modules] = (x, group_deltas(group, x, rows_pool))
             i = group.modules.index(name)
-            col = sum(widths[:i])
-            return shared[group.modules][1][:, col : col + widths[i]].reshape(b, t, widths[i])
+            col = sum(shapes[m][1] for m in group.modules[:i])
+            return shared[group.modules][1][..., col : col + shapes[name][1]]
         meta = lora.get(name)
         if meta is None:
             return None

@@ -39,6 +39,8 @@ __all__ = [
     "lora_decode_shrink",
     "lora_decode_reference",
     "lora_prefill",
+    "lora_prefill_group",
+    "prefill_group_width",
     "lora_prefill_reference",
     "lora_rows",
     "lora_rows_reference",
@@ -272,19 +274,72 @@ def lora_prefill(
     tunables: LoraTunables | None = None,
 ) -> jax.Array:
     """SGMV delta [B, T, H_out]: each sequence's chunk uses one adapter, rows padded to R with 0."""
+    return lora_prefill_group(
+        x,
+        pool,
+        layer,
+        a_start,
+        b_start,
+        (h_out,),
+        a_start.shape[-1] if a_start.ndim == 2 else 0,
+        implementation=implementation,
+        tunables=tunables,
+    )
+
+
+def prefill_group_width(members: int, rank: int) -> int:
+    """Columns of a PrefillGroup's a_start/b_start: the members' rank buckets side by side, padded to a
+    power of two (the grouped shrink's tile)."""
+    return 1 << (members * rank - 1).bit_length()
+
+
+def lora_prefill_group(
+    x,
+    pool,
+    layer,
+    a_start,
+    b_start,
+    h_outs: tuple[int, ...],
+    rank: int,
+    *,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+) -> jax.Array:
+    """SGMV deltas of G projections that read the same x (q/k/v, gate/up): [B, T, sum(h_outs)], side by
+    side. a_start, b_start: [B, RG] with member m's rows (padded to `rank` with 0, the zero page) at
+    columns [m * rank, (m + 1) * rank); RG = prefill_group_width(G, rank) for a group (the columns past
+    G * rank are 0), rank for one projection. The Pallas path runs one shrink and one expand launch for
+    the whole group."""
+    g = len(h_outs)
     if x.ndim != 3 or pool.ndim != 3:
         raise ValueError(f"x must be [B, T, H_in] and pool [L, U, Dh]; got {x.shape}, {pool.shape}")
-    if a_start.shape != b_start.shape or a_start.ndim != 2 or a_start.shape[0] != x.shape[0]:
+    width = rank if g == 1 else prefill_group_width(g, rank)
+    if a_start.shape != b_start.shape or a_start.shape != (x.shape[0], width):
         raise ValueError(
-            f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, R] with B = {x.shape[0]}"
+            f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, {width}] with B = {x.shape[0]} "
+            f"({g} projections of rank {rank})"
         )
-    _check_widths(x.shape[2], h_out, pool.shape[2])
+    for h in h_outs:
+        _check_widths(x.shape[2], h, pool.shape[2])
     path = resolve(implementation)
+    members = [
+        (a_start[:, i * rank : (i + 1) * rank], b_start[:, i * rank : (i + 1) * rank]) for i in range(g)
+    ]
     if cpu_kernels(implementation) and lora_supported(x, pool):
-        return sgmv(x, pool, layer, a_start, b_start, h_out).astype(x.dtype)
+        out = [sgmv(x, pool, layer, a, b, h).astype(x.dtype) for (a, b), h in zip(members, h_outs)]
+        return out[0] if g == 1 else jnp.concatenate(out, axis=-1)
     tunables = tunables or tunables_for(pool.shape[2], x.shape[0] * x.shape[1])
-    if path == "reference" or not sgmv_supported(x.shape[1], a_start.shape[1], tunables):
-        return lora_prefill_reference(x, pool, layer, a_start, b_start, h_out)
+    if path == "reference" or not sgmv_supported(x.shape[1], rank, tunables):
+        out = [lora_prefill_reference(x, pool, layer, a, b, h) for (a, b), h in zip(members, h_outs)]
+        return out[0] if g == 1 else jnp.concatenate(out, axis=-1)
     return lora_prefill_kernel(
-        x, pool, layer, a_start, b_start, h_out=h_out, tunables=tunables, interpret=path == "interpret"
+        x,
+        pool,
+        layer,
+        a_start,
+        b_start,
+        h_outs=tuple(h_outs),
+        rank=rank,
+        tunables=tunables,
+        interpret=path == "interpret",
     )

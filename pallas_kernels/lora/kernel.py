@@ -359,44 +359,51 @@ def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_token
 
 
 def _sgmv_expand_kernel(
-    layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_tokens, out_units, splits, f32_dot
+    layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_tokens, out_units, splits, rank, block_starts, f32_dot
 ):
+    """One block of tokens times out_units output units of one projection of the group (member m owns
+    the shrunk columns and B rows [m * rank, (m + 1) * rank))."""
     b = pl.program_id(0)
     t0 = pl.program_id(1) * block_tokens
     j = pl.program_id(2)
     layer = layer_ref[0]
-    rows_b = b_ref[b, :]  # [R]
-    s = s_ref[b, pl.ds(t0, block_tokens), 0, :]  # [BT, R] float32: the shrink's splits, summed
+    m, jm = projection_of(j, block_starts)  # the member, and the block within its own output
+    rows_b = b_ref[b, pl.ds(m * rank, rank)]  # [R]
+    s = s_ref[b, pl.ds(t0, block_tokens), 0, pl.ds(m * rank, rank)]  # [BT, R] float32: splits summed
     for split in range(1, splits):
-        s = s + s_ref[b, pl.ds(t0, block_tokens), split, :]
+        s = s + s_ref[b, pl.ds(t0, block_tokens), split, pl.ds(m * rank, rank)]
     for u in range(out_units):
-        unit = j * out_units + u
-        tile = pool_ref[layer, rows_b + unit, :]  # [R, Dh]
+        tile = pool_ref[layer, rows_b + (jm * out_units + u), :]  # [R, Dh]
         if f32_dot:
             out = pltriton.dot(s, tile.astype(jnp.float32), allow_tf32=False)
         else:
             out = pltriton.dot(s.astype(tile.dtype), tile)
-        o_ref[b, pl.ds(t0, block_tokens), unit, :] = out.astype(o_ref.dtype)
+        o_ref[b, pl.ds(t0, block_tokens), j * out_units + u, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_out", "tunables", "interpret"))
+@functools.partial(jax.jit, static_argnames=("h_outs", "rank", "tunables", "interpret"))
 def lora_prefill_kernel(
     x: jax.Array,  # [B, T, H_in]
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
-    a_start: jax.Array,  # [B, R] int32; 0 for padding rows
-    b_start: jax.Array,  # [B, R] int32
+    a_start: jax.Array,  # [B, RG] int32; 0 for padding rows
+    b_start: jax.Array,  # [B, RG] int32
     *,
-    h_out: int,
+    h_outs: tuple[int, ...],
+    rank: int,
     tunables: LoraTunables,
     interpret: bool = False,
-) -> jax.Array:  # [B, T, H_out]
+) -> jax.Array:  # [B, T, sum(h_outs)]: the members' deltas side by side
+    """SGMV of G projections that read the same x (one shrink launch and one expand launch for all):
+    member m's rows are columns [m * rank, (m + 1) * rank) of a_start/b_start (RG >= G * rank, a power
+    of two; the rest padding)."""
     bsz, t, h_in = x.shape
     dh = pool.shape[2]
-    units_in, units_out = h_in // dh, h_out // dh
-    r = a_start.shape[1]
+    units_in = h_in // dh
+    _, out_units, blocks, block_starts = output_blocks(h_outs, dh, tunables.sgmv_out_units)
+    units_out = sum(h_outs) // dh
+    rg = a_start.shape[1]
     bt = min(tunables.block_tokens, t)
-    out_units = largest_pow2_divisor(units_out, tunables.sgmv_out_units)
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
@@ -406,7 +413,7 @@ def lora_prefill_kernel(
         functools.partial(
             _sgmv_shrink_kernel, block_tokens=bt, units_per=units_in // splits, f32_dot=f32_dot
         ),
-        out_shape=jax.ShapeDtypeStruct((bsz, t, splits, r), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((bsz, t, splits, rg), jnp.float32),
         grid=(bsz, t // bt, splits),
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
@@ -416,20 +423,27 @@ def lora_prefill_kernel(
     )(layer_arr, a_start, x.reshape(bsz, t, units_in, dh), pool)
     out = pl.pallas_call(
         functools.partial(
-            _sgmv_expand_kernel, block_tokens=bt, out_units=out_units, splits=splits, f32_dot=f32_dot
+            _sgmv_expand_kernel,
+            block_tokens=bt,
+            out_units=out_units,
+            splits=splits,
+            rank=rank,
+            block_starts=block_starts,
+            f32_dot=f32_dot,
         ),
         out_shape=jax.ShapeDtypeStruct((bsz, t, units_out, dh), x.dtype),
-        grid=(bsz, t // bt, units_out // out_units),
+        grid=(bsz, t // bt, sum(blocks)),
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
         ),
         interpret=interpret,
         name="sgmv_expand",
     )(layer_arr, b_start, shrunk, pool)
-    return out.reshape(bsz, t, h_out)
+    return out.reshape(bsz, t, units_out * dh)
 
 
 def sgmv_supported(t: int, r: int, tunables: LoraTunables) -> bool:
-    """Triton dots need at least 16 rows and columns and power-of-two tiles."""
+    """Triton dots need at least 16 rows and columns and power-of-two tiles (r: each member's rank
+    bucket)."""
     bt = min(tunables.block_tokens, t)
     return bt >= 16 and t % bt == 0 and r >= 16 and (r & (r - 1)) == 0 and (bt & (bt - 1)) == 0
