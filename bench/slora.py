@@ -16,9 +16,11 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DISTINCT = 4  # distinct folders per rank
+LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
 def build_engine(model: str, args):
@@ -202,9 +204,12 @@ def main() -> None:
                 else [8] * n
             )
             names = [f"n{n}_a{i}" for i in range(n)]
+            folders = [folder_for(rank, i) for i, rank in enumerate(ranks)]
             start = time.perf_counter()
-            for i, (name, rank) in enumerate(zip(names, ranks)):
-                engine.load_adapter(name, folder_for(rank, i))
+            # from several threads, as a server registering many adapters would: reading and laying
+            # out an adapter happen outside the engine's lock, and numpy and file reads release the GIL
+            with ThreadPoolExecutor(LOAD_THREADS) as loaders:
+                list(loaders.map(engine.load_adapter, names, folders))
             load_s = time.perf_counter() - start
             trace = slora_trace(n, args.alpha, rate, args.cv, args.duration, args.input, args.output)
             print(f"n={n}: {len(names)} adapters loaded in {load_s:.1f}s; {len(trace)} requests", flush=True)

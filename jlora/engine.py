@@ -392,8 +392,9 @@ class PagedEngine:
     def adapter_pages(self, adapter: PeftAdapter, ranks: dict[str, int]) -> np.ndarray | PinnedPages:
         """The adapter as page-major host data [n_pages, L, shards, PU, Dh] in the pool's dtype; as
         write blocks in pinned host memory when the engine pins (EngineConfig.pin_host_adapters)."""
-        data = adapter_page_data(self.layout, adapter, ranks, self.model_config.module_shapes(), self.shards)
-        data = np.ascontiguousarray(data.transpose(2, 0, 1, 3, 4).astype(self.dtype))
+        data = adapter_page_data(
+            self.layout, adapter, ranks, self.model_config.module_shapes(), self.shards, self.dtype
+        )
         return pin_pages(data, self._pin_device) if self._pin_device is not None else data
 
     def copy_adapter(self, name: str, pages: np.ndarray | PinnedPages) -> None:

@@ -3,7 +3,8 @@
 forward(params, cache, batch) -> (cache, logits). Layers are stacked on a leading axis and run
 under lax.scan, so compile time does not grow with depth. The decoder layer does not know how K/V
 are stored: it calls `attend(q, k, v, state) -> (out, state)`; LoRA enters through
-`lora_fn(module, x) -> delta`. The contiguous cache (reference path) and the paged pool both plug in.
+`lora_fn(modules, x, state) -> delta` (the deltas of projections that read x, side by side). The
+contiguous cache (reference path) and the paged pool both plug in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pallas_kernels.cpu import panel_matmul
 
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
-LoraFn = Callable[[str, jax.Array, Any], jax.Array | None]  # (module, x, current attention state)
+# (modules, x, current attention state) -> the modules' LoRA deltas side by side, or None for none
+LoraFn = Callable[[tuple[str, ...], jax.Array, Any], jax.Array | None]
 Store = Callable[[jax.Array, jax.Array, Any], Any]  # (k, v, attention state) -> attention state
 QKV, GATE_UP = SHARED_INPUT_MODULES  # the fused projections' members
 
@@ -45,13 +47,9 @@ class DecoderLayer(nn.Module):
         """One matmul over the members' joined weights, each member's LoRA delta added to its own
         columns; the members' outputs."""
         y = Linear(sum(widths), use_bias=bias, name=name, dtype=self.dtype)(x)
-        if lora_fn is not None:
-            deltas = [lora_fn(m, x, state) for m in members]
-            if any(d is not None for d in deltas):
-                zeros = lambda w: jnp.zeros((*x.shape[:-1], w), y.dtype)  # noqa: E731
-                y = y + jnp.concatenate(
-                    [d if d is not None else zeros(w) for d, w in zip(deltas, widths)], axis=-1
-                )
+        delta = lora_fn(tuple(members), x, state) if lora_fn is not None else None
+        if delta is not None:
+            y = y + delta.astype(y.dtype)
         return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
 
     def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
@@ -110,6 +108,22 @@ class DecoderLayer(nn.Module):
         return h, attn_state
 
 
+def side_by_side(deltas: list[jax.Array | None], widths: list[int], like: jax.Array) -> jax.Array | None:
+    """Projections' deltas [..., w_i] joined on the last axis, zeros where one has none; None if none
+    has one. like: an array with the deltas' leading shape and dtype."""
+    if all(d is None for d in deltas):
+        return None
+    if len(deltas) == 1:
+        return deltas[0]
+    return jnp.concatenate(
+        [
+            d if d is not None else jnp.zeros((*like.shape[:-1], w), like.dtype)
+            for d, w in zip(deltas, widths)
+        ],
+        axis=-1,
+    )
+
+
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
     shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
@@ -159,8 +173,12 @@ def forward(
         lora_fn = None
         if layer_lora is not None:
 
-            def lora_fn(name, x, state):
-                return lora_delta(x, layer_lora[name], pairs[name], lora_impl) if name in layer_lora else None
+            def lora_fn(names, x, state):
+                deltas = [
+                    lora_delta(x, layer_lora[m], pairs[m], lora_impl) if m in layer_lora else None
+                    for m in names
+                ]
+                return side_by_side(deltas, [config.module_shapes()[m][1] for m in names], x)
 
         h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillGroup, PrefillLora
-from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head
+from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head, side_by_side
 from pallas_kernels.cpu import pack_panels
 from pallas_kernels.lora import (
     lora_decode,
@@ -85,9 +85,11 @@ def is_fused(layer_params: dict[str, Any]) -> bool:
 
 def _lora_for(
     lora: dict[str, Any], layer: jax.Array, shapes: dict[str, tuple[int, int]], impl: str
-) -> Callable[[str, jax.Array, jax.Array], jax.Array | None]:
-    """One batch's LoRA: (module, x [B, T, in], pool as of this point of the layer) -> delta or None.
-    A DecodeGroup's or PrefillGroup's first member runs the group's launches; the others reuse them."""
+) -> Callable[[tuple[str, ...], jax.Array, jax.Array], jax.Array | None]:
+    """One batch's LoRA: (modules, x [B, T, in], pool as of this point of the layer) -> the modules'
+    deltas side by side, or None. A DecodeGroup or PrefillGroup asked for as a whole (a fused
+    projection) returns its launches' output as it is; asked for by member, its first member runs the
+    group's launches and the others reuse them."""
     groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup | PrefillGroup) for m in g.modules}
     shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
 
@@ -113,7 +115,14 @@ def _lora_for(
         )
         return deltas.reshape(b, t, -1)
 
-    def lora_fn(name: str, x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
+    def lora_fn(names: tuple[str, ...], x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
+        group = groups.get(names[0])
+        if group is not None and group.modules == names:  # the fused projection's members, in order
+            return group_deltas(group, x, rows_pool)
+        deltas = [one(name, x, rows_pool) for name in names]
+        return side_by_side(deltas, [shapes[m][1] for m in names], x)
+
+    def one(name: str, x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
         b, t, h_in = x.shape
         group = groups.get(name)
         if group is not None:
@@ -258,18 +267,18 @@ def forward_paged(
             fns = [_lora_for(m, layer, shapes, impl) if m is not None else None for m in loras]
             last_split: list = [None, None]  # (x, its per-batch parts): a group's members share one input
 
-            def lora_fn(name, x, state):
+            def lora_fn(names, x, state):
                 rows_pool = state if write_now else pool  # the pool as of this point of the layer
-                if last_split[0] is not x:  # the same split arrays, so a DecodeGroup launches once
+                if last_split[0] is not x:  # the same split arrays, so a group launches once
                     last_split[:] = [x, parts.split(x)]
                 xs = last_split[1]
-                deltas = [fn(name, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
+                deltas = [fn(names, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
                 if all(d is None for d in deltas):
                     return None
-                h_out = shapes[name][1]
+                width = sum(shapes[m][1] for m in names)
                 return parts.join(
                     [
-                        d if d is not None else jnp.zeros((*xi.shape[:2], h_out), x.dtype)
+                        d if d is not None else jnp.zeros((*xi.shape[:2], width), x.dtype)
                         for d, xi in zip(deltas, xs)
                     ]
                 )

@@ -46,7 +46,7 @@ def adapter_rows(
     for (layer, m), w in adapter.layers.items():
         if m == module:
             a[layer, : w.rank] = w.a
-            b[layer, : w.rank] = (w.b * w.scaling).T
+            np.multiply(w.b.T, w.scaling, out=b[layer, : w.rank])
     return a, b
 
 

