@@ -274,6 +274,8 @@ def lora_prefill(
     tunables: LoraTunables | None = None,
 ) -> jax.Array:
     """SGMV delta [B, T, H_out]: each sequence's chunk uses one adapter, rows padded to R with 0."""
+    if a_start.shape != b_start.shape or a_start.ndim != 2:
+        raise ValueError(f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, R]")
     return lora_prefill_group(
         x,
         pool,
@@ -281,7 +283,7 @@ def lora_prefill(
         a_start,
         b_start,
         (h_out,),
-        a_start.shape[-1] if a_start.ndim == 2 else 0,
+        a_start.shape[1],
         implementation=implementation,
         tunables=tunables,
     )
