@@ -1,7 +1,9 @@
 """Pallas (Triton lowering) K/V write: a step's new K/V rows of every layer into their pool units.
 
 XLA's scatter for this write ran at about 0.1-0.3 TB/s on the H100 (0.09 ms a decode step of 16
-tokens, 0.48 ms a chunk step of 272: `bench/RESULTS.md`), where the bytes are those of a copy. Here
+tokens, 0.48 ms a chunk step of 272: `bench/RESULTS.md`), where the bytes are those of a copy; this
+kernel takes 0.052 ms where the scatter took 0.363 ms in the same chunk steps on the H200
+(`mixed-step-{new,old}256-20261203T*.json`; BLOCK_ROWS not tuned). Here
 the rows are a flat [L, R, Dh] array (R = tokens * 2 Hkv: each token's K heads, then its V heads) with
 the pool unit of each row in `units` [R]; one program per (layer, block of rows) loads its rows and
 stores them at their units. The pool is aliased to the output, so the write is in place. Rows whose
