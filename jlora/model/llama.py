@@ -161,6 +161,7 @@ def forward(
     layer = DecoderLayer(config, params["embed"].dtype)
     h = jnp.take(params["embed"], batch.tokens, axis=0)  # [B, T, D]
     pairs = lora[1] if lora is not None else None
+    shapes = config.module_shapes()
 
     def attend(q, k, v, state):
         out, ck, cv = contiguous_attention(
@@ -178,7 +179,7 @@ def forward(
                     lora_delta(x, layer_lora[m], pairs[m], lora_impl) if m in layer_lora else None
                     for m in names
                 ]
-                return side_by_side(deltas, [config.module_shapes()[m][1] for m in names], x)
+                return side_by_side(deltas, [shapes[m][1] for m in names], x)
 
         h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)

@@ -324,15 +324,18 @@ def lora_prefill_group(
     for h in h_outs:
         _check_widths(x.shape[2], h, pool.shape[2])
     path = resolve(implementation)
-    members = [
-        (a_start[:, i * rank : (i + 1) * rank], b_start[:, i * rank : (i + 1) * rank]) for i in range(g)
-    ]
-    if cpu_kernels(implementation) and lora_supported(x, pool):
-        out = [sgmv(x, pool, layer, a, b, h).astype(x.dtype) for (a, b), h in zip(members, h_outs)]
-        return out[0] if g == 1 else jnp.concatenate(out, axis=-1)
+    on_cpu = cpu_kernels(implementation) and lora_supported(x, pool)
     tunables = tunables or tunables_for(pool.shape[2], x.shape[0] * x.shape[1])
-    if path == "reference" or not sgmv_supported(x.shape[1], rank, tunables):
-        out = [lora_prefill_reference(x, pool, layer, a, b, h) for (a, b), h in zip(members, h_outs)]
+    if on_cpu or path == "reference" or not sgmv_supported(x.shape[1], rank, tunables):
+        # member by member: the C++ SGMV, or the reference
+
+        def member(i: int, h_out: int) -> jax.Array:
+            a, b = a_start[:, i * rank : (i + 1) * rank], b_start[:, i * rank : (i + 1) * rank]
+            if on_cpu:
+                return sgmv(x, pool, layer, a, b, h_out).astype(x.dtype)
+            return lora_prefill_reference(x, pool, layer, a, b, h_out)
+
+        out = [member(i, h) for i, h in enumerate(h_outs)]
         return out[0] if g == 1 else jnp.concatenate(out, axis=-1)
     return lora_prefill_kernel(
         x,
