@@ -26,6 +26,12 @@ def main() -> None:
     ap.add_argument("--geometry", default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check)")
     ap.add_argument("--mixed-steps", default="on")
+    ap.add_argument(
+        "--rows-in-place",
+        default="mixed",
+        choices=("mixed", "all", "off"),
+        help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
+    )
     ap.add_argument("--decodes", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")
@@ -68,6 +74,7 @@ def main() -> None:
         layer_loop="unrolled",
         greedy_only=True,
         mixed_steps=args.mixed_steps,
+        rows_in_place=args.rows_in_place,
     )
     sched = SchedulerConfig(
         max_batch=args.decodes + 1,
@@ -188,6 +195,7 @@ def main() -> None:
                 "prompt": args.prompt,
                 "prompts": args.prompts,
                 "mixed_steps": args.mixed_steps,
+                "rows_in_place": args.rows_in_place,
                 "rank": RANK,
             },
             "bandwidth": bw,

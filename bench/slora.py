@@ -58,6 +58,7 @@ def build_engine(model: str, args):
         layer_loop=args.layer_loop,
         greedy_only=True,  # the trace decodes greedily: half the start-up compiles
         mixed_steps=args.mixed_steps,
+        rows_in_place=args.rows_in_place,
     )
     sched = SchedulerConfig(
         max_batch=args.batch,
@@ -94,6 +95,7 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
             "impl": args.impl,
             "layer_loop": args.layer_loop,
             "mixed_steps": args.mixed_steps,
+            "rows_in_place": args.rows_in_place,
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
             "prefill_seqs": args.prefill_seqs,
@@ -138,6 +140,12 @@ def main() -> None:
     ap.add_argument("--layer-loop", default="scan")
     ap.add_argument(
         "--mixed-steps", default="auto", help="decode rows and prefill chunks in one call: on | off | auto"
+    )
+    ap.add_argument(
+        "--rows-in-place",
+        default="mixed",
+        choices=("mixed", "all", "off"),
+        help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
     )
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     ap.add_argument(

@@ -243,6 +243,11 @@ class EngineConfig:
     # last layer), "per_layer" (before each layer's attention), or "auto": per_layer on CPU, where XLA
     # otherwise copies the whole pool twice a step, end elsewhere (one launch instead of one per layer)
     kv_write: str = "auto"
+    # with the Pallas kernels, which steps run attention and LoRA as kernels on their batch's rows of the
+    # step's arrays, LoRA deltas added into the projection's output in place (forward_paged's in_place):
+    # "mixed" (steps with decode rows and prefill chunks: no slices of activations, no joins of the
+    # batches' outputs), "all" (every step: no separate add of the LoRA delta), or "off"
+    rows_in_place: str = "mixed"
     # compile only the greedy step variants (half the start-up compiles); requests with a temperature
     # are then refused with InvalidRequestError
     greedy_only: bool = False
@@ -309,6 +314,8 @@ class EngineConfig:
             raise ValueError(f"mixed_steps must be 'on', 'off' or 'auto', not {self.mixed_steps!r}")
         if self.cpu_matmul not in ("panels", "xla", "auto"):
             raise ValueError(f"cpu_matmul must be 'panels', 'xla' or 'auto', not {self.cpu_matmul!r}")
+        if self.rows_in_place not in ("mixed", "all", "off"):
+            raise ValueError(f"rows_in_place must be 'mixed', 'all' or 'off', not {self.rows_in_place!r}")
         if self.kv_write not in ("end", "per_layer", "auto"):
             raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)

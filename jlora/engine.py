@@ -234,6 +234,7 @@ class PagedEngine:
             impl=config.implementation,
             prefill_kernel=config.prefill_kernel(),
             kv_write=config.resolved_kv_write(),
+            in_place=config.rows_in_place,
         )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)

@@ -12,10 +12,21 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lora.kernel import bgmv_fused, bgmv_shrink, expand_kernel, lora_prefill_kernel
+from pallas_kernels.lora.kernel import (
+    bgmv_expand,
+    bgmv_fused,
+    bgmv_shrink,
+    expand_kernel,
+    lora_prefill_kernel,
+    sgmv_rows,
+)
 from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
-from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
+from pallas_kernels.paged_attention.prefill_kernel import (
+    PrefillTunables,
+    paged_prefill_attention_kernel,
+    paged_prefill_attention_rows,
+)
 from pallas_kernels.paged_attention.write_kernel import write_kv_kernel
 
 S = jax.ShapeDtypeStruct
@@ -178,3 +189,69 @@ def test_write_kv_lowers(dtype, b, t, hkv):
         S((b, t), I32),
     )
     assert "write_kv" in text
+
+
+def test_mixed_step_row_kernels_lower():
+    """The kernels of a mixed step's batches on their rows of the step's arrays (row offsets, outputs
+    aliased to the array they add into or write), as paged.forward_paged runs them on the GPU."""
+    n_all, n, start, h_outs = 40, 8, 30, (512, 128, 128)
+    tun = LoraTunables()
+    text = _lower_for_cuda(
+        lambda x, pool, layer, tok, a: bgmv_shrink(
+            x, pool, layer, tok, a, tunables=tun, row_start=start, n_tokens=n
+        ),
+        S((n_all, 512), jnp.bfloat16),
+        S((LAYERS, UNITS, DH), jnp.bfloat16),
+        S((), I32),
+        S((48,), I32),
+        S((48,), I32),
+    )
+    text = _lower_for_cuda(
+        lambda s, pool, layer, b, off, y: bgmv_expand(
+            s,
+            pool,
+            layer,
+            b,
+            off,
+            h_outs=h_outs,
+            dtype=jnp.dtype(jnp.bfloat16),
+            tunables=tun,
+            y=y,
+            row_start=start,
+        ),
+        S((3 * 48,), jnp.float32),
+        S((LAYERS, UNITS, DH), jnp.bfloat16),
+        S((), I32),
+        S((3 * 48,), I32),
+        S((3 * (n + 1),), I32),
+        S((n_all, sum(h_outs)), jnp.bfloat16),
+    )
+    assert "bgmv_expand_add" in text
+    text = _lower_for_cuda(
+        lambda x, pool, layer, a, b, y: sgmv_rows(
+            x, pool, layer, a, b, y, h_outs=h_outs, rank=16, tunables=tun, seq_len=32, row_start=6
+        ),
+        S((6 + 64, 512), jnp.bfloat16),
+        S((LAYERS, UNITS, DH), jnp.bfloat16),
+        S((), I32),
+        S((2, 64), I32),
+        S((2, 64), I32),
+        S((6 + 64, sum(h_outs)), jnp.bfloat16),
+    )
+    assert text.count("xla.gpu.triton") == 2 and "sgmv_expand_add" in text
+    dec = _attention_shapes(6, None, 8, 2, jnp.bfloat16)
+    rows = 6 + 2 * 32
+    flat = [S((rows, 8, DH), jnp.bfloat16), S((rows, 2, DH), jnp.bfloat16), S((rows, 2, DH), jnp.bfloat16)]
+    _lower_for_cuda(
+        lambda *a: paged_decode_attention_kernel(*a[:-1], page_size=16, row_start=0, out=a[-1]),
+        *flat,
+        *dec[3:],
+        flat[0],
+    )
+    pre = _attention_shapes(2, 32, 8, 2, jnp.bfloat16) + [S((2,), I32)]
+    _lower_for_cuda(
+        lambda *a: paged_prefill_attention_rows(*a, row_start=6, page_size=16, tunables=PrefillTunables()),
+        *flat,
+        *pre[3:],
+        flat[0],
+    )

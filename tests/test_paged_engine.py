@@ -107,6 +107,8 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "small_pool_preempts_mixed",
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
         "cpu_kernels",
         "cpu_kernels_small_pool_preempts",
         "cpu_kernels_unrolled_lora_fused_projections_fused_mixed",
@@ -117,7 +119,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
     _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
-    cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
+    _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
+    arrays (_rows_off: split and joined; _rows_all: every step on rows). cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
     on the CPU backend but xla_matmul, which keeps XLA's matmuls)."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
@@ -131,6 +134,12 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     variant = variant.removesuffix("_one_launch")
+    # _rows_off: mixed steps split and join their batches; _rows_all: every step's kernels on rows in
+    # place (default: mixed steps only)
+    rows_in_place = (
+        "off" if variant.endswith("_rows_off") else "all" if variant.endswith("_rows_all") else "mixed"
+    )
+    variant = variant.removesuffix("_rows_off").removesuffix("_rows_all")
     mixed = variant.endswith("_mixed")  # decode rows and prefill chunks in one call (auto: GPU only)
     variant = variant.removesuffix("_mixed")
     pinned = variant.endswith("_pinned")  # adapters paged in from pinned host memory (auto: GPU only)
@@ -151,6 +160,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         fuse_lora="on" if variant.endswith("lora_fused") else "auto",
         mixed_steps="on" if mixed else "auto",
         cpu_matmul="xla" if xla_matmul else "auto",
+        rows_in_place=rows_in_place,
     )
     engine = jlora.Engine(loaded, config)
     on_cpu = jax.default_backend() == "cpu" and cpu_kernels_built()

@@ -3,8 +3,9 @@
 forward(params, cache, batch) -> (cache, logits). Layers are stacked on a leading axis and run
 under lax.scan, so compile time does not grow with depth. The decoder layer does not know how K/V
 are stored: it calls `attend(q, k, v, state) -> (out, state)`; LoRA enters through
-`lora_fn(modules, x, state) -> delta` (the deltas of projections that read x, side by side). The
-contiguous cache (reference path) and the paged pool both plug in.
+`lora_fn(modules, x, y, state) -> y` (y, the projections' joined output, with the LoRA deltas of
+projections that read x added to their columns). The contiguous cache (reference path) and the paged
+pool both plug in.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from pallas_kernels.cpu import panel_matmul
 
 LoraState = tuple[dict[str, LoraWeights], dict[str, LoraPairs]]
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
-# (modules, x, current attention state) -> the modules' LoRA deltas side by side, or None for none
-LoraFn = Callable[[tuple[str, ...], jax.Array, Any], jax.Array | None]
+# (modules, x, y, current attention state) -> y with the modules' LoRA deltas added to their columns
+# (y: the modules' outputs side by side, read from x)
+LoraFn = Callable[[tuple[str, ...], jax.Array, jax.Array, Any], jax.Array]
 Store = Callable[[jax.Array, jax.Array, Any], Any]  # (k, v, attention state) -> attention state
 QKV, GATE_UP = SHARED_INPUT_MODULES  # the fused projections' members
 
@@ -47,9 +49,8 @@ class DecoderLayer(nn.Module):
         """One matmul over the members' joined weights, each member's LoRA delta added to its own
         columns; the members' outputs."""
         y = Linear(sum(widths), use_bias=bias, name=name, dtype=self.dtype)(x)
-        delta = lora_fn(tuple(members), x, state) if lora_fn is not None else None
-        if delta is not None:
-            y = y + delta.astype(y.dtype)
+        if lora_fn is not None:
+            y = lora_fn(tuple(members), x, y, state)
         return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
 
     def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
@@ -106,6 +107,11 @@ class DecoderLayer(nn.Module):
             self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
         )
         return h, attn_state
+
+
+def add_deltas(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """y plus a LoRA delta (None: none), in y's dtype."""
+    return y if delta is None else y + delta.astype(y.dtype)
 
 
 def side_by_side(deltas: list[jax.Array | None], widths: list[int], like: jax.Array) -> jax.Array | None:
@@ -174,12 +180,12 @@ def forward(
         lora_fn = None
         if layer_lora is not None:
 
-            def lora_fn(names, x, state):
+            def lora_fn(names, x, y, state):
                 deltas = [
                     lora_delta(x, layer_lora[m], pairs[m], lora_impl) if m in layer_lora else None
                     for m in names
                 ]
-                return side_by_side(deltas, [shapes[m][1] for m in names], x)
+                return add_deltas(y, side_by_side(deltas, [shapes[m][1] for m in names], x))
 
         h, (ck, cv) = layer.apply({"params": layer_params}, h, batch.positions, (ck, cv), attend, lora_fn)
         return h, (ck, cv)

@@ -7,7 +7,9 @@ adapter rows); the step's new K/V come out of the loop and are written into thei
 scatter (the pool is donated), or, with kv_write="per_layer", each layer's before its attention.
 
 `batch` may be a tuple of batches (a mixed step: decode rows, then prefill chunks): their tokens share
-every matmul, and each batch has its own attention and LoRA (_Parts).
+every matmul, and each batch has its own attention and LoRA (_Parts). With the Pallas kernels each
+batch's attention and LoRA kernels read and write its rows of the step's arrays in place (no slices of
+the step's activations and no joins of the batches' outputs); other paths split and join.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillGroup, PrefillLora
-from jlora.model.llama import GATE_UP, QKV, DecoderLayer, lm_head, side_by_side
+from jlora.model.llama import GATE_UP, QKV, DecoderLayer, add_deltas, lm_head, side_by_side
+from pallas_kernels.backend import cpu_kernels, resolve
 from pallas_kernels.cpu import pack_panels
 from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
+    lora_decode_group_add,
     lora_prefill,
     lora_prefill_group,
+    lora_prefill_group_add,
 )
-from pallas_kernels.paged_attention import paged_attention, write_kv, write_kv_layer
+from pallas_kernels.paged_attention import paged_attention, paged_attention_rows, write_kv, write_kv_layer
 
 
 def unstack_layers(params: dict[str, Any], fuse: bool = False) -> dict[str, Any]:
@@ -83,11 +88,21 @@ def is_fused(layer_params: dict[str, Any]) -> bool:
     return "qkv_proj" in layer_params
 
 
+class _BatchLora:
+    """One batch's LoRA in a layer. deltas(modules, x [B, T, in], pool as of this point of the layer)
+    -> the modules' deltas side by side, or None. add_rows(modules, x [N, in], y [N, out], pool,
+    row_start, (B, T)) -> y with the deltas of the batch's rows [row_start, row_start + B*T) added (a
+    mixed step's batch; the kernels read x and add into y in place)."""
+
+    def __init__(self, deltas: Callable, add_rows: Callable):
+        self.deltas = deltas
+        self.add_rows = add_rows
+
+
 def _lora_for(
     lora: dict[str, Any], layer: jax.Array, shapes: dict[str, tuple[int, int]], impl: str
-) -> Callable[[tuple[str, ...], jax.Array, jax.Array], jax.Array | None]:
-    """One batch's LoRA: (modules, x [B, T, in], pool as of this point of the layer) -> the modules'
-    deltas side by side, or None. A DecodeGroup or PrefillGroup asked for as a whole (a fused
+) -> _BatchLora:
+    """One batch's LoRA (_BatchLora). A DecodeGroup or PrefillGroup asked for as a whole (a fused
     projection) returns its launches' output as it is; asked for by member, its first member runs the
     group's launches and the others reuse them."""
     groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup | PrefillGroup) for m in g.modules}
@@ -151,7 +166,40 @@ def _lora_for(
             return delta.reshape(b, t, h_out)
         return lora_prefill(x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
-    return lora_fn
+    def add_rows(names, x, y, rows_pool, row_start: int, shape: tuple[int, int]) -> jax.Array:
+        b, t = shape
+        group = groups.get(names[0])
+        meta = group if group is not None and group.modules == names else None
+        if meta is None and len(names) == 1 and names[0] not in groups:
+            meta = lora.get(names[0])
+            if meta is None:
+                return y
+        if meta is None:  # members of a group asked for apart, or several ungrouped projections
+            rows = slice(row_start, row_start + b * t)
+            delta = lora_fn(names, x[rows].reshape(b, t, -1), rows_pool)
+            return y if delta is None else y.at[rows].add(delta.reshape(b * t, -1).astype(y.dtype))
+        widths = tuple(shapes[m][1] for m in names)
+        kw = dict(row_start=row_start, implementation=impl)
+        if isinstance(meta, PrefillGroup | PrefillLora):
+            rank = meta.rank if isinstance(meta, PrefillGroup) else meta.a_start.shape[1]
+            return lora_prefill_group_add(
+                y, x, rows_pool, layer, meta.a_start, meta.b_start, widths, rank, seq_len=t, **kw
+            )
+        return lora_decode_group_add(
+            y,
+            x,
+            rows_pool,
+            layer,
+            meta.token_index,
+            meta.a_start,
+            meta.b_start,
+            meta.offsets,
+            widths,
+            max_rank=meta.token_index.shape[0] // (len(widths) * b * t),  # the rank bucket
+            **kw,
+        )
+
+    return _BatchLora(lora_fn, add_rows)
 
 
 class _Parts:
@@ -162,6 +210,7 @@ class _Parts:
     def __init__(self, batches: tuple[PagedBatch, ...]):
         self.batches = batches
         self.sizes = [b.tokens.shape[0] * b.tokens.shape[1] for b in batches]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(batches))]  # each batch's first row
 
     @property
     def single(self) -> bool:
@@ -205,6 +254,7 @@ def forward_paged(
     prefill_kernel: bool | None = None,
     tp_axis: str | None = None,
     kv_write: str = "end",
+    in_place: str = "mixed",
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32 (B: every batch's rows, in order)
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
     outputs are summed over tp_axis and vocab-split logits gathered.
@@ -217,9 +267,15 @@ def forward_paged(
     written. Results are the same. XLA's CPU compiler copies the whole donated pool twice per step when
     reads of it (the attention and LoRA gathers) do not all flow into the final scatter, as with "end";
     with "per_layer" every read precedes a write in dataflow or comes after the last one, so the pool is
-    updated in place."""
+    updated in place.
+
+    in_place ("mixed", "all", "off"): in which steps, with the Pallas kernels, each batch's attention and
+    LoRA kernels work on its rows of the step's arrays and add LoRA deltas into the projection's output
+    (no slices, joins or separate adds); other paths always split and join."""
     if kv_write not in ("end", "per_layer"):
         raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
+    if in_place not in ("mixed", "all", "off"):
+        raise ValueError(f"in_place must be 'mixed', 'all' or 'off', not {in_place!r}")
     batches = batch if isinstance(batch, tuple) else (batch,)
     loras = lora if isinstance(lora, tuple) else (lora,)
     if len(loras) != len(batches):
@@ -234,6 +290,9 @@ def forward_paged(
     write_units = parts.join([b.write_units for b in batches])
     shapes = config.module_shapes()
     any_lora = any(m is not None for m in loras)
+    # with the Pallas kernels, each batch's kernels work on its rows of the step's arrays in place
+    kernels = resolve(impl) != "reference" and not cpu_kernels(impl)
+    rows_mode = kernels and (in_place == "all" or (in_place == "mixed" and not parts.single))
 
     def body(h, xs, pool=pool, write_now=False):
         """One layer. With write_now the attention state is the pool: K/V are written into it first and
@@ -242,6 +301,29 @@ def forward_paged(
 
         def attend(q, k, v, state):
             pages = state if write_now else pool  # with write_now, the pool as `store` left it
+            new_state = pages if write_now else (k, v)
+            window = dict(page_size=page_size, sliding_window=config.sliding_window, implementation=impl)
+            if rows_mode:  # every batch's kernels on its rows of the step's q/k/v, into one output
+                n = q.shape[0] * q.shape[1]
+                qf, kf, vf = (x.reshape(n, *x.shape[2:]) for x in (q, k, v))
+                out = None
+                for b, start in zip(batches, parts.starts):
+                    out = paged_attention_rows(
+                        qf,
+                        kf,
+                        vf,
+                        pages,
+                        layer,
+                        b.page_tables,
+                        b.positions,
+                        b.cached_lens,
+                        b.new_lens,
+                        out,
+                        row_start=start,
+                        prefill_kernel=prefill_kernel,
+                        **window,
+                    )
+                return out.reshape(*q.shape[:2], -1), new_state
             outs = []
             for b, qi, ki, vi in zip(batches, parts.split(q), parts.split(k), parts.split(v)):
                 out = paged_attention(
@@ -254,33 +336,41 @@ def forward_paged(
                     b.positions,
                     b.cached_lens,
                     b.new_lens,
-                    page_size=page_size,
-                    sliding_window=config.sliding_window,
-                    implementation=impl,
                     prefill_kernel=prefill_kernel,
+                    **window,
                 )
                 outs.append(out.reshape(*out.shape[:2], -1))
-            return parts.join(outs), (pages if write_now else (k, v))
+            return parts.join(outs), new_state
 
         lora_fn = None
         if any_lora:
             fns = [_lora_for(m, layer, shapes, impl) if m is not None else None for m in loras]
             last_split: list = [None, None]  # (x, its per-batch parts): a group's members share one input
 
-            def lora_fn(names, x, state):
+            def lora_fn(names, x, y, state):
                 rows_pool = state if write_now else pool  # the pool as of this point of the layer
+                if rows_mode:
+                    n = x.shape[0] * x.shape[1]
+                    xf, yf = x.reshape(n, -1), y.reshape(n, -1)
+                    for fn, b, start in zip(fns, batches, parts.starts):
+                        if fn is not None:
+                            yf = fn.add_rows(names, xf, yf, rows_pool, start, b.tokens.shape)
+                    return yf.reshape(y.shape)
                 if last_split[0] is not x:  # the same split arrays, so a group launches once
                     last_split[:] = [x, parts.split(x)]
                 xs = last_split[1]
-                deltas = [fn(names, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
+                deltas = [fn.deltas(names, xi, rows_pool) if fn else None for fn, xi in zip(fns, xs)]
                 if all(d is None for d in deltas):
-                    return None
+                    return y
                 width = sum(shapes[m][1] for m in names)
-                return parts.join(
-                    [
-                        d if d is not None else jnp.zeros((*xi.shape[:2], width), x.dtype)
-                        for d, xi in zip(deltas, xs)
-                    ]
+                return add_deltas(
+                    y,
+                    parts.join(
+                        [
+                            d if d is not None else jnp.zeros((*xi.shape[:2], width), x.dtype)
+                            for d, xi in zip(deltas, xs)
+                        ]
+                    ),
                 )
 
         def store(k, v, state):

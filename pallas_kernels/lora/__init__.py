@@ -3,6 +3,8 @@
 - lora_rows: rows in per-module pools (the reference generate path).
 - lora_decode: BGMV, one adapter per token, rows read straight from the unified paged pool.
 - lora_prefill: SGMV, one adapter per sequence chunk, rows read straight from the unified pool.
+- lora_decode_group_add / lora_prefill_group_add: the same deltas added into the rows of a larger
+  output that one batch of a mixed step owns (the kernels read x and write y at a row offset, in place).
 
 `implementation` is one of pallas_kernels.backend.IMPLEMENTATIONS.
 """
@@ -19,6 +21,7 @@ from pallas_kernels.lora.kernel import (
     expand_kernel,
     lora_decode_kernel,
     lora_prefill_kernel,
+    sgmv_rows,
     sgmv_supported,
 )
 from pallas_kernels.lora.reference import (
@@ -36,10 +39,12 @@ __all__ = [
     "lora_decode",
     "lora_decode_expand_group",
     "lora_decode_group",
+    "lora_decode_group_add",
     "lora_decode_shrink",
     "lora_decode_reference",
     "lora_prefill",
     "lora_prefill_group",
+    "lora_prefill_group_add",
     "prefill_group_width",
     "lora_prefill_reference",
     "lora_rows",
@@ -346,5 +351,126 @@ def lora_prefill_group(
         h_outs=tuple(h_outs),
         rank=rank,
         tunables=tunables,
+        interpret=path == "interpret",
+    )
+
+
+def _check_rows(y, x, row_start: int, n: int, width: int) -> None:
+    if x.ndim != 2 or y.ndim != 2 or y.shape != (x.shape[0], width):
+        raise ValueError(f"x must be [N, H_in] and y [N, {width}]; got {x.shape}, {y.shape}")
+    if row_start < 0 or row_start + n > x.shape[0]:
+        raise ValueError(f"rows [{row_start}, {row_start + n}) are not within x's {x.shape[0]} rows")
+
+
+def lora_decode_group_add(
+    y,
+    x,
+    pool,
+    layer,
+    token_index,
+    a_start,
+    b_start,
+    offsets,
+    h_outs: tuple[int, ...],
+    *,
+    row_start: int,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+    max_rank: int = 16,
+) -> jax.Array:
+    """y [N_all, sum(h_outs)] with lora_decode_group's deltas of the N tokens at rows [row_start,
+    row_start + N) of x [N_all, H_in] added to the same rows (N from offsets). The Pallas path reads x
+    and adds into y in place (no slice of x, no join of deltas); the others slice and add."""
+    n = offsets.shape[0] // len(h_outs) - 1
+    _check_rows(y, x, row_start, n, sum(h_outs))
+    path = resolve(implementation)
+    if path == "reference" or (cpu_kernels(implementation) and lora_supported(x, pool)):
+        delta = lora_decode_group(
+            x[row_start : row_start + n],
+            pool,
+            layer,
+            token_index,
+            a_start,
+            b_start,
+            offsets,
+            h_outs,
+            implementation=implementation,
+            max_rank=max_rank,
+        )
+        return y.at[row_start : row_start + n].add(delta.astype(y.dtype))
+    _check_decode_pairs(x, pool, token_index, a_start, b_start)
+    for h in h_outs:
+        _check_widths(x.shape[1], h, pool.shape[2])
+    return lora_decode_kernel(
+        x,
+        pool,
+        layer,
+        token_index,
+        a_start,
+        b_start,
+        offsets,
+        h_outs=tuple(h_outs),
+        tunables=tunables or tunables_for(pool.shape[2], n),
+        max_rank=max_rank,
+        interpret=path == "interpret",
+        y=y,
+        row_start=row_start,
+    )
+
+
+def lora_prefill_group_add(
+    y,
+    x,
+    pool,
+    layer,
+    a_start,
+    b_start,
+    h_outs: tuple[int, ...],
+    rank: int,
+    *,
+    row_start: int,
+    seq_len: int,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+) -> jax.Array:
+    """y [N_all, sum(h_outs)] with lora_prefill_group's deltas of a [B, seq_len] batch (B from a_start),
+    whose tokens are rows [row_start, row_start + B * seq_len) of x [N_all, H_in], added to the same
+    rows. The Pallas path reads x and adds into y in place; the others slice and add."""
+    bsz = a_start.shape[0]
+    n = bsz * seq_len
+    _check_rows(y, x, row_start, n, sum(h_outs))
+    path = resolve(implementation)
+    tunables = tunables or tunables_for(pool.shape[2], n)
+    on_cpu = cpu_kernels(implementation) and lora_supported(x, pool)
+    if on_cpu or path == "reference" or not sgmv_supported(seq_len, rank, tunables):
+        delta = lora_prefill_group(
+            x[row_start : row_start + n].reshape(bsz, seq_len, x.shape[1]),
+            pool,
+            layer,
+            a_start,
+            b_start,
+            h_outs,
+            rank,
+            implementation=implementation,
+            tunables=tunables,
+        )
+        return y.at[row_start : row_start + n].add(delta.reshape(n, -1).astype(y.dtype))
+    width = rank if len(h_outs) == 1 else prefill_group_width(len(h_outs), rank)
+    if a_start.shape != b_start.shape or a_start.shape != (bsz, width):
+        raise ValueError(f"a_start {a_start.shape} / b_start {b_start.shape} must be [B, {width}]")
+    for h in h_outs:
+        _check_widths(x.shape[1], h, pool.shape[2])
+    return sgmv_rows(
+        x,
+        pool,
+        layer,
+        a_start,
+        b_start,
+        y,
+        h_outs=tuple(h_outs),
+        rank=rank,
+        tunables=tunables,
+        seq_len=seq_len,
+        row_start=row_start,
         interpret=path == "interpret",
     )

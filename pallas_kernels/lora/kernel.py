@@ -49,8 +49,8 @@ def _params(t: LoraTunables) -> pltriton.CompilerParams:
 # decode: BGMV
 
 
-def _shrink_pair(k, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, n_chunks, chunk):
-    """s[k] = x[token] . the pair's A row (0 for a padding pair, which loads no row)."""
+def _shrink_pair(k, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, n_chunks, chunk, row_start):
+    """s[k] = x[row_start + token] . the pair's A row (0 for a padding pair, which loads no row)."""
     tok = tok_ref[k]
     a = a_ref[k]
     s_ref[k] = jnp.float32(0.0)
@@ -58,7 +58,7 @@ def _shrink_pair(k, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, 
     @pl.when((a > 0) & (tok < n_tokens))
     def _():
         def body(c, acc):
-            xs = x_ref[tok, pl.ds(c * chunk, chunk), :].astype(jnp.float32)  # [chunk, Dh]
+            xs = x_ref[row_start + tok, pl.ds(c * chunk, chunk), :].astype(jnp.float32)  # [chunk, Dh]
             units = a + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
             rows = pool_ref[layer, units, :].astype(jnp.float32)  # [chunk, Dh]
             return acc + xs * rows
@@ -97,18 +97,20 @@ def _bgmv_expand_kernel(
     b_ref,
     s_ref,
     pool_ref,
-    o_ref,
-    *,
+    *refs,
     out_units,
     pairs_per_load,
     n_pairs,
     n_tokens,
     block_starts,
+    row_start,
 ):
     """Grid (token, block of output units). With several projections (block_starts: where each one's
     blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
     b_ref and of the shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own
-    first block."""
+    first block. refs: (o_ref,), or (y_ref, o_ref) with y aliased to the output: the deltas are added
+    to y's rows from row_start on."""
+    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     n = pl.program_id(0)
     j = pl.program_id(1)
     layer = layer_ref[0]
@@ -127,12 +129,14 @@ def _bgmv_expand_kernel(
     n_loads = (end - start + pairs_per_load - 1) // pairs_per_load  # one load when rank <= pairs_per_load
     accs = jax.lax.fori_loop(0, n_loads, body, tuple(jnp.zeros((dh,), jnp.float32) for _ in range(out_units)))
     for u in range(out_units):
-        o_ref[n, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
+        col = j * out_units + u
+        out = accs[u] if y_ref is None else accs[u] + y_ref[row_start + n, col, :].astype(jnp.float32)
+        o_ref[row_start + n, col, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tunables", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tunables", "interpret", "row_start", "n_tokens"))
 def bgmv_shrink(
-    x: jax.Array,  # [N, H_in]
+    x: jax.Array,  # [N_all, H_in]: the tokens are rows [row_start, row_start + N)
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
     token_index: jax.Array,  # [K] int32; padding pairs: N (out of range)
@@ -140,8 +144,11 @@ def bgmv_shrink(
     *,
     tunables: LoraTunables,
     interpret: bool = False,
-) -> jax.Array:  # [K] float32: x[token] . A row of every pair
-    n, h_in = x.shape
+    row_start: int = 0,
+    n_tokens: int | None = None,  # N; None: all of x's rows
+) -> jax.Array:  # [K] float32: x[row_start + token] . A row of every pair
+    n_all, h_in = x.shape
+    n = n_all if n_tokens is None else n_tokens
     dh = pool.shape[2]
     units_in = h_in // dh
     chunk = largest_pow2_divisor(units_in, tunables.chunk_units)
@@ -149,7 +156,12 @@ def bgmv_shrink(
     pairs = largest_pow2_divisor(k, tunables.shrink_pairs)
     return pl.pallas_call(
         functools.partial(
-            _bgmv_shrink_kernel, n_tokens=n, n_chunks=units_in // chunk, chunk=chunk, pairs=pairs
+            _bgmv_shrink_kernel,
+            n_tokens=n,
+            n_chunks=units_in // chunk,
+            chunk=chunk,
+            pairs=pairs,
+            row_start=row_start,
         ),
         out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
         grid=(k // pairs,),
@@ -158,10 +170,12 @@ def bgmv_shrink(
         ),
         interpret=interpret,
         name="bgmv_shrink",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n, units_in, dh), pool)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n_all, units_in, dh), pool)
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("h_outs", "dtype", "tunables", "max_rank", "interpret", "row_start")
+)
 def bgmv_expand(
     shrunk: jax.Array,  # [G*K] float32; projection m's pairs are [m*K, (m+1)*K)
     pool: jax.Array,  # [L, U, Dh]
@@ -174,12 +188,21 @@ def bgmv_expand(
     tunables: LoraTunables,
     max_rank: int = 16,
     interpret: bool = False,
-) -> jax.Array:  # [N, sum(h_outs)] in dtype: the projections' deltas side by side
+    y: jax.Array | None = None,  # [N_all, sum(h_outs)]: add the deltas to its rows row_start .. + N
+    row_start: int = 0,
+) -> jax.Array:  # [N, sum(h_outs)] in dtype: the projections' deltas side by side; or y with them added
     g = len(h_outs)
     n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
     units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
     pairs_per_load = pow2_at_least(max_rank)
+    args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool]
+    out_rows, aliases = n, {}
+    if y is not None:
+        out_rows, dtype, aliases = y.shape[0], y.dtype, {len(args): 0}
+        args.append(y.reshape(out_rows, sum(units), dh))
+    elif row_start:
+        raise ValueError("row_start needs y")
     out = pl.pallas_call(
         functools.partial(
             _bgmv_expand_kernel,
@@ -188,14 +211,16 @@ def bgmv_expand(
             n_pairs=b_start.shape[0] // g,
             n_tokens=n,
             block_starts=starts,
+            row_start=row_start,
         ),
-        out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), dtype),
+        out_shape=jax.ShapeDtypeStruct((out_rows, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
+        input_output_aliases=aliases,
         compiler_params=_params(tunables),
         interpret=interpret,
-        name="bgmv_expand",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool)
-    return out.reshape(n, sum(h_outs))
+        name="bgmv_expand_add" if y is not None else "bgmv_expand",
+    )(*args)
+    return out.reshape(out_rows, sum(h_outs))
 
 
 def _bgmv_fused_kernel(
@@ -296,7 +321,7 @@ def bgmv_fused(
 
 
 def lora_decode_kernel(
-    x: jax.Array,  # [N, H_in]
+    x: jax.Array,  # [N_all, H_in]: the tokens are rows [row_start, row_start + N)
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
     token_index: jax.Array,  # [G*K] int32, each projection's K grouped by token; padding pairs: N
@@ -308,14 +333,47 @@ def lora_decode_kernel(
     tunables: LoraTunables,
     max_rank: int = 16,
     interpret: bool = False,
-) -> jax.Array:  # [N, sum(h_outs)] in x.dtype
+    y: jax.Array | None = None,  # [N_all, sum(h_outs)]: add the deltas to its rows row_start .. + N
+    row_start: int = 0,
+) -> jax.Array:  # [N, sum(h_outs)] in x.dtype; or y with the deltas added
     """BGMV of G >= 1 projections that read the same x: one launch (bgmv_fused) for batches of at most
-    tunables.fused_max_tokens tokens, else a shared shrink and a shared expand."""
+    tunables.fused_max_tokens tokens, else a shared shrink and a shared expand. With y, the Triton
+    expand adds the deltas into y's rows in place; the other expands add them afterwards."""
     kw = dict(tunables=tunables, max_rank=max_rank, interpret=interpret)
-    if x.shape[0] <= tunables.fused_max_tokens:
+    n = offsets.shape[0] // len(h_outs) - 1
+    if y is not None and (n <= tunables.fused_max_tokens or tunables.expand_backend != "triton"):
+        rows = x[row_start : row_start + n]
+        delta = lora_decode_kernel(
+            rows, pool, layer, token_index, a_start, b_start, offsets, h_outs=h_outs, **kw
+        )
+        return y.at[row_start : row_start + n].add(delta.astype(y.dtype))
+    if n <= tunables.fused_max_tokens:
         return bgmv_fused(x, pool, layer, a_start, b_start, offsets, h_outs=h_outs, **kw)
-    shrunk = bgmv_shrink(x, pool, layer, token_index, a_start, tunables=tunables, interpret=interpret)
+    shrunk = bgmv_shrink(
+        x,
+        pool,
+        layer,
+        token_index,
+        a_start,
+        tunables=tunables,
+        interpret=interpret,
+        row_start=row_start,
+        n_tokens=n,
+    )
     expand = expand_kernel(tunables)
+    if y is not None:
+        return bgmv_expand(
+            shrunk,
+            pool,
+            layer,
+            b_start,
+            offsets,
+            h_outs=h_outs,
+            dtype=y.dtype,
+            y=y,
+            row_start=row_start,
+            **kw,
+        )
     return expand(shrunk, pool, layer, b_start, offsets, h_outs=h_outs, dtype=x.dtype, **kw)
 
 
@@ -334,19 +392,23 @@ def expand_kernel(tunables: LoraTunables):
 SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this many programs run
 
 
-def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, f32_dot):
+def _sgmv_shrink_kernel(
+    layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, f32_dot, seq_len, row_start
+):
     """One block of a sequence's tokens against its adapter's A rows, over one split of the input
-    units (split-K: a lone long chunk would otherwise run only T / block_tokens programs)."""
+    units (split-K: a lone long chunk would otherwise run only T / block_tokens programs). x: [rows,
+    units, Dh], sequence b's tokens at rows row_start + b * seq_len .. + seq_len."""
     b = pl.program_id(0)
     t0 = pl.program_id(1) * block_tokens
     k = pl.program_id(2)
     layer = layer_ref[0]
     rows_a = a_ref[b, :]  # [R]
     r = rows_a.shape[0]
+    row0 = row_start + b * seq_len + t0
 
     def body(i, acc):
         c = k * units_per + i
-        xs = x_ref[b, pl.ds(t0, block_tokens), c, :]  # [BT, Dh]
+        xs = x_ref[pl.ds(row0, block_tokens), c, :]  # [BT, Dh]
         tile = pool_ref[layer, rows_a + c, :]  # [R, Dh]; padding rows read the zero page
         if f32_dot:
             return acc + pltriton.dot(
@@ -359,14 +421,29 @@ def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_token
 
 
 def _sgmv_expand_kernel(
-    layer_ref, b_ref, s_ref, pool_ref, o_ref, *, block_tokens, out_units, splits, rank, block_starts, f32_dot
+    layer_ref,
+    b_ref,
+    s_ref,
+    pool_ref,
+    *refs,
+    block_tokens,
+    out_units,
+    splits,
+    rank,
+    block_starts,
+    f32_dot,
+    seq_len,
+    row_start,
 ):
     """One block of tokens times out_units output units of one projection of the group (member m owns
-    the shrunk columns and B rows [m * rank, (m + 1) * rank))."""
+    the shrunk columns and B rows [m * rank, (m + 1) * rank)). refs: (o_ref,), or (y_ref, o_ref) with y
+    aliased to the output: the deltas are added to y's rows (sequence b's at row_start + b * seq_len)."""
+    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     b = pl.program_id(0)
     t0 = pl.program_id(1) * block_tokens
     j = pl.program_id(2)
     layer = layer_ref[0]
+    row0 = row_start + b * seq_len + t0
     m, jm = projection_of(j, block_starts)  # the member, and the block within its own output
     rows_b = b_ref[b, pl.ds(m * rank, rank)]  # [R]
     s = s_ref[b, pl.ds(t0, block_tokens), 0, pl.ds(m * rank, rank)]  # [BT, R] float32: splits summed
@@ -378,10 +455,89 @@ def _sgmv_expand_kernel(
             out = pltriton.dot(s, tile.astype(jnp.float32), allow_tf32=False)
         else:
             out = pltriton.dot(s.astype(tile.dtype), tile)
-        o_ref[b, pl.ds(t0, block_tokens), j * out_units + u, :] = out.astype(o_ref.dtype)
+        col = j * out_units + u
+        if y_ref is not None:
+            out = out.astype(jnp.float32) + y_ref[pl.ds(row0, block_tokens), col, :].astype(jnp.float32)
+        o_ref[pl.ds(row0, block_tokens), col, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("h_outs", "rank", "tunables", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("h_outs", "rank", "tunables", "interpret", "seq_len", "row_start")
+)
+def sgmv_rows(
+    x: jax.Array,  # [N_all, H_in]: sequence b's tokens are rows row_start + b * seq_len .. + seq_len
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    a_start: jax.Array,  # [B, RG] int32; 0 for padding rows
+    b_start: jax.Array,  # [B, RG] int32
+    y: jax.Array | None,  # [N_all, sum(h_outs)] to add the deltas into (aliased), or None
+    *,
+    h_outs: tuple[int, ...],
+    rank: int,
+    tunables: LoraTunables,
+    seq_len: int,
+    row_start: int = 0,
+    interpret: bool = False,
+) -> jax.Array:  # y with the deltas added to the sequences' rows; or the deltas [B * seq_len, sum(h_outs)]
+    """SGMV of G projections that read the same x (one shrink launch and one expand launch for all):
+    member m's rows are columns [m * rank, (m + 1) * rank) of a_start/b_start (RG >= G * rank, a power
+    of two; the rest padding)."""
+    bsz, t = a_start.shape[0], seq_len
+    n_all, h_in = x.shape
+    dh = pool.shape[2]
+    units_in = h_in // dh
+    _, out_units, blocks, block_starts = output_blocks(h_outs, dh, tunables.sgmv_out_units)
+    units_out = sum(h_outs) // dh
+    rg = a_start.shape[1]
+    bt = min(tunables.block_tokens, t)
+    f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
+    layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
+    # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
+    # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
+    splits = largest_pow2_divisor(units_in, max(1, SGMV_SHRINK_PROGRAMS // (bsz * (t // bt))))
+    rows = dict(seq_len=t, row_start=row_start)
+    shrunk = pl.pallas_call(
+        functools.partial(
+            _sgmv_shrink_kernel, block_tokens=bt, units_per=units_in // splits, f32_dot=f32_dot, **rows
+        ),
+        out_shape=jax.ShapeDtypeStruct((bsz, t, splits, rg), jnp.float32),
+        grid=(bsz, t // bt, splits),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
+        ),
+        interpret=interpret,
+        name="sgmv_shrink",
+    )(layer_arr, a_start, x.reshape(n_all, units_in, dh), pool)
+    args = [layer_arr, b_start, shrunk, pool]
+    out_rows, dtype, aliases = bsz * t, x.dtype, {}
+    if y is not None:
+        out_rows, dtype, aliases = y.shape[0], y.dtype, {len(args): 0}
+        args.append(y.reshape(out_rows, units_out, dh))
+    elif row_start:
+        raise ValueError("row_start needs y")
+    out = pl.pallas_call(
+        functools.partial(
+            _sgmv_expand_kernel,
+            block_tokens=bt,
+            out_units=out_units,
+            splits=splits,
+            rank=rank,
+            block_starts=block_starts,
+            f32_dot=f32_dot,
+            **rows,
+        ),
+        out_shape=jax.ShapeDtypeStruct((out_rows, units_out, dh), dtype),
+        grid=(bsz, t // bt, sum(blocks)),
+        input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
+        ),
+        interpret=interpret,
+        name="sgmv_expand_add" if y is not None else "sgmv_expand",
+    )(*args)
+    return out.reshape(out_rows, units_out * dh)
+
+
 def lora_prefill_kernel(
     x: jax.Array,  # [B, T, H_in]
     pool: jax.Array,  # [L, U, Dh]
@@ -394,52 +550,22 @@ def lora_prefill_kernel(
     tunables: LoraTunables,
     interpret: bool = False,
 ) -> jax.Array:  # [B, T, sum(h_outs)]: the members' deltas side by side
-    """SGMV of G projections that read the same x (one shrink launch and one expand launch for all):
-    member m's rows are columns [m * rank, (m + 1) * rank) of a_start/b_start (RG >= G * rank, a power
-    of two; the rest padding)."""
+    """sgmv_rows over a [B, T] batch of its own."""
     bsz, t, h_in = x.shape
-    dh = pool.shape[2]
-    units_in = h_in // dh
-    _, out_units, blocks, block_starts = output_blocks(h_outs, dh, tunables.sgmv_out_units)
-    units_out = sum(h_outs) // dh
-    rg = a_start.shape[1]
-    bt = min(tunables.block_tokens, t)
-    f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
-    layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
-    # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
-    # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    splits = largest_pow2_divisor(units_in, max(1, SGMV_SHRINK_PROGRAMS // (bsz * (t // bt))))
-    shrunk = pl.pallas_call(
-        functools.partial(
-            _sgmv_shrink_kernel, block_tokens=bt, units_per=units_in // splits, f32_dot=f32_dot
-        ),
-        out_shape=jax.ShapeDtypeStruct((bsz, t, splits, rg), jnp.float32),
-        grid=(bsz, t // bt, splits),
-        compiler_params=pltriton.CompilerParams(
-            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
-        ),
+    out = sgmv_rows(
+        x.reshape(bsz * t, h_in),
+        pool,
+        layer,
+        a_start,
+        b_start,
+        None,
+        h_outs=h_outs,
+        rank=rank,
+        tunables=tunables,
+        seq_len=t,
         interpret=interpret,
-        name="sgmv_shrink",
-    )(layer_arr, a_start, x.reshape(bsz, t, units_in, dh), pool)
-    out = pl.pallas_call(
-        functools.partial(
-            _sgmv_expand_kernel,
-            block_tokens=bt,
-            out_units=out_units,
-            splits=splits,
-            rank=rank,
-            block_starts=block_starts,
-            f32_dot=f32_dot,
-        ),
-        out_shape=jax.ShapeDtypeStruct((bsz, t, units_out, dh), x.dtype),
-        grid=(bsz, t // bt, sum(blocks)),
-        compiler_params=pltriton.CompilerParams(
-            num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
-        ),
-        interpret=interpret,
-        name="sgmv_expand",
-    )(layer_arr, b_start, shrunk, pool)
-    return out.reshape(bsz, t, units_out * dh)
+    )
+    return out.reshape(bsz, t, -1)
 
 
 def sgmv_supported(t: int, r: int, tunables: LoraTunables) -> bool:

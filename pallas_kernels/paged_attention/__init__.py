@@ -10,6 +10,7 @@ interpret mode), else the reference, as every other backend.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.backend import cpu_kernels, resolve
 from pallas_kernels.cpu import attention_supported
@@ -19,7 +20,12 @@ from pallas_kernels.paged_attention.kernel import (
     paged_decode_attention_kernel,
     tunables_for,
 )
-from pallas_kernels.paged_attention.prefill_kernel import PrefillTunables, paged_prefill_attention_kernel
+from pallas_kernels.paged_attention.prefill_kernel import (
+    PrefillTunables,
+    paged_prefill_attention_kernel,
+    paged_prefill_attention_rows,
+    prefill_direct,
+)
 from pallas_kernels.paged_attention.prefill_kernel import tunables_for as prefill_tunables_for
 from pallas_kernels.paged_attention.reference import (
     paged_attention_reference,
@@ -39,6 +45,7 @@ __all__ = [
     "PrefillTunables",
     "paged_attention",
     "paged_attention_reference",
+    "paged_attention_rows",
     "write_kv",
     "write_kv_layer",
     "write_kv_layer_reference",
@@ -140,3 +147,96 @@ def paged_attention(
         interpret=path == "interpret",
     )
     return out[:, None]
+
+
+def paged_attention_rows(
+    q,
+    k_new,
+    v_new,
+    pool,
+    layer,
+    page_tables,
+    positions,
+    cached_lens,
+    new_lens,
+    out=None,
+    *,
+    row_start: int,
+    page_size: int,
+    sliding_window: int | None = None,
+    implementation: str = "reference",
+    prefill_kernel: bool | None = None,
+) -> jax.Array:
+    """paged_attention of a [B, T] batch whose tokens are rows [row_start, row_start + B*T) of the
+    step's q, k_new, v_new ([N, H, Dh]: a mixed step's decode rows and prefill chunks side by side),
+    written into those rows of out ([N, Hq, Dh]; its other rows kept) or of a new array (its other rows
+    unspecified). The Pallas kernels read and write the rows in place: no slices of q/k/v and no join
+    of the batches' outputs. Other paths slice, attend and write the rows."""
+    if q.ndim != 3 or k_new.ndim != 3 or k_new.shape != v_new.shape or q.shape[0] != k_new.shape[0]:
+        raise ValueError(f"q {q.shape}, k {k_new.shape}, v {v_new.shape} must be [N, H, Dh] with one N")
+    b, t = positions.shape
+    if row_start < 0 or row_start + b * t > q.shape[0]:
+        raise ValueError(f"rows [{row_start}, {row_start + b * t}) are not within q's {q.shape[0]} rows")
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+    path = resolve(implementation)
+    window = dict(page_size=page_size, sliding_window=sliding_window)
+    group = q.shape[1] // k_new.shape[1]
+    interpret = path == "interpret"
+    on_cpu = cpu_kernels(implementation)
+    if path != "reference" and not on_cpu and t == 1:
+        return paged_decode_attention_kernel(
+            q,
+            k_new,
+            v_new,
+            pool,
+            layer,
+            page_tables,
+            positions[:, 0],
+            cached_lens,
+            **window,
+            tunables=tunables_for(page_size, q.shape[2]),
+            interpret=interpret,
+            row_start=row_start,
+            out=out,
+        )
+    if path != "reference" and (PREFILL_KERNEL[path] if prefill_kernel is None else prefill_kernel):
+        tunables = prefill_tunables_for(page_size, q.shape[2], group)
+        if prefill_direct(t, group, tunables):
+            return paged_prefill_attention_rows(
+                q,
+                k_new,
+                v_new,
+                pool,
+                layer,
+                page_tables,
+                positions,
+                cached_lens,
+                new_lens,
+                out,
+                row_start=row_start,
+                **window,
+                tunables=tunables,
+                interpret=interpret,
+            )
+    rows = slice(row_start, row_start + b * t)
+
+    def batch(x):
+        return x[rows].reshape(b, t, *x.shape[1:])
+
+    res = paged_attention(
+        batch(q),
+        batch(k_new),
+        batch(v_new),
+        pool,
+        layer,
+        page_tables,
+        positions,
+        cached_lens,
+        new_lens,
+        **window,
+        implementation=implementation,
+        prefill_kernel=prefill_kernel,
+    )
+    base = out if out is not None else jnp.zeros(q.shape, q.dtype)
+    return base.at[rows].set(res.reshape(b * t, *q.shape[1:]).astype(q.dtype))

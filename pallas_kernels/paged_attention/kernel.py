@@ -52,8 +52,8 @@ def _decode_kernel(
     kn_ref,
     vn_ref,
     pool_ref,
-    o_ref,
-    *,
+    *refs,
+    row_start,
     group,
     page_size,
     page_units,
@@ -63,13 +63,15 @@ def _decode_kernel(
     window,
     scale,
 ):
+    o_ref = refs[-1]  # (o_ref,) or (out_ref, o_ref): out aliased to o, its other rows kept
     b = pl.program_id(0)
     h = pl.program_id(1)
+    row = row_start + b
     layer = layer_ref[0]
     pos = pos_ref[b]
     clen = clen_ref[b]
     dh = pool_ref.shape[2]
-    qs = [q_ref[b, h * group + g, :].astype(jnp.float32) * scale for g in range(group)]  # G x [Dh]
+    qs = [q_ref[row, h * group + g, :].astype(jnp.float32) * scale for g in range(group)]  # G x [Dh]
     key = jnp.arange(block_keys, dtype=jnp.int32)
 
     def block(i, carry):
@@ -104,8 +106,8 @@ def _decode_kernel(
         start = jnp.maximum(pos - window + 1, 0) // block_keys
     carry = jax.lax.fori_loop(start, n_blocks, block, init)
 
-    kn = kn_ref[b, h, :].astype(jnp.float32)
-    vn = vn_ref[b, h, :].astype(jnp.float32)
+    kn = kn_ref[row, h, :].astype(jnp.float32)
+    vn = vn_ref[row, h, :].astype(jnp.float32)
     for g in range(group):
         m, denom, acc = carry[g]
         s = jnp.sum(kn * qs[g], axis=0)
@@ -113,7 +115,7 @@ def _decode_kernel(
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new)
         out = (acc * alpha + p * vn) / (denom * alpha + p)
-        o_ref[b, h * group + g, :] = out.astype(o_ref.dtype)
+        o_ref[row, h * group + g, :] = out.astype(o_ref.dtype)
 
 
 def _decode_mma_kernel(
@@ -125,8 +127,8 @@ def _decode_mma_kernel(
     kn_ref,
     vn_ref,
     pool_ref,
-    o_ref,
-    *,
+    *refs,
+    row_start,
     page_size,
     page_units,
     n_kv,
@@ -140,14 +142,17 @@ def _decode_mma_kernel(
 ):
     """One program per (sequence, KV head): the group's query heads as a tile of GP >= 16 rows, read
     and written in place (rows past the group repeat its last head: the same values, computed and
-    written again), so no padded copy of q and no slice of the output outside the kernel."""
+    written again), so no padded copy of q and no slice of the output outside the kernel. Sequence b's
+    query, key, value and output are row row_start + b of q, k_new, v_new and the output."""
+    o_ref = refs[-1]  # (o_ref,) or (out_ref, o_ref): out aliased to o, its other rows kept
     b = pl.program_id(0)
     h = pl.program_id(1)
+    row = row_start + b
     layer = layer_ref[0]
     pos = pos_ref[b]
     clen = clen_ref[b]
     heads = h * group + jnp.minimum(jnp.arange(gp, dtype=jnp.int32), group - 1)  # [GP]
-    q = q_ref[b, heads, :]  # [GP, Dh]
+    q = q_ref[row, heads, :]  # [GP, Dh]
     dh = q.shape[1]
     key = jnp.arange(block_keys, dtype=jnp.int32)
 
@@ -180,21 +185,23 @@ def _decode_mma_kernel(
         start = jnp.maximum(pos - window + 1, 0) // block_keys
     m, denom, acc = jax.lax.fori_loop(start, n_blocks, block, init)
 
-    kn = kn_ref[b, h, :].astype(jnp.float32)  # the step's own key and value
-    vn = vn_ref[b, h, :].astype(jnp.float32)
+    kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value
+    vn = vn_ref[row, h, :].astype(jnp.float32)
     s = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [GP]
     m_new = jnp.maximum(m, s)
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new)
     out = (acc * alpha[:, None] + p[:, None] * vn[None, :]) / (denom * alpha + p)[:, None]
-    o_ref[b, heads, :] = out.astype(o_ref.dtype)
+    o_ref[row, heads, :] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret", "row_start")
+)
 def paged_decode_attention_kernel(
-    q: jax.Array,  # [B, Hq, Dh] one query per sequence
-    k_new: jax.Array,  # [B, Hkv, Dh] the step's own key (not yet in the pool)
-    v_new: jax.Array,  # [B, Hkv, Dh]
+    q: jax.Array,  # [N, Hq, Dh] one query per sequence: sequence b's is row row_start + b
+    k_new: jax.Array,  # [N, Hkv, Dh] the step's own key (not yet in the pool)
+    v_new: jax.Array,  # [N, Hkv, Dh]
     pool: jax.Array,  # [L, U, Dh]
     layer: jax.Array,  # [] int32
     page_tables: jax.Array,  # [B, P] int32
@@ -205,8 +212,11 @@ def paged_decode_attention_kernel(
     sliding_window: int | None = None,
     tunables: AttentionTunables = AttentionTunables(),
     interpret: bool = False,
-) -> jax.Array:  # [B, Hq, Dh]
-    b, hq, dh = q.shape
+    row_start: int = 0,
+    out: jax.Array | None = None,  # [N, Hq, Dh]: written in place at the sequences' rows, others kept
+) -> jax.Array:  # [N, Hq, Dh]: rows row_start .. + B written (the others: out's, else unspecified)
+    n, hq, dh = q.shape
+    b = page_tables.shape[0]
     hkv = k_new.shape[1]
     p = page_tables.shape[1]
     ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
@@ -221,26 +231,42 @@ def paged_decode_attention_kernel(
         n_table=p,
         window=sliding_window,
         scale=1.0 / float(dh) ** 0.5,
+        row_start=row_start,
     )
-    scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, positions, cached_lens)
+    if row_start < 0 or row_start + b > n:
+        raise ValueError(f"rows [{row_start}, {row_start + b}) are not within q's {n} rows")
+    args = [
+        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        page_tables,
+        positions,
+        cached_lens,
+        q,
+        k_new,
+        v_new,
+        pool,
+    ]
+    aliases = {}
+    if out is not None:
+        if out.shape != q.shape:
+            raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+        aliases = {len(args): 0}
+        args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
     if tunables.mma:
         gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
-        return pl.pallas_call(
-            functools.partial(
-                _decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32, group=group, gp=gp
-            ),
-            out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
-            grid=(b, hkv),
-            compiler_params=params,
-            interpret=interpret,
-            name="paged_decode_attention_mma",
-        )(*scalars, q, k_new, v_new, pool)
+        kernel = functools.partial(
+            _decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32, group=group, gp=gp
+        )
+        name = "paged_decode_attention_mma"
+    else:
+        kernel = functools.partial(_decode_kernel, group=group, **common)
+        name = "paged_decode_attention"
     return pl.pallas_call(
-        functools.partial(_decode_kernel, group=group, **common),
-        out_shape=jax.ShapeDtypeStruct((b, hq, dh), q.dtype),
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, hq, dh), q.dtype),
         grid=(b, hkv),
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
-        name="paged_decode_attention",
-    )(*scalars, q, k_new, v_new, pool)
+        name=name,
+    )(*args)

@@ -65,8 +65,7 @@ def _prefill_kernel(
     kn_ref,
     vn_ref,
     pool_ref,
-    o_ref,
-    *,
+    *refs,
     gp,
     block_q,
     page_size,
@@ -79,15 +78,19 @@ def _prefill_kernel(
     scale,
     f32_dot,
     direct,
+    seq_len,
+    row_start,
 ):
+    o_ref = refs[-1]  # (o_ref,) or (out_ref, o_ref): out aliased to o, its other rows kept
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row0 = row_start + b * seq_len  # direct: sequence b's first row in q, k_new, v_new and the output
     layer = layer_ref[0]
     clen, nlen = clen_ref[b], nlen_ref[b]
     rows = block_q * gp
     t0 = qb * block_q
     dh = q_ref.shape[-1]
-    if direct:  # q, k_new, v_new, out as the caller has them: [B, T, H, Dh], gp == group
-        q = q_ref[b, pl.ds(t0, block_q), pl.ds(h * gp, gp), :].reshape(rows, dh)
+    if direct:  # q, k_new, v_new, out as the caller has them, [rows, H, Dh]; gp == group
+        q = q_ref[pl.ds(row0 + t0, block_q), pl.ds(h * gp, gp), :].reshape(rows, dh)
     else:
         q = q_ref[b, h, pl.ds(t0 * gp, rows), :]  # [R, Dh]; row r is token t0 + r // gp
     q_tok = t0 + jnp.arange(rows, dtype=jnp.int32) // gp
@@ -118,7 +121,8 @@ def _prefill_kernel(
         if window is not None:
             ok = ok & (q_pos[:, None] - kpos[None, :] < window)
         if direct:
-            kt, vt = kn_ref[b, pl.ds(j0, chunk_keys), h, :], vn_ref[b, pl.ds(j0, chunk_keys), h, :]
+            kt = kn_ref[pl.ds(row0 + j0, chunk_keys), h, :]
+            vt = vn_ref[pl.ds(row0 + j0, chunk_keys), h, :]
         else:
             kt, vt = kn_ref[b, h, pl.ds(j0, chunk_keys), :], vn_ref[b, h, pl.ds(j0, chunk_keys), :]
         return update(carry, kt, vt, ok)
@@ -137,9 +141,80 @@ def _prefill_kernel(
     m, denom, acc = jax.lax.fori_loop(0, n_chunk, chunk_block, carry)
     out = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(o_ref.dtype)
     if direct:
-        o_ref[b, pl.ds(t0, block_q), pl.ds(h * gp, gp), :] = out.reshape(block_q, gp, dh)
+        o_ref[pl.ds(row0 + t0, block_q), pl.ds(h * gp, gp), :] = out.reshape(block_q, gp, dh)
     else:
         o_ref[b, h, pl.ds(t0 * gp, rows), :] = out
+
+
+def _shapes(t: int, group: int, tunables: PrefillTunables) -> tuple[int, int, int, int]:
+    """(GP, query block, chunk key block, T padded to whole blocks) of a chunk of t tokens."""
+    gp = 1 << (group - 1).bit_length()
+    block_q = _pow2_at_most(t, tunables.block_queries)
+    while block_q * gp < 16:  # tensor-core tiles need 16+ rows
+        block_q *= 2
+    chunk_keys = max(16, _pow2_at_most(t, tunables.block_keys))
+    tp = -(-t // max(block_q, chunk_keys)) * max(block_q, chunk_keys)  # whole query and key blocks
+    return gp, block_q, chunk_keys, tp
+
+
+def prefill_direct(t: int, group: int, tunables: PrefillTunables) -> bool:
+    """Whether chunks of t tokens are whole blocks and the group a power of two: then the kernel reads
+    q, k_new, v_new and writes its output in the caller's layout (no pad, transpose or slice launches
+    around it), and can work on rows of larger arrays (paged_prefill_attention_rows)."""
+    gp, _, _, tp = _shapes(t, group, tunables)
+    return tp == t and gp == group
+
+
+def _launch(qg, kn, vn, pos, out, *, meta, t, hkv, group, row_start, direct, out_shape, tunables, **kw):
+    """The pallas_call: meta = (pool, layer, page_tables, cached_lens, new_lens); out, if given, is
+    aliased to the output (its rows outside this batch's kept)."""
+    pool, layer, page_tables, cached_lens, new_lens = meta
+    b = page_tables.shape[0]
+    gp, block_q, chunk_keys, tp = _shapes(t, group, tunables)
+    n_table = page_tables.shape[1]
+    ppb = _pow2_at_most(n_table, tunables.pages_per_block)
+    dh = pool.shape[2]
+    kernel = functools.partial(
+        _prefill_kernel,
+        gp=gp,
+        block_q=block_q,
+        page_size=kw["page_size"],
+        page_units=kw["page_size"] * 2 * hkv,
+        n_kv=hkv,
+        cached_keys=max(16, ppb * kw["page_size"]),
+        chunk_keys=chunk_keys,
+        n_table=n_table,
+        window=kw["sliding_window"],
+        scale=1.0 / float(dh) ** 0.5,
+        f32_dot=pool.dtype == jnp.float32,
+        direct=direct,
+        seq_len=t,
+        row_start=row_start,
+    )
+    args = [
+        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        page_tables,
+        pos,
+        cached_lens,
+        new_lens,
+        qg,
+        kn,
+        vn,
+        pool,
+    ]
+    aliases = {}
+    if out is not None:
+        aliases = {len(args): 0}
+        args.append(out.astype(qg.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out_shape, qg.dtype),
+        grid=(b, hkv, tp // block_q),
+        input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
+        interpret=kw["interpret"],
+        name="paged_prefill_attention",
+    )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret"))
@@ -162,52 +237,98 @@ def paged_prefill_attention_kernel(
     b, t, hq, dh = q.shape
     hkv = k_new.shape[2]
     group = hq // hkv
-    gp = 1 << (group - 1).bit_length()
-    block_q = _pow2_at_most(t, tunables.block_queries)
-    while block_q * gp < 16:  # tensor-core tiles need 16+ rows
-        block_q *= 2
-    chunk_keys = max(16, _pow2_at_most(t, tunables.block_keys))
-    tp = -(-t // max(block_q, chunk_keys)) * max(block_q, chunk_keys)  # whole query and key blocks
-    # whole blocks and a power-of-two group: the kernel reads q, k_new, v_new and writes its output in
-    # the caller's [B, T, H, Dh] layout (no pad, transpose or slice launches around it)
-    direct = tp == t and gp == group
-    if direct:
-        qg, kn, vn, pos = q, k_new, v_new, positions
-        out_shape = q.shape
-    else:
-        pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-        qg = jnp.pad(q.reshape(b, t, hkv, group, dh), ((0, 0), (0, tp - t), (0, 0), (0, gp - group), (0, 0)))
-        qg = qg.transpose(0, 2, 1, 3, 4).reshape(b, hkv, tp * gp, dh)  # row = token * gp + head in group
-        kn = jnp.pad(k_new, pad_t).transpose(0, 2, 1, 3)  # [B, Hkv, Tp, Dh]
-        vn = jnp.pad(v_new, pad_t).transpose(0, 2, 1, 3)
-        pos = jnp.pad(positions, ((0, 0), (0, tp - t)))
-        out_shape = (b, hkv, tp * gp, dh)
-    n_table = page_tables.shape[1]
-    ppb = _pow2_at_most(n_table, tunables.pages_per_block)
-    kernel = functools.partial(
-        _prefill_kernel,
-        gp=gp,
-        block_q=block_q,
-        page_size=page_size,
-        page_units=page_size * 2 * hkv,
-        n_kv=hkv,
-        cached_keys=max(16, ppb * page_size),
-        chunk_keys=chunk_keys,
-        n_table=n_table,
-        window=sliding_window,
-        scale=1.0 / float(dh) ** 0.5,
-        f32_dot=pool.dtype == jnp.float32,
-        direct=direct,
+    gp, _, _, tp = _shapes(t, group, tunables)
+    kw = dict(page_size=page_size, sliding_window=sliding_window, interpret=interpret, tunables=tunables)
+    meta = (pool, layer, page_tables, cached_lens, new_lens)
+    if prefill_direct(t, group, tunables):
+        flat = (x.reshape(b * t, x.shape[2], dh) for x in (q, k_new, v_new))
+        out = _launch(
+            *flat,
+            positions,
+            None,
+            meta=meta,
+            t=t,
+            hkv=hkv,
+            group=group,
+            row_start=0,
+            direct=True,
+            out_shape=(b * t, hq, dh),
+            **kw,
+        )
+        return out.reshape(b, t, hq, dh)
+    pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qg = jnp.pad(q.reshape(b, t, hkv, group, dh), ((0, 0), (0, tp - t), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(b, hkv, tp * gp, dh)  # row = token * gp + head in group
+    kn = jnp.pad(k_new, pad_t).transpose(0, 2, 1, 3)  # [B, Hkv, Tp, Dh]
+    vn = jnp.pad(v_new, pad_t).transpose(0, 2, 1, 3)
+    pos = jnp.pad(positions, ((0, 0), (0, tp - t)))
+    out = _launch(
+        qg,
+        kn,
+        vn,
+        pos,
+        None,
+        meta=meta,
+        t=t,
+        hkv=hkv,
+        group=group,
+        row_start=0,
+        direct=False,
+        out_shape=(b, hkv, tp * gp, dh),
+        **kw,
     )
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
-        grid=(b, hkv, tp // block_q),
-        compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
-        interpret=interpret,
-        name="paged_prefill_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), page_tables, pos, cached_lens, new_lens, qg, kn, vn, pool)
-    if direct:
-        return out
     out = out.reshape(b, hkv, tp, gp, dh)[:, :, :t, :group].transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, hq, dh)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret", "row_start")
+)
+def paged_prefill_attention_rows(
+    q: jax.Array,  # [N, Hq, Dh]: sequence b's chunk is rows row_start + b * T .. + T
+    k_new: jax.Array,  # [N, Hkv, Dh]
+    v_new: jax.Array,  # [N, Hkv, Dh]
+    pool: jax.Array,  # [L, U, Dh]
+    layer: jax.Array,  # [] int32
+    page_tables: jax.Array,  # [B, P] int32
+    positions: jax.Array,  # [B, T] int32
+    cached_lens: jax.Array,  # [B] int32
+    new_lens: jax.Array,  # [B] int32
+    out: jax.Array | None,  # [N, Hq, Dh] written in place at the batch's rows (others kept), or None
+    *,
+    row_start: int,
+    page_size: int,
+    sliding_window: int | None = None,
+    tunables: PrefillTunables = PrefillTunables(),
+    interpret: bool = False,
+) -> jax.Array:  # [N, Hq, Dh]: the batch's rows written (the others: out's, else unspecified)
+    """paged_prefill_attention_kernel on a [B, T] batch that is rows of larger arrays (a mixed step's
+    tokens): no slice of q/k/v and no join of outputs. Needs prefill_direct(T, group, tunables)."""
+    n, hq, dh = q.shape
+    b, t = positions.shape
+    hkv = k_new.shape[1]
+    group = hq // hkv
+    if not prefill_direct(t, group, tunables):
+        raise ValueError(f"chunks of {t} tokens with groups of {group} heads are not whole kernel blocks")
+    if row_start < 0 or row_start + b * t > n:
+        raise ValueError(f"rows [{row_start}, {row_start + b * t}) are not within q's {n} rows")
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+    return _launch(
+        q,
+        k_new,
+        v_new,
+        positions,
+        out,
+        meta=(pool, layer, page_tables, cached_lens, new_lens),
+        t=t,
+        hkv=hkv,
+        group=group,
+        row_start=row_start,
+        direct=True,
+        out_shape=(n, hq, dh),
+        page_size=page_size,
+        sliding_window=sliding_window,
+        tunables=tunables,
+        interpret=interpret,
+    )

@@ -1,0 +1,193 @@
+"""A mixed step's kernels on their batch's rows of the step's arrays (row offsets, outputs in place)
+against the same batches computed apart by the references: paged attention (decode rows and a prefill
+chunk batch in one q/k/v array) and the BGMV/SGMV deltas added into their rows of a projection's
+output. Rows outside a batch keep their values exactly. Interpret mode on CPU, compiled on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.lora import (
+    decode_offsets,
+    lora_decode_group,
+    lora_decode_group_add,
+    lora_prefill_group,
+    lora_prefill_group_add,
+    prefill_group_width,
+)
+from pallas_kernels.paged_attention import paged_attention, paged_attention_rows
+from tests.test_lora_kernels import FUSED, _check, _grouped_case, _pool
+from tests.test_paged_attention_kernel import TOL, _case, _prefill_case
+
+
+def _impl() -> str:
+    return "pallas" if jax.default_backend() == "gpu" else "interpret"
+
+
+def _embed(rng, rows: jax.Array, n_all: int, start: int) -> jax.Array:
+    """rows placed at [start, start + len) of a random [n_all, ...] array."""
+    out = jnp.asarray(rng.standard_normal((n_all, *rows.shape[1:])), rows.dtype)
+    return out.at[start : start + rows.shape[0]].set(rows)
+
+
+def _check_rows(got, want, start: int, n: int, before, dtype=jnp.float32) -> None:
+    """Rows [start, start + n) close to want; every other row exactly as before."""
+    got, before = np.asarray(got, np.float32), np.asarray(before, np.float32)
+    _check(got[start : start + n], want, dtype)
+    keep = np.ones(got.shape[0], bool)
+    keep[start : start + n] = False
+    np.testing.assert_array_equal(got[keep], before[keep])
+
+
+@pytest.mark.parametrize("tunables", [None, FUSED[0]])
+def test_decode_group_add_equals_deltas_on_its_rows(tunables):
+    """q/k/v of a GQA model (unequal widths), mixed ranks and a token with no adapter, rows 9..16 of a
+    20-row step; the one-launch BGMV (FUSED) takes the slice-and-add path."""
+    rng = np.random.default_rng(5)
+    n_tokens, h_in, widths, start, n_all = 7, 64, (64, 32, 32), 9, 20
+    ranks = [int(rng.choice((0, 1, 4, 16))) for _ in range(n_tokens)]
+    layer = jnp.int32(0)
+    x, pool, tok, a_all, b_all = _grouped_case(n_tokens, ranks, h_in, widths)
+    meta = (
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t, n_tokens) for t in tok]),
+    )
+    want = lora_decode_group(x, pool, layer, *meta, widths, implementation="reference", max_rank=16)
+    x_all = _embed(rng, x, n_all, start)
+    y = jnp.asarray(rng.standard_normal((n_all, sum(widths))), jnp.float32)
+    got = lora_decode_group_add(
+        y,
+        x_all,
+        pool,
+        layer,
+        *meta,
+        widths,
+        row_start=start,
+        implementation=_impl(),
+        tunables=tunables,
+        max_rank=16,
+    )
+    _check_rows(got, y[start : start + n_tokens] + want, start, n_tokens, y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "batch,t,r,widths,used,start,n_all",
+    [
+        (2, 16, 16, (96, 32, 32), ((16, 3), (5, 0), (16, 16)), 5, 45),  # q/k/v of GQA after 5 decode rows
+        (1, 32, 16, (64,), ((9,),), 3, 35),  # one projection (o), rows 3..35: the step's last rows
+        (2, 8, 16, (64,), ((4, 16),), 2, 18),  # chunks too short for the kernel: slice and add
+    ],
+)
+def test_prefill_group_add_equals_deltas_on_its_rows(batch, t, r, widths, used, start, n_all, dtype):
+    rng = np.random.default_rng(batch * 10 + t + start)
+    h_in, dh, g = 64, 16, len(widths)
+    units_in = h_in // dh
+    pool = _pool(rng, 3, 8 + g * batch * r * (units_in + max(widths) // dh), dh, dtype)
+    width = prefill_group_width(g, r) if g > 1 else r
+    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    unit = 8
+    for m, h_out in enumerate(widths):
+        for i in range(batch):
+            for j in range(used[m][i]):
+                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
+                unit += units_in + h_out // dh
+    x = jnp.asarray(rng.standard_normal((batch, t, h_in)), dtype)
+    layer = jnp.int32(1)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    want = lora_prefill_group(x, pool, layer, a, b, widths, r, implementation="reference")
+    x_all = _embed(rng, x.reshape(batch * t, h_in), n_all, start)
+    y = jnp.asarray(rng.standard_normal((n_all, sum(widths))), dtype)
+    got = lora_prefill_group_add(
+        y, x_all, pool, layer, a, b, widths, r, row_start=start, seq_len=t, implementation=_impl()
+    )
+    n = batch * t
+    want_rows = y[start : start + n].astype(jnp.float32) + want.reshape(n, -1).astype(jnp.float32)
+    _check_rows(got, want_rows, start, n, y, dtype)
+
+
+def _shared_pool(decode_args, prefill_args, page_units: int):
+    """Both cases' pools as one (the decode case's pages after the prefill case's)."""
+    shift = prefill_args[3].shape[1] // page_units
+    pool = jnp.concatenate([prefill_args[3], decode_args[3]], axis=1)
+    tables = jnp.where(decode_args[5] > 0, decode_args[5] + shift, 0)
+    return pool, tables
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "b_dec,b_pre,t,hq,hkv,dh,page_size",
+    [
+        (3, 2, 32, 4, 4, 16, 8),  # MHA, chunks in whole kernel blocks
+        (5, 1, 64, 8, 2, 16, 16),  # GQA 4, whole blocks
+        (2, 2, 20, 4, 2, 16, 8),  # a chunk that is not whole blocks: slice, attend, write
+    ],
+)
+def test_attention_rows_equal_each_batch_apart(b_dec, b_pre, t, hq, hkv, dh, page_size, dtype):
+    """A mixed step's layout: decode rows first, then the prefill batch, then 3 rows of neither (kept);
+    the decode kernel writes a new output and the prefill kernel writes into it."""
+    rng = np.random.default_rng(b_dec * 10 + t)
+    dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
+    pre, new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
+    pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
+    dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
+    pre = (*pre[:3], pool, *pre[4:])
+    window = dict(page_size=page_size)
+    want_dec = paged_attention(*dec, **window, implementation="reference")
+    want_pre = paged_attention(*pre, **window, implementation="reference")
+    n_pre = b_pre * t
+    n_all = b_dec + n_pre + 3
+    flat = [
+        jnp.concatenate([d.reshape(b_dec, *d.shape[2:]), p.reshape(n_pre, *p.shape[2:])])
+        for d, p in zip(dec[:3], pre[:3])
+    ]
+    q, k, v = (_embed(rng, x, n_all, 0) for x in flat)
+    out = paged_attention_rows(q, k, v, *dec[3:], None, row_start=0, **window, implementation=_impl())
+    before = out
+    out = paged_attention_rows(q, k, v, *pre[3:], out, row_start=b_dec, **window, implementation=_impl())
+    got = np.asarray(out, np.float32)
+    np.testing.assert_array_equal(got[:b_dec], np.asarray(before, np.float32)[:b_dec])  # kept
+    want_dec = np.asarray(want_dec, np.float32).reshape(b_dec, hq, dh)
+    assert np.abs(got[:b_dec] - want_dec).max() / np.abs(want_dec).max() < TOL[dtype]
+    real = (np.arange(t)[None, :] < new[:, None]).reshape(-1)
+    got_pre = got[b_dec : b_dec + n_pre][real]
+    want_pre = np.asarray(want_pre, np.float32).reshape(n_pre, hq, dh)[real]
+    assert np.isfinite(got_pre).all()
+    assert np.abs(got_pre - want_pre).max() / np.abs(want_pre).max() < TOL[dtype]
+
+
+def test_rows_outside_the_arrays_raise():
+    x, y = jnp.zeros((4, 16)), jnp.zeros((4, 16))
+    with pytest.raises(ValueError, match="not within"):
+        lora_prefill_group_add(
+            y,
+            x,
+            jnp.zeros((1, 8, 16)),
+            jnp.int32(0),
+            jnp.zeros((1, 16), jnp.int32),
+            jnp.zeros((1, 16), jnp.int32),
+            (16,),
+            16,
+            row_start=2,
+            seq_len=4,
+        )
+    q = jnp.zeros((3, 2, 16))
+    with pytest.raises(ValueError, match="not within"):
+        paged_attention_rows(
+            q,
+            q,
+            q,
+            jnp.zeros((1, 64, 16)),
+            jnp.int32(0),
+            jnp.zeros((2, 1), jnp.int32),
+            jnp.zeros((2, 1), jnp.int32),
+            jnp.zeros((2,), jnp.int32),
+            jnp.ones((2,), jnp.int32),
+            row_start=2,
+            page_size=16,
+        )
