@@ -48,7 +48,7 @@ def main() -> None:
     from bench.common import write_result
     from bench.decode_7b import load_random_adapters, make_params
     from bench.kernels.timing import bandwidth, roofline_TBps
-    from bench.profile import kernel_breakdown
+    from bench.profile import host_breakdown, kernel_breakdown
     from jlora.config import PRESETS, EngineConfig
     from jlora.loader import LoadedModel
     from jlora.scheduler import SchedulerConfig
@@ -101,8 +101,10 @@ def main() -> None:
     last = {"end": None}
 
     def timed_collect(inflight):
+        begin = time.perf_counter()
         out = original(inflight)
         end = time.perf_counter()
+        last["wait"] = end - begin  # the host waiting for the device's result
         kinds = sorted({c.kind for c in inflight.calls})
         chunk = any(k != "decode" for k in kinds)
         if last["end"] is not None:
@@ -113,12 +115,28 @@ def main() -> None:
                     "calls": kinds,
                     "s": end - last["end"],
                     "kv": context,
+                    "host_s": None,  # filled in by the step() that collected it
                 }
             )
         last["end"] = end
         return out
 
     paged.collect = timed_collect
+    step = runner.step
+
+    def timed_step():
+        """runner.step, recording the host's own time in it (not waiting for the device) on the step
+        it collected: a step period above the device's busy time with host time near the period is
+        host-bound."""
+        last["wait"] = 0.0
+        n = len(steps)
+        begin = time.perf_counter()
+        out = step()
+        if len(steps) > n:
+            steps[-1]["host_s"] = time.perf_counter() - begin - last["wait"]
+        return out
+
+    runner.step = timed_step
     rng = np.random.default_rng(0)
     sp_long = jlora.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     sp_one = jlora.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -164,12 +182,17 @@ def main() -> None:
                 "median_ms": med * 1e3,
                 "floor_ms": floor * 1e3,
                 "roofline_fraction": floor / med,
+                "host_ms_median": float(
+                    np.median([s["host_s"] for s in chosen if s["host_s"] is not None] or [0])
+                )
+                * 1e3,
                 "calls": sorted({c for s in chosen for c in s["calls"]}),
             }
     flops = 2 * (weight_bytes / 2) * (args.decodes + args.chunk)
     summary["chunk_step_tflops_at_median"] = flops / (summary["chunk"]["median_ms"] / 1e3) / 1e12
     try:
         summary["profile"] = kernel_breakdown(trace, steps=max(traced_steps, 1), top=20)
+        summary["host_profile"] = host_breakdown(trace, steps=max(traced_steps, 1), top=20)
     except Exception as e:  # noqa: BLE001
         summary["profile"] = {"error": repr(e)}
     for kind in ("decode", "chunk"):
@@ -177,7 +200,7 @@ def main() -> None:
         if s:
             print(
                 f"{kind:6s} {s['steps']:4d} steps, {s['median_ms']:.2f} ms (floor {s['floor_ms']:.2f}, "
-                f"{s['roofline_fraction']:.2f}) calls {s['calls']}"
+                f"{s['roofline_fraction']:.2f}) host {s['host_ms_median']:.2f} ms calls {s['calls']}"
             )
     prof = summary["profile"]
     if "top" in prof:
