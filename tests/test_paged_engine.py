@@ -108,6 +108,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
+        "kernels_interpret_lora_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
         "cpu_kernels",
         "cpu_kernels_small_pool_preempts",
@@ -221,9 +222,11 @@ def test_greedy_only_compiles_half_and_refuses_a_temperature(tiny):
     assert engine.generate([[1, 2, 3]], PARAMS)[0].token_ids == want
 
 
-def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch):
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch, impl):
     """The decode rows of a mixed step run each shared q/k/v and gate/up LoRA launch once per layer, as a
-    decode step does (the members' inputs are one split, not one each)."""
+    decode step does (the members' inputs are one split, not one each). interpret: the kernels, which
+    work on the mixed step's rows in place (rows_in_place), here with q/k/v as separate projections."""
     import jlora.model.paged as paged_model
 
     loaded, _, _ = tiny
@@ -236,7 +239,9 @@ def test_mixed_step_runs_each_lora_group_once(tiny, monkeypatch):
         "lora_prefill_group",
         lambda *a, **k: prefill_launches.append(a[5]) or real_prefill(*a, **k),
     )
-    config = small_config(mixed_steps="on", fuse_lora="on", greedy_only=True, lora_rank_buckets=(16,))
+    config = small_config(
+        mixed_steps="on", fuse_lora="on", greedy_only=True, lora_rank_buckets=(16,), implementation=impl
+    )
     engine = jlora.Engine(loaded, dataclasses.replace(config, compilation_cache_dir=None))
     groups = len(engine.paged.lora_groups)
     assert groups == 2 and sorted(n for n in engine.paged.compiled if n.endswith("_r16")) == [

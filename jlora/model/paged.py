@@ -166,6 +166,8 @@ def _lora_for(
             return delta.reshape(b, t, h_out)
         return lora_prefill(x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
 
+    row_inputs: dict[int, tuple[jax.Array, jax.Array]] = {}  # row_start -> (x, its rows as [B, T, in])
+
     def add_rows(names, x, y, rows_pool, row_start: int, shape: tuple[int, int]) -> jax.Array:
         b, t = shape
         group = groups.get(names[0])
@@ -176,7 +178,9 @@ def _lora_for(
                 return y
         if meta is None:  # members of a group asked for apart, or several ungrouped projections
             rows = slice(row_start, row_start + b * t)
-            delta = lora_fn(names, x[rows].reshape(b, t, -1), rows_pool)
+            if row_inputs.get(row_start, (None,))[0] is not x:  # one slice, so a group launches once
+                row_inputs[row_start] = (x, x[rows].reshape(b, t, -1))
+            delta = lora_fn(names, row_inputs[row_start][1], rows_pool)
             return y if delta is None else y.at[rows].add(delta.reshape(b * t, -1).astype(y.dtype))
         widths = tuple(shapes[m][1] for m in names)
         kw = dict(row_start=row_start, implementation=impl)
@@ -345,13 +349,16 @@ def forward_paged(
         lora_fn = None
         if any_lora:
             fns = [_lora_for(m, layer, shapes, impl) if m is not None else None for m in loras]
-            last_split: list = [None, None]  # (x, its per-batch parts): a group's members share one input
+            # (x, its per-batch parts, or its rows flat): a group's members share one input
+            last_split: list = [None, None]
 
             def lora_fn(names, x, y, state):
                 rows_pool = state if write_now else pool  # the pool as of this point of the layer
                 if rows_mode:
                     n = x.shape[0] * x.shape[1]
-                    xf, yf = x.reshape(n, -1), y.reshape(n, -1)
+                    if last_split[0] is not x:  # the same flat array, so a group's slice is made once
+                        last_split[:] = [x, x.reshape(n, -1)]
+                    xf, yf = last_split[1], y.reshape(n, -1)
                     for fn, b, start in zip(fns, batches, parts.starts):
                         if fn is not None:
                             yf = fn.add_rows(names, xf, yf, rows_pool, start, b.tokens.shape)
