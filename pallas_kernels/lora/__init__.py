@@ -401,20 +401,18 @@ def lora_decode_group_add(
     _check_decode_pairs(x, pool, token_index, a_start, b_start)
     for h in h_outs:
         _check_widths(x.shape[1], h, pool.shape[2])
+    pairs = (token_index, a_start, b_start, offsets)
+    kw = dict(tunables=tunables or tunables_for(pool.shape[2], n), max_rank=max_rank)
     return lora_decode_kernel(
         x,
         pool,
         layer,
-        token_index,
-        a_start,
-        b_start,
-        offsets,
+        *pairs,
         h_outs=tuple(h_outs),
-        tunables=tunables or tunables_for(pool.shape[2], n),
-        max_rank=max_rank,
         interpret=path == "interpret",
         y=y,
         row_start=row_start,
+        **kw,
     )
 
 

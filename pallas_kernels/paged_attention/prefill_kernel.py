@@ -239,22 +239,10 @@ def paged_prefill_attention_kernel(
     group = hq // hkv
     gp, _, _, tp = _shapes(t, group, tunables)
     kw = dict(page_size=page_size, sliding_window=sliding_window, interpret=interpret, tunables=tunables)
-    meta = (pool, layer, page_tables, cached_lens, new_lens)
-    if prefill_direct(t, group, tunables):
-        flat = (x.reshape(b * t, x.shape[2], dh) for x in (q, k_new, v_new))
-        out = _launch(
-            *flat,
-            positions,
-            None,
-            meta=meta,
-            t=t,
-            hkv=hkv,
-            group=group,
-            row_start=0,
-            direct=True,
-            out_shape=(b * t, hq, dh),
-            **kw,
-        )
+    if prefill_direct(t, group, tunables):  # the batch as the rows of flat [B*T, H, Dh] arrays
+        flat = [x.reshape(b * t, x.shape[2], dh) for x in (q, k_new, v_new)]
+        args = (pool, layer, page_tables, positions, cached_lens, new_lens)
+        out = paged_prefill_attention_rows(*flat, *args, None, row_start=0, **kw)
         return out.reshape(b, t, hq, dh)
     pad_t = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     qg = jnp.pad(q.reshape(b, t, hkv, group, dh), ((0, 0), (0, tp - t), (0, 0), (0, gp - group), (0, 0)))
@@ -262,6 +250,7 @@ def paged_prefill_attention_kernel(
     kn = jnp.pad(k_new, pad_t).transpose(0, 2, 1, 3)  # [B, Hkv, Tp, Dh]
     vn = jnp.pad(v_new, pad_t).transpose(0, 2, 1, 3)
     pos = jnp.pad(positions, ((0, 0), (0, tp - t)))
+    meta = (pool, layer, page_tables, cached_lens, new_lens)
     out = _launch(
         qg,
         kn,
