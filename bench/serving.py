@@ -51,6 +51,7 @@ class StepRecorder:
             "bytes": len(calls) * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
             "tokens": sum(len(ch.tokens) for ch in chunks),
             "decodes": len(schedule.decodes),
+            "prompts": len(schedule.prefills),  # sequences whose prompt chunks the step carries
             "kind": "mixed"
             if schedule.decodes and schedule.prefills
             else ("decode" if schedule.decodes else "prefill"),
@@ -174,23 +175,34 @@ def replay(
     }
 
 
-def by_kind(steps: list[dict], bandwidth_Bps: float) -> dict[str, dict[str, float]]:
-    """Steps, their wall time and their roofline share, for decode-only, prefill-only and mixed steps."""
+def _summary(mine: list[dict], bandwidth_Bps: float) -> dict[str, float]:
+    wall = sum(s["wall"] for s in mine)
+    floor = sum(s["bytes"] for s in mine) / bandwidth_Bps
+    return {
+        "steps": len(mine),
+        "wall_s": wall,
+        "mean_step_ms": wall / len(mine) * 1e3,
+        "roofline_s": floor,
+        "roofline_fraction": floor / wall if wall else 0.0,
+        "mean_tokens": float(np.mean([s["tokens"] for s in mine])),
+    }
+
+
+def by_kind(steps: list[dict], bandwidth_Bps: float) -> dict[str, dict]:
+    """Steps, their wall time and their roofline share, for decode-only, prefill-only and mixed steps;
+    the steps that carry prompt chunks also by how many prompts they carry ("by_prompts": a step of P
+    prompts computes P padded chunks)."""
     out = {}
     for kind in ("decode", "prefill", "mixed"):
         mine = [s for s in steps if s["kind"] == kind]
         if not mine:
             continue
-        wall = sum(s["wall"] for s in mine)
-        floor = sum(s["bytes"] for s in mine) / bandwidth_Bps
-        out[kind] = {
-            "steps": len(mine),
-            "wall_s": wall,
-            "mean_step_ms": wall / len(mine) * 1e3,
-            "roofline_s": floor,
-            "roofline_fraction": floor / wall if wall else 0.0,
-            "mean_tokens": float(np.mean([s["tokens"] for s in mine])),
-        }
+        out[kind] = _summary(mine, bandwidth_Bps)
+        if kind != "decode" and all("prompts" in s for s in mine):
+            counts = sorted({s["prompts"] for s in mine})
+            out[kind]["by_prompts"] = {
+                str(p): _summary([s for s in mine if s["prompts"] == p], bandwidth_Bps) for p in counts
+            }
     return out
 
 

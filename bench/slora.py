@@ -263,6 +263,11 @@ def print_table(runs: list[dict]) -> None:
                 f"       {kind:8s} {k['steps']:5d} steps, {k['mean_step_ms']:6.2f} ms each "
                 f"({k['mean_tokens']:.0f} tokens), roofline {k['roofline_fraction']:.2f}"
             )
+            for p, kp in k.get("by_prompts", {}).items():
+                print(
+                    f"         {p} prompt(s) {kp['steps']:5d} steps, {kp['mean_step_ms']:6.2f} ms each "
+                    f"({kp['mean_tokens']:.0f} tokens), roofline {kp['roofline_fraction']:.2f}"
+                )
         if "T7" in r:
             t7 = r["T7"]
             print(

@@ -168,13 +168,18 @@ def test_by_kind_splits_steps_and_their_roofline():
     steps = [
         {"kind": "decode", "wall": 0.010, "bytes": 8e9, "tokens": 30},
         {"kind": "decode", "wall": 0.010, "bytes": 8e9, "tokens": 32},
-        {"kind": "mixed", "wall": 0.040, "bytes": 16e9, "tokens": 288},
+        {"kind": "mixed", "wall": 0.040, "bytes": 16e9, "tokens": 288, "prompts": 1},
+        {"kind": "mixed", "wall": 0.080, "bytes": 16e9, "tokens": 288, "prompts": 2},
     ]
     out = by_kind(steps, bandwidth_Bps=1e12)
     assert set(out) == {"decode", "mixed"}
     assert out["decode"]["steps"] == 2 and abs(out["decode"]["mean_step_ms"] - 10.0) < 1e-9
-    assert abs(out["decode"]["roofline_fraction"] - 0.8) < 1e-9
-    assert abs(out["mixed"]["roofline_fraction"] - 0.4) < 1e-9 and out["mixed"]["mean_tokens"] == 288
+    assert abs(out["decode"]["roofline_fraction"] - 0.8) < 1e-9 and "by_prompts" not in out["decode"]
+    assert abs(out["mixed"]["roofline_fraction"] - 32 / 120) < 1e-9 and out["mixed"]["mean_tokens"] == 288
+    by_prompts = out["mixed"]["by_prompts"]
+    assert set(by_prompts) == {"1", "2"} and by_prompts["2"]["steps"] == 1
+    assert abs(by_prompts["1"]["roofline_fraction"] - 0.4) < 1e-9
+    assert abs(by_prompts["2"]["mean_step_ms"] - 80.0) < 1e-9
 
 
 def test_cpu_matmul_floor_times_the_engines_fused_matmuls():
