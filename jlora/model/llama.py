@@ -44,17 +44,30 @@ class DecoderLayer(nn.Module):
     fused: bool = False
 
     def _proj_fused(
-        self, name, members, x, widths, bias: bool, lora_fn: LoraFn | None, state: Any
+        self, name, members, x, widths, bias: bool, lora_fn: LoraFn | None, state: Any, residual=None
     ) -> list[jax.Array]:
-        """One matmul over the members' joined weights, each member's LoRA delta added to its own
-        columns; the members' outputs."""
+        """One matmul over the members' joined weights (plus `residual`, if given, before any LoRA
+        delta: XLA can take the add into the GEMM, and a LoRA kernel that adds in place then leaves no
+        add of its own), each member's LoRA delta added to its own columns; the members' outputs."""
         y = Linear(sum(widths), use_bias=bias, name=name, dtype=self.dtype)(x)
+        if residual is not None:
+            y = y + residual
         if lora_fn is not None:
             y = lora_fn(tuple(members), x, y, state)
         return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
 
-    def _proj(self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any) -> jax.Array:
-        return self._proj_fused(name, (name,), x, (features,), bias, lora_fn, state)[0]
+    def _proj(
+        self, name, x, features: int, bias: bool, lora_fn: LoraFn | None, state: Any, residual=None
+    ) -> jax.Array:
+        return self._proj_fused(name, (name,), x, (features,), bias, lora_fn, state, residual)[0]
+
+    def _residual_proj(self, h, name, x, lora_fn: LoraFn | None, state: Any, reduce) -> jax.Array:
+        """h plus a row-split projection of x (o, down). On one device the matmul takes h as its
+        residual; under tensor parallelism the shards' partial outputs (and LoRA deltas) are reduced
+        first, then h is added."""
+        if reduce is None:
+            return self._proj(name, x, self.config.hidden_size, False, lora_fn, state, residual=h)
+        return h + reduce(self._proj(name, x, self.config.hidden_size, False, lora_fn, state))
 
     @nn.compact
     def __call__(
@@ -72,7 +85,6 @@ class DecoderLayer(nn.Module):
         # store(k, v, state) -> state, if given, stores the new K/V before the query is projected, so
         # that every later read of the state (q's LoRA, attention, o's LoRA) sees it as written.
         c = self.config
-        reduce = reduce or (lambda x: x)
         b, t, _ = h.shape
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         bias = c.attention_bias
@@ -94,7 +106,7 @@ class DecoderLayer(nn.Module):
         attn, attn_state = attend(q, k, v, attn_state)
         # LoRA after attention reads the state as updated (adapter rows are untouched by K/V writes),
         # so the pool is never needed in two versions and is updated in place
-        h = h + reduce(self._proj("o_proj", attn, c.hidden_size, False, lora_fn, attn_state))
+        h = self._residual_proj(h, "o_proj", attn, lora_fn, attn_state, reduce)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
         if self.fused:
@@ -103,9 +115,7 @@ class DecoderLayer(nn.Module):
         else:
             gate = self._proj("gate_proj", x, c.intermediate_size, False, lora_fn, attn_state)
             up = self._proj("up_proj", x, c.intermediate_size, False, lora_fn, attn_state)
-        h = h + reduce(
-            self._proj("down_proj", jax.nn.silu(gate) * up, c.hidden_size, False, lora_fn, attn_state)
-        )
+        h = self._residual_proj(h, "down_proj", jax.nn.silu(gate) * up, lora_fn, attn_state, reduce)
         return h, attn_state
 
 
