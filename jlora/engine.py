@@ -668,12 +668,12 @@ class PagedEngine:
                     bb[i, : len(rows_b)] = rows_b
             out[m] = PrefillLora(a, bb)
         for group in self.lora_groups:  # shared launches over the members' rows, in their place
-            members = [out.pop(m) for m in group]
-            pad = ((0, 0), (0, prefill_group_width(len(group), r) - len(group) * r))
-            cat = lambda field, members=members, pad=pad: np.pad(  # noqa: E731
-                np.concatenate([getattr(p, field) for p in members], axis=1), pad
-            )
-            out["+".join(group)] = PrefillGroup(cat("a_start"), cat("b_start"), group, r)
+            width = prefill_group_width(len(group), r)
+            a, bb = np.zeros((b, width), np.int32), np.zeros((b, width), np.int32)  # the rest: zero page
+            for i, m in enumerate(group):
+                member = out.pop(m)
+                a[:, i * r : (i + 1) * r], bb[:, i * r : (i + 1) * r] = member.a_start, member.b_start
+            out["+".join(group)] = PrefillGroup(a, bb, group, r)
         return out
 
 

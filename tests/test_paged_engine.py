@@ -163,7 +163,16 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         cpu_matmul="xla" if xla_matmul else "auto",
         rows_in_place=rows_in_place,
     )
+    import jlora.model.paged as paged_model
+
+    on_rows = []  # traced calls of the attention kernels on a batch's rows of the step's arrays
+    real_rows = paged_model.paged_attention_rows
+    monkeypatch.setattr(
+        paged_model, "paged_attention_rows", lambda *a, **k: on_rows.append(1) or real_rows(*a, **k)
+    )
     engine = jlora.Engine(loaded, config)
+    rows_expected = impl == "interpret" and (rows_in_place == "all" or (mixed and rows_in_place == "mixed"))
+    assert bool(on_rows) == rows_expected
     on_cpu = jax.default_backend() == "cpu" and cpu_kernels_built()
     assert (engine.paged.cpu_matmul == "panels") == (on_cpu and not xla_matmul)
     kinds = []

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jlora.config import ModelConfig
 from jlora.metadata import DecodeGroup, DecodeLora, PagedBatch, PrefillGroup, PrefillLora
 from jlora.model.llama import GATE_UP, QKV, DecoderLayer, add_deltas, lm_head, side_by_side
-from pallas_kernels.backend import cpu_kernels, resolve
+from pallas_kernels.backend import resolve
 from pallas_kernels.cpu import pack_panels
 from pallas_kernels.lora import (
     lora_decode,
@@ -99,6 +99,15 @@ class _BatchLora:
         self.add_rows = add_rows
 
 
+def _rank_bucket(meta: Any, members: int, n_tokens: int) -> int:
+    """The rank bucket of a projection's (or group's) LoRA metadata: the kernels' tile."""
+    if isinstance(meta, PrefillGroup):
+        return meta.rank
+    if isinstance(meta, PrefillLora):
+        return meta.a_start.shape[1]
+    return meta.token_index.shape[0] // (members * n_tokens)
+
+
 def _lora_for(
     lora: dict[str, Any], layer: jax.Array, shapes: dict[str, tuple[int, int]], impl: str
 ) -> _BatchLora:
@@ -108,63 +117,48 @@ def _lora_for(
     groups = {m: g for g in lora.values() if isinstance(g, DecodeGroup | PrefillGroup) for m in g.modules}
     shared: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}  # group -> (its input, its deltas)
 
-    def group_deltas(group: DecodeGroup | PrefillGroup, x: jax.Array, rows_pool: jax.Array) -> jax.Array:
-        """The members' deltas side by side: [B, T, sum of their widths]."""
+    def launch(meta: Any, modules: tuple[str, ...], x: jax.Array, rows_pool: jax.Array) -> jax.Array:
+        """The deltas of one projection's or group's metadata, side by side: [B, T, sum of widths]."""
         b, t, h_in = x.shape
-        widths = tuple(shapes[m][1] for m in group.modules)
-        if isinstance(group, PrefillGroup):
+        widths = tuple(shapes[m][1] for m in modules)
+        rank = _rank_bucket(meta, len(modules), b * t)
+        if isinstance(meta, PrefillGroup):
             return lora_prefill_group(
-                x, rows_pool, layer, group.a_start, group.b_start, widths, group.rank, implementation=impl
+                x, rows_pool, layer, meta.a_start, meta.b_start, widths, rank, implementation=impl
             )
-        deltas = lora_decode_group(
-            x.reshape(b * t, h_in),
-            rows_pool,
-            layer,
-            group.token_index,
-            group.a_start,
-            group.b_start,
-            group.offsets,
-            widths,
-            implementation=impl,
-            max_rank=group.token_index.shape[0] // (len(widths) * b * t),  # the rank bucket
-        )
-        return deltas.reshape(b, t, -1)
+        if isinstance(meta, PrefillLora):
+            return lora_prefill(
+                x, rows_pool, layer, meta.a_start, meta.b_start, widths[0], implementation=impl
+            )
+        pairs = (meta.token_index, meta.a_start, meta.b_start)
+        flat = x.reshape(b * t, h_in)
+        if isinstance(meta, DecodeGroup):
+            out = lora_decode_group(
+                flat, rows_pool, layer, *pairs, meta.offsets, widths, implementation=impl, max_rank=rank
+            )
+        else:
+            out = lora_decode(
+                flat, rows_pool, layer, *pairs, widths[0], meta.offsets, implementation=impl, max_rank=rank
+            )
+        return out.reshape(b, t, -1)
 
     def lora_fn(names: tuple[str, ...], x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
         group = groups.get(names[0])
         if group is not None and group.modules == names:  # the fused projection's members, in order
-            return group_deltas(group, x, rows_pool)
+            return launch(group, names, x, rows_pool)
         deltas = [one(name, x, rows_pool) for name in names]
         return side_by_side(deltas, [shapes[m][1] for m in names], x)
 
     def one(name: str, x: jax.Array, rows_pool: jax.Array) -> jax.Array | None:
-        b, t, h_in = x.shape
         group = groups.get(name)
         if group is not None:
             if group.modules not in shared or shared[group.modules][0] is not x:
-                shared[group.modules] = (x, group_deltas(group, x, rows_pool))
+                shared[group.modules] = (x, launch(group, group.modules, x, rows_pool))
             i = group.modules.index(name)
             col = sum(shapes[m][1] for m in group.modules[:i])
             return shared[group.modules][1][..., col : col + shapes[name][1]]
         meta = lora.get(name)
-        if meta is None:
-            return None
-        h_out = shapes[name][1]
-        if isinstance(meta, DecodeLora):
-            delta = lora_decode(
-                x.reshape(b * t, h_in),
-                rows_pool,
-                layer,
-                meta.token_index,
-                meta.a_start,
-                meta.b_start,
-                h_out,
-                meta.offsets,
-                implementation=impl,
-                max_rank=meta.token_index.shape[0] // (b * t),  # the rank bucket
-            )
-            return delta.reshape(b, t, h_out)
-        return lora_prefill(x, rows_pool, layer, meta.a_start, meta.b_start, h_out, implementation=impl)
+        return None if meta is None else launch(meta, (name,), x, rows_pool)
 
     row_inputs: dict[int, tuple[jax.Array, jax.Array]] = {}  # row_start -> (x, its rows as [B, T, in])
 
@@ -183,25 +177,14 @@ def _lora_for(
             delta = lora_fn(names, row_inputs[row_start][1], rows_pool)
             return y if delta is None else y.at[rows].add(delta.reshape(b * t, -1).astype(y.dtype))
         widths = tuple(shapes[m][1] for m in names)
+        rank = _rank_bucket(meta, len(names), b * t)
         kw = dict(row_start=row_start, implementation=impl)
         if isinstance(meta, PrefillGroup | PrefillLora):
-            rank = meta.rank if isinstance(meta, PrefillGroup) else meta.a_start.shape[1]
             return lora_prefill_group_add(
                 y, x, rows_pool, layer, meta.a_start, meta.b_start, widths, rank, seq_len=t, **kw
             )
-        return lora_decode_group_add(
-            y,
-            x,
-            rows_pool,
-            layer,
-            meta.token_index,
-            meta.a_start,
-            meta.b_start,
-            meta.offsets,
-            widths,
-            max_rank=meta.token_index.shape[0] // (len(widths) * b * t),  # the rank bucket
-            **kw,
-        )
+        pairs = (meta.token_index, meta.a_start, meta.b_start, meta.offsets)
+        return lora_decode_group_add(y, x, rows_pool, layer, *pairs, widths, max_rank=rank, **kw)
 
     return _BatchLora(lora_fn, add_rows)
 
@@ -294,8 +277,9 @@ def forward_paged(
     write_units = parts.join([b.write_units for b in batches])
     shapes = config.module_shapes()
     any_lora = any(m is not None for m in loras)
-    # with the Pallas kernels, each batch's kernels work on its rows of the step's arrays in place
-    kernels = resolve(impl) != "reference" and not cpu_kernels(impl)
+    # with the Pallas kernels ("cpu" resolves to the reference), each batch's kernels work on its rows
+    # of the step's arrays in place
+    kernels = resolve(impl) != "reference"
     rows_mode = kernels and (in_place == "all" or (in_place == "mixed" and not parts.single))
 
     def body(h, xs, pool=pool, write_now=False):

@@ -236,14 +236,7 @@ def lora_decode_group(
     each grouped by token; offsets: [G*(N+1)], projection m's offsets into its own K. Batches of at
     most tunables.fused_max_tokens tokens take one launch (bgmv_fused), larger ones a shared shrink
     and a shared expand."""
-    g = len(h_outs)
-    _check_decode_pairs(x, pool, token_index, a_start, b_start)
-    if token_index.shape[0] % g or offsets.shape != (g * (x.shape[0] + 1),):
-        raise ValueError(
-            f"pairs {token_index.shape} must be [G*K] and offsets {offsets.shape} [G*(N+1)] with G = {g}"
-        )
-    for h in h_outs:
-        _check_widths(x.shape[1], h, pool.shape[2])
+    _check_decode_group(x.shape[0], x, pool, token_index, a_start, b_start, offsets, h_outs)
     path = resolve(implementation)
     if cpu_kernels(implementation) and lora_supported(x, pool):
         return bgmv_group(x, pool, layer, a_start, b_start, offsets, tuple(h_outs)).astype(x.dtype)
@@ -252,18 +245,35 @@ def lora_decode_group(
         return lora_decode_expand_group(
             s, pool, layer, token_index, b_start, offsets, h_outs, x.dtype, implementation="reference"
         )
+    pairs = (token_index, a_start, b_start, offsets)
+    return _bgmv(x, pool, layer, pairs, h_outs, x.shape[0], path, tunables, max_rank)
+
+
+def _check_decode_group(n, x, pool, token_index, a_start, b_start, offsets, h_outs) -> None:
+    """The pairs of G projections over n tokens of x: [G*K] each, offsets [G*(n+1)]."""
+    g = len(h_outs)
+    _check_decode_pairs(x, pool, token_index, a_start, b_start)
+    if token_index.shape[0] % g or offsets.shape != (g * (n + 1),):
+        raise ValueError(
+            f"pairs {token_index.shape} must be [G*K] and offsets {offsets.shape} [G*(N+1)] with G = {g}"
+        )
+    for h in h_outs:
+        _check_widths(x.shape[1], h, pool.shape[2])
+
+
+def _bgmv(x, pool, layer, pairs, h_outs, n, path, tunables, max_rank, y=None, row_start: int = 0):
+    """The Pallas BGMV of n tokens (rows row_start .. of x): their deltas, or y with them added."""
     return lora_decode_kernel(
         x,
         pool,
         layer,
-        token_index,
-        a_start,
-        b_start,
-        offsets,
+        *pairs,
         h_outs=tuple(h_outs),
-        tunables=tunables or tunables_for(pool.shape[2], x.shape[0]),
+        tunables=tunables or tunables_for(pool.shape[2], n),
         max_rank=max_rank,
         interpret=path == "interpret",
+        y=y,
+        row_start=row_start,
     )
 
 
@@ -383,8 +393,8 @@ def lora_decode_group_add(
     and adds into y in place (no slice of x, no join of deltas); the others slice and add."""
     n = offsets.shape[0] // len(h_outs) - 1
     _check_rows(y, x, row_start, n, sum(h_outs))
-    path = resolve(implementation)
-    if path == "reference" or (cpu_kernels(implementation) and lora_supported(x, pool)):
+    path = resolve(implementation)  # "cpu" resolves to "reference"
+    if path == "reference":
         delta = lora_decode_group(
             x[row_start : row_start + n],
             pool,
@@ -398,22 +408,9 @@ def lora_decode_group_add(
             max_rank=max_rank,
         )
         return y.at[row_start : row_start + n].add(delta.astype(y.dtype))
-    _check_decode_pairs(x, pool, token_index, a_start, b_start)
-    for h in h_outs:
-        _check_widths(x.shape[1], h, pool.shape[2])
+    _check_decode_group(n, x, pool, token_index, a_start, b_start, offsets, h_outs)
     pairs = (token_index, a_start, b_start, offsets)
-    kw = dict(tunables=tunables or tunables_for(pool.shape[2], n), max_rank=max_rank)
-    return lora_decode_kernel(
-        x,
-        pool,
-        layer,
-        *pairs,
-        h_outs=tuple(h_outs),
-        interpret=path == "interpret",
-        y=y,
-        row_start=row_start,
-        **kw,
-    )
+    return _bgmv(x, pool, layer, pairs, h_outs, n, path, tunables, max_rank, y=y, row_start=row_start)
 
 
 def lora_prefill_group_add(
@@ -437,10 +434,9 @@ def lora_prefill_group_add(
     bsz = a_start.shape[0]
     n = bsz * seq_len
     _check_rows(y, x, row_start, n, sum(h_outs))
-    path = resolve(implementation)
+    path = resolve(implementation)  # "cpu" resolves to "reference"
     tunables = tunables or tunables_for(pool.shape[2], n)
-    on_cpu = cpu_kernels(implementation) and lora_supported(x, pool)
-    if on_cpu or path == "reference" or not sgmv_supported(seq_len, rank, tunables):
+    if path == "reference" or not sgmv_supported(seq_len, rank, tunables):
         delta = lora_prefill_group(
             x[row_start : row_start + n].reshape(bsz, seq_len, x.shape[1]),
             pool,

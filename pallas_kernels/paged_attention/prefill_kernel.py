@@ -165,10 +165,12 @@ def prefill_direct(t: int, group: int, tunables: PrefillTunables) -> bool:
     return tp == t and gp == group
 
 
-def _launch(qg, kn, vn, pos, out, *, meta, t, hkv, group, row_start, direct, out_shape, tunables, **kw):
-    """The pallas_call: meta = (pool, layer, page_tables, cached_lens, new_lens); out, if given, is
-    aliased to the output (its rows outside this batch's kept)."""
-    pool, layer, page_tables, cached_lens, new_lens = meta
+def _launch(
+    qg, kn, vn, pool, layer, page_tables, pos, cached_lens, new_lens, out, *, t, hkv, group, row_start,
+    direct, out_shape, page_size, sliding_window, tunables, interpret,
+):  # fmt: skip
+    """The pallas_call over q/k/v as laid out for it (direct: the caller's rows; else padded and
+    transposed); out, if given, is aliased to the output (its rows outside this batch's kept)."""
     b = page_tables.shape[0]
     gp, block_q, chunk_keys, tp = _shapes(t, group, tunables)
     n_table = page_tables.shape[1]
@@ -178,13 +180,13 @@ def _launch(qg, kn, vn, pos, out, *, meta, t, hkv, group, row_start, direct, out
         _prefill_kernel,
         gp=gp,
         block_q=block_q,
-        page_size=kw["page_size"],
-        page_units=kw["page_size"] * 2 * hkv,
+        page_size=page_size,
+        page_units=page_size * 2 * hkv,
         n_kv=hkv,
-        cached_keys=max(16, ppb * kw["page_size"]),
+        cached_keys=max(16, ppb * page_size),
         chunk_keys=chunk_keys,
         n_table=n_table,
-        window=kw["sliding_window"],
+        window=sliding_window,
         scale=1.0 / float(dh) ** 0.5,
         f32_dot=pool.dtype == jnp.float32,
         direct=direct,
@@ -212,7 +214,7 @@ def _launch(qg, kn, vn, pos, out, *, meta, t, hkv, group, row_start, direct, out
         grid=(b, hkv, tp // block_q),
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
-        interpret=kw["interpret"],
+        interpret=interpret,
         name="paged_prefill_attention",
     )(*args)
 
@@ -250,14 +252,17 @@ def paged_prefill_attention_kernel(
     kn = jnp.pad(k_new, pad_t).transpose(0, 2, 1, 3)  # [B, Hkv, Tp, Dh]
     vn = jnp.pad(v_new, pad_t).transpose(0, 2, 1, 3)
     pos = jnp.pad(positions, ((0, 0), (0, tp - t)))
-    meta = (pool, layer, page_tables, cached_lens, new_lens)
     out = _launch(
         qg,
         kn,
         vn,
+        pool,
+        layer,
+        page_tables,
         pos,
+        cached_lens,
+        new_lens,
         None,
-        meta=meta,
         t=t,
         hkv=hkv,
         group=group,
@@ -307,9 +312,13 @@ def paged_prefill_attention_rows(
         q,
         k_new,
         v_new,
+        pool,
+        layer,
+        page_tables,
         positions,
+        cached_lens,
+        new_lens,
         out,
-        meta=(pool, layer, page_tables, cached_lens, new_lens),
         t=t,
         hkv=hkv,
         group=group,
