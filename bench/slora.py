@@ -77,7 +77,9 @@ def build_engine(model: str, args):
     return engine, weight_bytes, time.perf_counter() - start
 
 
-def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[dict]) -> dict:
+def make_payload(
+    args, bw: dict, weight_bytes: int, startup: float, runs: list[dict], warm_up_s: float = 0.0
+) -> dict:
     """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
     by_n = [r for r in runs if r["rate"] == args.rate]
     return {
@@ -103,6 +105,7 @@ def make_payload(args, bw: dict, weight_bytes: int, startup: float, runs: list[d
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
         "startup_s": startup,
+        "warm_up_s": warm_up_s,
         "runs": runs,
         "T4": {
             "roofline_fraction_min": min(r["roofline_fraction"] for r in by_n),
@@ -178,7 +181,8 @@ def main() -> None:
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
     print(
-        f"engine up in {startup:.0f}s ({len(engine.paged.compiled)} steps compiled); bandwidth {bw}",
+        f"engine up in {startup:.0f}s ({len(engine.paged.compiled)} steps compiled, each run once in "
+        f"{engine.paged.warm_up_seconds:.1f}s); bandwidth {bw}",
         flush=True,
     )
     runs = []
@@ -238,11 +242,14 @@ def main() -> None:
             print(json.dumps({k: v for k, v in result.items()}), flush=True)
             if args.partial:  # what finished survives a run stopped at a time limit: --finish writes it
                 with open(args.partial, "w") as f:
-                    partial = {**run_record(), **make_payload(args, bw, weight_bytes, startup, runs)}
+                    partial = {
+                        **run_record(),
+                        **make_payload(args, bw, weight_bytes, startup, runs, engine.paged.warm_up_seconds),
+                    }
                     json.dump(partial, f, indent=1, default=str)
             for name in names:  # the next n starts from a clean registry
                 engine.unload_adapter(name)
-    payload = make_payload(args, bw, weight_bytes, startup, runs)
+    payload = make_payload(args, bw, weight_bytes, startup, runs, engine.paged.warm_up_seconds)
     print_table(runs)
     path = write_result(f"slora-trace-{args.model}", payload)
     print("wrote", path)

@@ -267,6 +267,10 @@ class EngineConfig:
     # GEMM on the 2-core dev CPU), "xla", or "auto": panels on the CPU backend for float32 weights on
     # one device, where the kernel builds
     cpu_matmul: str = "auto"
+    # run every compiled step once at start-up, on padding only, so that no request pays a step's first
+    # run (a GPU loads a step's kernels on its first launch): "on", "off", or "auto" (on with a GPU in
+    # one process)
+    warm_up: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -316,6 +320,8 @@ class EngineConfig:
             raise ValueError(f"cpu_matmul must be 'panels', 'xla' or 'auto', not {self.cpu_matmul!r}")
         if self.rows_in_place not in ("mixed", "all", "off"):
             raise ValueError(f"rows_in_place must be 'mixed', 'all' or 'off', not {self.rows_in_place!r}")
+        if self.warm_up not in ("on", "off", "auto"):
+            raise ValueError(f"warm_up must be 'on', 'off' or 'auto', not {self.warm_up!r}")
         if self.kv_write not in ("end", "per_layer", "auto"):
             raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
@@ -392,3 +398,10 @@ class EngineConfig:
         import jax
 
         return jax.default_backend() == "gpu"
+
+    def resolved_warm_up(self) -> bool:
+        if self.warm_up != "auto":
+            return self.warm_up == "on"
+        import jax
+
+        return jax.default_backend() == "gpu" and jax.process_count() == 1

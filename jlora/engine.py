@@ -254,6 +254,7 @@ class PagedEngine:
         self.compiled: dict[str, Any] = {}
         self._specs: dict[str, PackedSpec] = {}
         self.compile_seconds = 0.0
+        self.warm_up_seconds = 0.0
         if compile_now:
             self.compile_all()
 
@@ -388,6 +389,34 @@ class PagedEngine:
         self._bucket_index = {name: i for i, name in enumerate(self.bucket_names)}
         self.compile_seconds = time.perf_counter() - start
         log.info("compiled %d steps in %.1fs", len(self.compiled), self.compile_seconds)
+        if self.config.resolved_warm_up():
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run every compiled step once, on metadata that is all padding, before any request: a step's
+        first run on a GPU loads its kernels (CUDA loads modules lazily: 0.2 s for the first step of a
+        7B trace on the H200), which would otherwise land on the first request of each shape. Padding
+        rows write no K/V (their units are out of range), sample into no carry slot and read the zero
+        page, so the pool and the token carry are left as they were."""
+        start = time.perf_counter()
+        for bucket in self.buckets():
+            metas = []
+            for kind, b, t in bucket.parts():
+                batch, samp, counters = self._fill_rows([], {}, b, t, bucket.pages)
+                lora = None
+                if bucket.lora:
+                    lora = (
+                        self._build_decode_lora([], b * t, bucket.lora)
+                        if kind == "decode"
+                        else self._prefill_lora([], b, bucket.lora)
+                    )
+                feed = TokenFeed(np.full((b, t), -1, np.int32), np.full(b, 2 * self._carry_half, np.int32))
+                metas.append((batch, lora, samp, counters, feed))
+            out = self._dispatch(bucket.name, pack(_joined(metas), self._specs[bucket.name]))
+        if self.compiled:
+            jax.block_until_ready((out, self.pool))
+        self.warm_up_seconds = time.perf_counter() - start
+        log.info("ran %d steps once in %.1fs", len(self.compiled), self.warm_up_seconds)
 
     # ---- adapters ---------------------------------------------------------------------------------
     def adapter_pages(self, adapter: PeftAdapter, ranks: dict[str, int]) -> np.ndarray | PinnedPages:
@@ -542,15 +571,9 @@ class PagedEngine:
             sample_rows += [first_row + i for i in rows_sampled]
             carry_slots += slots
             first_row += b
-        if len(metas) == 1:
-            meta = metas[0]
-        else:  # per-batch metadata as pairs; sampling rows joined, decode rows first
-            batches, loras, samps, counters, feeds = zip(*metas)
-            joined = jax.tree.map(lambda *x: np.concatenate(x), *samps)
-            meta = (batches, loras, joined, np.concatenate(counters), feeds)
         return PreparedCall(
             bucket=bucket.name,
-            packed=pack(meta, self._specs[bucket.name]),
+            packed=pack(_joined(metas), self._specs[bucket.name]),
             sample_requests=sample_requests,
             sample_rows=sample_rows,
             carry_slots=carry_slots,
@@ -678,5 +701,16 @@ class PagedEngine:
 
 
 _EMPTY = np.zeros(0, np.int32)
+
+
+def _joined(metas: list[tuple]) -> tuple:
+    """One call's metadata from its batches' (batch, lora, sampling, counters, feed): a lone batch's as
+    it is; a mixed call's per-batch parts as pairs, sampling rows joined (decode rows first)."""
+    if len(metas) == 1:
+        return metas[0]
+    batches, loras, samps, counters, feeds = zip(*metas)
+    joined = jax.tree.map(lambda *x: np.concatenate(x), *samps)
+    return (batches, loras, joined, np.concatenate(counters), feeds)
+
 
 __all__ = ["PENDING", "Bucket", "InFlight", "PagedEngine", "PreparedCall", "SamplingRow", "TokenFeed"]

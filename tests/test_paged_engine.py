@@ -524,3 +524,49 @@ def test_decode_lora_cache_follows_adapter_placement(tiny):
     q = next(v for k, v in again.items() if "q_proj" in k)
     assert set(new_rows) <= set(np.asarray(q.a_start).tolist())
     assert not set(old_rows) & set(np.asarray(q.a_start).tolist())
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_warm_up_runs_every_step_and_leaves_pool_and_carry(tiny, monkeypatch, impl):
+    """warm_up runs each compiled step once on padding: with adapters and K/V in the pool, every byte of
+    the pool and of the token carry is as it was, and the engine then serves as the reference does.
+    interpret: the GPU's shape of step (kernels, unrolled layers, fused projections, mixed steps with
+    rows in place), whose padding rows go through the kernels' own bounds."""
+    loaded, paths, reference = tiny
+    config = small_config(
+        implementation=impl,
+        mixed_steps="on",
+        greedy_only=True,
+        layer_loop="unrolled" if impl == "interpret" else "scan",
+        fuse_projections="on" if impl == "interpret" else "auto",
+        fuse_lora="on" if impl == "interpret" else "auto",
+    )
+    assert not config.resolved_warm_up()  # auto: a GPU only
+    engine = jlora.Engine(loaded, config)
+    paged = engine.paged
+    assert paged.warm_up_seconds == 0.0
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    reqs = [r for r in requests(6, seed=5) if r[1].temperature == 0.0]
+    run_staggered(engine, reqs)  # adapters and K/V now in the pool
+    pool, carry = np.asarray(paged.pool).copy(), np.asarray(paged.carry).copy()
+    ran = []
+    dispatch = paged._dispatch
+    monkeypatch.setattr(paged, "_dispatch", lambda name, packed: ran.append(name) or dispatch(name, packed))
+    paged.warm_up()
+    assert sorted(ran) == sorted(paged.compiled) and len(ran) == len(set(ran))
+    assert any(n.startswith("mixed") and not n.endswith("_r0") for n in ran)
+    np.testing.assert_array_equal(np.asarray(paged.pool), pool)
+    np.testing.assert_array_equal(np.asarray(paged.carry), carry)
+    assert paged.warm_up_seconds > 0
+    got = run_staggered(engine, reqs)
+    for (prompt, p, adapter), state in zip(reqs, got):
+        assert state.generated == reference.generate([prompt], p, adapters=[adapter])[0].token_ids
+
+
+def test_warm_up_on_at_start(tiny):
+    loaded, _, _ = tiny
+    engine = jlora.Engine(loaded, small_config(warm_up="on", greedy_only=True, lora_rank_buckets=(16,)))
+    assert engine.paged.warm_up_seconds > 0
+    with pytest.raises(ValueError, match="warm_up"):
+        small_config(warm_up="yes").validate()
