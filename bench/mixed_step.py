@@ -36,6 +36,15 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument(
+        "--decode-prompt",
+        type=int,
+        default=64,
+        help="each decoding request's prompt (its context grows from it)",
+    )
+    ap.add_argument(
+        "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"
+    )
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -56,7 +65,7 @@ def main() -> None:
     config = PRESETS[args.geometry]
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
-    max_len = args.prompt + 512
+    max_len = max(args.prompt, args.decode_prompt) + 512
     pages_per_seq = -(-max_len // 16)
     ec = EngineConfig(
         page_size=16,
@@ -142,16 +151,27 @@ def main() -> None:
     sp_one = jlora.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     ids = [
         runner.add(
-            engine._prepare(rng.integers(0, config.vocab_size, 64).tolist(), sp_long, names[i]), names[i]
+            engine._prepare(
+                rng.integers(0, config.vocab_size, args.decode_prompt).tolist(), sp_long, names[i]
+            ),
+            names[i],
         )
         for i in range(args.decodes)
     ]
-    for _ in range(30):  # the decodes' prefill, then decode-only steps
+    while any(not st.generated for st in runner.states.values()):  # the decodes' prefill
+        runner.step()
+    for _ in range(10):
         runner.step()
     steps.clear()
     last["end"] = None
-    for _ in range(40):
+    decode_trace = tempfile.mkdtemp() if args.profile_decode else None
+    for i in range(40):
+        if decode_trace and i == 25:
+            jax.profiler.start_trace(decode_trace)
         runner.step()
+        if decode_trace and i == 34:
+            jax.block_until_ready(paged.pool)
+            jax.profiler.stop_trace()
     trace = tempfile.mkdtemp()
     traced_steps = 0
     for p in range(args.prompts):  # long prompts one at a time: prompt / chunk steps with a chunk each
@@ -190,6 +210,11 @@ def main() -> None:
             }
     flops = 2 * (weight_bytes / 2) * (args.decodes + args.chunk)
     summary["chunk_step_tflops_at_median"] = flops / (summary["chunk"]["median_ms"] / 1e3) / 1e12
+    if decode_trace:
+        try:
+            summary["decode_profile"] = kernel_breakdown(decode_trace, steps=10, top=25)
+        except Exception as e:  # noqa: BLE001
+            summary["decode_profile"] = {"error": repr(e)}
     try:
         summary["profile"] = kernel_breakdown(trace, steps=max(traced_steps, 1), top=20)
         summary["host_profile"] = host_breakdown(trace, steps=max(traced_steps, 1), top=20)
@@ -202,6 +227,11 @@ def main() -> None:
                 f"{kind:6s} {s['steps']:4d} steps, {s['median_ms']:.2f} ms (floor {s['floor_ms']:.2f}, "
                 f"{s['roofline_fraction']:.2f}) host {s['host_ms_median']:.2f} ms calls {s['calls']}"
             )
+    prof = summary.get("decode_profile", {})
+    if "top" in prof:
+        print(f"decode steps: device busy {prof['device_busy_ms_per_step']:.2f} ms/step")
+        for row in prof["top"][:25]:
+            print(f"  {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['kernel'][:90]}")
     prof = summary["profile"]
     if "top" in prof:
         print(f"chunk steps: device busy {prof['device_busy_ms_per_step']:.2f} ms/step")
@@ -217,6 +247,7 @@ def main() -> None:
                 "chunk": args.chunk,
                 "prompt": args.prompt,
                 "prompts": args.prompts,
+                "decode_prompt": args.decode_prompt,
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "rank": RANK,

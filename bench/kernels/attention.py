@@ -65,16 +65,26 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--stages", default="2", help="num_stages values to sweep, e.g. 2,3,4")
+    ap.add_argument("--pages-per-block", default="2,4,8", help="pages_per_block values to sweep")
+    ap.add_argument("--cases", default="mha,gqa", help="mha (Llama-2-7B heads), gqa (Llama-3-8B heads)")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill kernel's sweep")
     args = ap.parse_args()
+    stages = [int(v) for v in args.stages.split(",")]
+    ppbs = [int(v) for v in args.pages_per_block.split(",")]
+    cases = [c for c in (("llama2-7b MHA 32/32", 32, 32), ("llama3-8b GQA 32/8", 32, 8))]
+    cases = [
+        c for c in cases if ("MHA" in c[0] and "mha" in args.cases) or ("GQA" in c[0] and "gqa" in args.cases)
+    ]
     bw = bandwidth()
     rows = []
-    for label, hq, hkv in (("llama2-7b MHA 32/32", 32, 32), ("llama3-8b GQA 32/8", 32, 8)):
+    for label, hq, hkv in cases:
         fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv)
 
         want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
-        for ppb, warps, mma in itertools.product((2, 4, 8), (4, 8), (False, True)):
-            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma)
+        for ppb, warps, mma, st in itertools.product(ppbs, (4, 8), (False, True), stages):
+            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st)
             got = _attend(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             us = chained_seconds(lambda *a, t=t: _attend(*a, tunables=t), fixed, rotations, iters=20) * 1e6
@@ -101,7 +111,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
-    prefill = prefill_rows(bw)
+    prefill = [] if args.no_prefill else prefill_rows(bw)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"bandwidth": bw, "cases": rows, "prefill": prefill}, f, indent=1)
