@@ -58,13 +58,12 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
         (3, 4, 2, 16, 4, 8, 9),  # sliding window
     ],
 )
-@pytest.mark.parametrize("mma", [True, False, "no_prefetch"])
+@pytest.mark.parametrize("mma", [True, False])
 def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype, mma):
-    """mma: tensor-core tiles per KV group (the default, with the next block's K/V loaded while a block
-    is computed; no_prefetch: one block at a time); else the vector loop per query head."""
+    """mma: tensor-core tiles per KV group (the default); else the vector loop per query head."""
     rng = np.random.default_rng(b * 31 + hq + page_size)
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
-    tunables = AttentionTunables(mma=bool(mma), prefetch=mma is True)
+    tunables = AttentionTunables(mma=mma)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
     got = paged_attention(
         *args, page_size=page_size, sliding_window=window, implementation=_impl(), tunables=tunables
@@ -75,14 +74,13 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mma", [False, True, "no_prefetch"])
+@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("b,hq,hkv", [(64, 32, 32), (64, 32, 8), (17, 9, 3)])
 def test_decode_kernel_gpu_sweep(b, hq, hkv, mma):
     rng = np.random.default_rng(b + hq)
     args = _case(rng, b, hq, hkv, 128 if hq != 9 else 64, 16, 32, jnp.bfloat16)
     want = paged_attention(*args, page_size=16, implementation="reference")
-    tunables = AttentionTunables(mma=bool(mma), prefetch=mma is True)
-    got = paged_attention(*args, page_size=16, implementation="pallas", tunables=tunables)
+    got = paged_attention(*args, page_size=16, implementation="pallas", tunables=AttentionTunables(mma=mma))
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[jnp.bfloat16]
 

@@ -83,9 +83,8 @@ def main() -> None:
 
         want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
-        variants = ((False, False), (True, False), (True, True))  # (mma, prefetch)
-        for ppb, warps, (mma, pf), st in itertools.product(ppbs, (4, 8), variants, stages):
-            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st, prefetch=pf)
+        for ppb, warps, mma, st in itertools.product(ppbs, (4, 8), (False, True), stages):
+            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st)
             got = _attend(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             us = chained_seconds(lambda *a, t=t: _attend(*a, tunables=t), fixed, rotations, iters=20) * 1e6

@@ -31,10 +31,6 @@ class AttentionTunables:
     # dots. False: a vector loop per query head, compute-bound for GQA. H200, batch 64, context 2,048:
     # 32/8 heads 367 -> 151 us (33% -> 86% of read bandwidth); 32/32 heads 574 -> 533 us
     mma: bool = True
-    # tensor-core variant: load the next block's K/V (and its page-table entries) while the current
-    # block is computed, so a program keeps a block's loads in flight instead of waiting on each chain
-    # of page-table load -> K/V load in turn (short contexts, few programs per SM: latency-bound)
-    prefetch: bool = True
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
@@ -143,7 +139,6 @@ def _decode_mma_kernel(
     f32_dot,
     group,
     gp,
-    prefetch,
 ):
     """One program per (sequence, KV head): the group's query heads as a tile of GP >= 16 rows, read
     and written in place (rows past the group repeat its last head: the same values, computed and
@@ -161,26 +156,23 @@ def _decode_mma_kernel(
     dh = q.shape[1]
     key = jnp.arange(block_keys, dtype=jnp.int32)
 
-    def tiles(i):
-        """Block i's K and V tiles [BK, Dh]."""
-        units = key_units(
-            pt_ref,
-            b,
-            h,
-            i * block_keys + key,
-            page_size=page_size,
-            page_units=page_units,
-            n_kv=n_kv,
-            n_table=n_table,
-        )
-        return pool_ref[layer, units, :], pool_ref[layer, units + n_kv, :]
-
-    def step(i, carry, kt, vt):
+    def block(i, carry):
         kpos = i * block_keys + key
+        units = key_units(
+            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
+        )
         ok = (kpos < clen) & (kpos <= pos)
         if window is not None:
             ok = ok & (pos - kpos < window)
-        return online_softmax_step(carry, q, kt, vt, ok[None, :], scale=scale, f32=f32_dot)
+        return online_softmax_step(
+            carry,
+            q,
+            pool_ref[layer, units, :],
+            pool_ref[layer, units + n_kv, :],
+            ok[None, :],
+            scale=scale,
+            f32=f32_dot,
+        )
 
     init = (
         jnp.full((gp,), NEG_INF, jnp.float32),
@@ -191,18 +183,7 @@ def _decode_mma_kernel(
     start = jnp.int32(0)
     if window is not None:
         start = jnp.maximum(pos - window + 1, 0) // block_keys
-    if prefetch:
-
-        def block(i, carry):
-            state, kt, vt = carry
-            # the next block's loads go out before this block's math; the last iteration loads its own
-            # block again (just read: from L2), so no index leaves the table
-            nxt = tiles(jnp.minimum(i + 1, jnp.maximum(n_blocks - 1, 0)))
-            return (step(i, state, kt, vt), *nxt)
-
-        (m, denom, acc), _, _ = jax.lax.fori_loop(start, n_blocks, block, (init, *tiles(start)))
-    else:
-        m, denom, acc = jax.lax.fori_loop(start, n_blocks, lambda i, c: step(i, c, *tiles(i)), init)
+    m, denom, acc = jax.lax.fori_loop(start, n_blocks, block, init)
 
     kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value
     vn = vn_ref[row, h, :].astype(jnp.float32)
@@ -274,12 +255,7 @@ def paged_decode_attention_kernel(
     if tunables.mma:
         gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
         kernel = functools.partial(
-            _decode_mma_kernel,
-            **common,
-            f32_dot=pool.dtype == jnp.float32,
-            group=group,
-            gp=gp,
-            prefetch=tunables.prefetch,
+            _decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32, group=group, gp=gp
         )
         name = "paged_decode_attention_mma"
     else:
