@@ -73,23 +73,6 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[dtype]
 
 
-@pytest.mark.parametrize("tier", [0, 1])
-def test_decode_kernel_tuned_tiers(tier):
-    """Each tier of the tuned shapes (few sequences: small blocks, deep pipeline; many: larger blocks)
-    is chosen by the batch and matches the reference, on a table that ends mid-block."""
-    from pallas_kernels.paged_attention.kernel import TUNED, tunables_for
-
-    max_batch, tunables = TUNED[(16, 128)][tier]
-    assert tunables_for(16, 128, min(max_batch, 40)) == tunables
-    assert tunables_for(16, 64, 4) == AttentionTunables()
-    rng = np.random.default_rng(tier)
-    args = _case(rng, 5, 4, 2, 128, 16, 7, jnp.bfloat16)
-    want = paged_attention(*args, page_size=16, implementation="reference")
-    got = paged_attention(*args, page_size=16, implementation=_impl(), tunables=tunables)
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.abs(got - want).max() / np.abs(want).max() < TOL[jnp.bfloat16]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("b,hq,hkv", [(64, 32, 32), (64, 32, 8), (17, 9, 3)])

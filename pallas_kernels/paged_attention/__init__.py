@@ -143,7 +143,7 @@ def paged_attention(
         positions[:, 0],
         cached_lens,
         **window,
-        tunables=tunables or tunables_for(page_size, q.shape[3], q.shape[0]),
+        tunables=tunables or tunables_for(page_size, q.shape[3]),
         interpret=path == "interpret",
     )
     return out[:, None]
@@ -194,7 +194,7 @@ def paged_attention_rows(
             positions[:, 0],
             cached_lens,
             **window,
-            tunables=tunables_for(page_size, q.shape[2], page_tables.shape[0]),
+            tunables=tunables_for(page_size, q.shape[2]),
             interpret=interpret,
             row_start=row_start,
             out=out,

@@ -33,26 +33,14 @@ class AttentionTunables:
     mma: bool = True
 
 
-# (page_size, head_dim) -> tiers of (up to this many sequences, tunables), smallest first, from
-# bench/kernels/attention.py on the H200. Few sequences (a serving step's 16-32 decode rows, a few
-# hundred keys each) leave most SMs one program or none: smaller blocks, deeper pipeline. 17 x 416
-# keys, 32/32 heads: 53-55 us against 63-68 us with the large-batch shapes (kernels-attention-
-# 20261203T224913.json, T225847.json); 64 x 2,048 keys: pages_per_block 4, 2 stages (2026-11-26).
-TUNED: dict[tuple[int, int], tuple[tuple[int, AttentionTunables], ...]] = {
-    (16, 128): (
-        (32, AttentionTunables(pages_per_block=2, num_warps=4, num_stages=3, mma=True)),
-        (1 << 30, AttentionTunables(pages_per_block=4, num_warps=4, mma=True)),
-    )
+# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
+TUNED: dict[tuple[int, int], AttentionTunables] = {
+    (16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True)
 }
 
 
-def tunables_for(page_size: int, head_dim: int, batch: int = 1 << 30) -> AttentionTunables:
-    """The tuned shapes for this page size and head_dim at `batch` sequences (the first tier that holds
-    them); the defaults elsewhere."""
-    for max_batch, tunables in TUNED.get((page_size, head_dim), ()):
-        if batch <= max_batch:
-            return tunables
-    return AttentionTunables()
+def tunables_for(page_size: int, head_dim: int) -> AttentionTunables:
+    return TUNED.get((page_size, head_dim), AttentionTunables())
 
 
 def _decode_kernel(
