@@ -2,7 +2,7 @@
 imports bench): the S-LoRA trace's distributions, and decode_7b's pool holding a full batch (32
 requests' whole KV and 32 distinct adapters at once) for every geometry and model-parallel degree it
 is run at. An under-sized pool once ran the Llama-2-70B geometry at 12/7/4 requests per step while
-reporting batch 32."""
+reporting batch 32. And the schedule model's replay (schedule_model.py) charging what it models."""
 
 from __future__ import annotations
 
@@ -203,3 +203,19 @@ def test_cpu_smol_agreement_counts_identical_runs_and_shared_prefixes():
 
     got = agreement([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 0, 6], [0, 8, 9]])
     assert got == {"sequences_identical": 1, "mean_shared_prefix": round((3 + 1 + 0) / 3, 1)}
+
+
+def test_schedule_model_charges_what_it_models():
+    """The host replay of the trace: with no cost for prompt chunks every step runs at decode_share of
+    its floor, so the trace does too; chunk buckets under the budget compute fewer padded rows than one
+    256-token bucket for up to four prompts, and the padded rows cost time."""
+    from bench.schedule_model import StepCosts, replay
+
+    flat = StepCosts(chunk_fixed_ms=0.0, row_us=0.0, decode_share=0.8)
+    out = replay("llama2-7b", 100, 12.0, 5.0, 256, (), 4, flat)
+    assert abs(out["roofline_fraction"] - 0.8) < 1e-9
+    assert out["by_kind"]["decode"]["steps"] > 0 and out["by_kind"]["mixed"]["steps"] > 0
+    padded = replay("llama2-7b", 100, 12.0, 5.0, 256, (), 4, StepCosts())
+    bucketed = replay("llama2-7b", 100, 12.0, 5.0, 256, (64, 128, 192), 1, StepCosts())
+    assert bucketed["by_kind"]["mixed"]["mean_rows"] < padded["by_kind"]["mixed"]["mean_rows"]
+    assert bucketed["by_kind"]["mixed"]["mean_step_ms"] < padded["by_kind"]["mixed"]["mean_step_ms"]
