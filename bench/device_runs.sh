@@ -7,6 +7,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch         # decode-7b at batch 128 and 32, profiled
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK)
@@ -27,10 +28,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 slora_common=(--model llama2-7b --pages 3000 --impl auto --layer-loop unrolled --one-page-bucket
   --partial "$OUT/slora-partial.json")
 slora_trace() {
+  local below=""  # default chunk buckets: 64, 128, 192 where under CHUNK
+  for b in 64 128 192; do [ "$b" -lt "${CHUNK:-256}" ] && below="$below${below:+,}$b"; done
   TAIL=40 run timeout 540 python3 -m bench.slora "${slora_common[@]}" --n "${N:-5,100,1000,2000}" \
     --rate "${RATE:-8}" --duration "${DURATION:-20}" --batch "${BATCH:-32}" --chunk "${CHUNK:-256}" \
     --cold-warm "${COLD:-4}" --rows-in-place "${ROWS:-mixed}" --prefill-seqs "${SEQS:-1}" \
-    --chunk-buckets "${BUCKETS-64,128,192}"
+    --chunk-buckets "${BUCKETS-$below}"
 }
 
 case "${1:-}" in
@@ -61,6 +64,10 @@ case "${1:-}" in
   kernels)
     run python3 -m bench.kernels.lora
     run python3 -m bench.kernels.attention
+    ;;
+  attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
+    TAIL=40 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
+      --stages 2,3 --cases mha --no-prefill
     ;;
   fused)
     run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py

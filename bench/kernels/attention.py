@@ -23,7 +23,18 @@ from pallas_kernels.paged_attention import AttentionTunables, PrefillTunables, p
 PAGE, DH = 16, 128
 
 
-def _case(batch: int, context: int, hq: int, hkv: int):
+def trace_lengths(n: int, rows: int, seed: int = 0) -> np.ndarray:
+    """Keys cached per row of a decode step in the S-LoRA trace: n sequences at a random point of their
+    decode (prompt U[8, 512) + part of an output U[8, 512)), then rows - n padding rows with none."""
+    rng = np.random.default_rng(seed)
+    prompt, output = rng.integers(8, 512, n), rng.integers(8, 512, n)
+    lens = prompt + (rng.random(n) * output).astype(np.int64)
+    return np.concatenate([lens, np.zeros(rows - n, np.int64)]).astype(np.int32)
+
+
+def _case(batch: int, context: int, hq: int, hkv: int, lens: np.ndarray | None = None):
+    """batch rows of context - 1 cached keys each, or of lens[i] (rows with 0 are padding: the zero
+    page, no keys) in tables of context // PAGE pages."""
     pages_per_seq = context // PAGE
     page_units = PAGE * 2 * hkv
     n_pages = 1 + batch * pages_per_seq
@@ -32,7 +43,8 @@ def _case(batch: int, context: int, hq: int, hkv: int):
     )
     rng = np.random.default_rng(0)
     tables = (1 + rng.permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq).astype(np.int32)
-    lens = np.full(batch, context - 1, np.int32)
+    lens = np.full(batch, context - 1, np.int32) if lens is None else lens
+    tables[lens == 0] = 0
     fixed = (
         pool,
         jnp.asarray(tables),
@@ -49,7 +61,7 @@ def _case(batch: int, context: int, hq: int, hkv: int):
                 for kk, h in zip(k, (hq, hkv, hkv))
             )
         )
-    kv_bytes = batch * (context - 1) * 2 * hkv * DH * 2
+    kv_bytes = int(lens.sum()) * 2 * hkv * DH * 2
     return fixed, rotations, kv_bytes
 
 
@@ -69,7 +81,17 @@ def main() -> None:
     ap.add_argument("--pages-per-block", default="2,4,8", help="pages_per_block values to sweep")
     ap.add_argument("--cases", default="mha,gqa", help="mha (Llama-2-7B heads), gqa (Llama-3-8B heads)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill kernel's sweep")
+    ap.add_argument(
+        "--trace-rows",
+        type=int,
+        default=0,
+        help="N: --batch rows of which N decode at the S-LoRA trace's lengths (up to --context keys), the "
+        "rest padding, as in a serving step's decode bucket; 0: every row at --context",
+    )
     args = ap.parse_args()
+    lens = trace_lengths(args.trace_rows, args.batch) if args.trace_rows else None
+    if lens is not None and lens.max() >= args.context:
+        ap.error(f"--context {args.context} must exceed the longest trace length {lens.max()}")
     stages = [int(v) for v in args.stages.split(",")]
     ppbs = [int(v) for v in args.pages_per_block.split(",")]
     cases = [c for c in (("llama2-7b MHA 32/32", 32, 32), ("llama3-8b GQA 32/8", 32, 8))]
@@ -79,7 +101,7 @@ def main() -> None:
     bw = bandwidth()
     rows = []
     for label, hq, hkv in cases:
-        fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv)
+        fixed, rotations, kv_bytes = _case(args.batch, args.context, hq, hkv, lens)
 
         want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
@@ -99,6 +121,7 @@ def main() -> None:
             "case": label,
             "batch": args.batch,
             "context": args.context,
+            "trace_rows": args.trace_rows,
             "kv_bytes": kv_bytes,
             "kernel_us": best["us"],
             "best": best,
