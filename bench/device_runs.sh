@@ -10,7 +10,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 256}' decode attention shapes)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -33,7 +33,7 @@ slora_trace() {
   TAIL=40 run timeout 540 python3 -m bench.slora "${slora_common[@]}" --n "${N:-5,100,1000,2000}" \
     --rate "${RATE:-8}" --duration "${DURATION:-20}" --batch "${BATCH:-32}" --chunk "${CHUNK:-256}" \
     --cold-warm "${COLD:-4}" --rows-in-place "${ROWS:-mixed}" --prefill-seqs "${SEQS:-1}" \
-    --chunk-buckets "${BUCKETS-$below}"
+    --chunk-buckets "${BUCKETS-$below}" ${ATTN:+--attention-tunables "$ATTN"}
 }
 
 case "${1:-}" in
@@ -66,8 +66,8 @@ case "${1:-}" in
     run python3 -m bench.kernels.attention
     ;;
   attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
-    TAIL=40 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
-      --stages 2,3 --cases mha --no-prefill
+    TAIL=60 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
+      --stages 2,3 --cases mha --no-prefill --split-keys 0,128,256
     ;;
   fused)
     run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py

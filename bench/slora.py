@@ -101,6 +101,7 @@ def make_payload(
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
             "prefill_seqs": args.prefill_seqs,
+            "attention_tunables": args.attention_tunables,
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
@@ -152,6 +153,12 @@ def main() -> None:
     )
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     ap.add_argument(
+        "--attention-tunables",
+        default=None,
+        help="the decode attention kernel's shapes for page 16, head_dim 128 in place of the tuned ones, "
+        'as JSON (AttentionTunables fields), e.g. {"split_keys": 256}',
+    )
+    ap.add_argument(
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
     )
     ap.add_argument("--rate-sweep", default="", help="extra rates run at the first n (latency vs rate)")
@@ -178,6 +185,12 @@ def main() -> None:
     from checkpoints.peft import write_random_peft_adapter
 
     bw = bandwidth()
+    if args.attention_tunables:  # before the engine traces its steps
+        from pallas_kernels.paged_attention import kernel as attention_kernel
+
+        fields = json.loads(args.attention_tunables)
+        attention_kernel.TUNED[(16, 128)] = attention_kernel.AttentionTunables(**fields)
+        print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
     print(

@@ -58,12 +58,15 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
         (3, 4, 2, 16, 4, 8, 9),  # sliding window
     ],
 )
-@pytest.mark.parametrize("mma", [True, False])
+@pytest.mark.parametrize("mma", [True, False, "split"])
 def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype, mma):
-    """mma: tensor-core tiles per KV group (the default); else the vector loop per query head."""
+    """mma: tensor-core tiles per KV group (the default); else the vector loop per query head; split:
+    the tensor-core tiles over splits of at most two pages each, merged after (flash-decoding)."""
     rng = np.random.default_rng(b * 31 + hq + page_size)
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
-    tunables = AttentionTunables(mma=mma)
+    tunables = AttentionTunables(mma=bool(mma))
+    if mma == "split":
+        tunables = AttentionTunables(pages_per_block=1, split_keys=2 * page_size)
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
     got = paged_attention(
         *args, page_size=page_size, sliding_window=window, implementation=_impl(), tunables=tunables
@@ -73,14 +76,51 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[dtype]
 
 
+def test_split_decode_kernel_writes_its_rows_in_place():
+    """The split kernel on rows [row_start, row_start + B) of the step's arrays: those rows equal the
+    reference on the same batch, every other row of `out` is kept bit for bit."""
+    from pallas_kernels.paged_attention.kernel import paged_decode_attention_kernel
+
+    rng = np.random.default_rng(7)
+    q, k, v, pool, layer, tables, pos, lens, _ = _case(rng, 3, 4, 2, 16, 4, 6, jnp.float32)
+    want = np.asarray(paged_attention(q, k, v, pool, layer, tables, pos, lens, _, page_size=4))
+    n, start = 7, 2
+
+    def wide(x):  # the batch at rows [start, start + 3) of n rows of noise
+        noise = jnp.asarray(rng.standard_normal((n, *x.shape[2:])), x.dtype)
+        return noise.at[start : start + 3].set(x[:, 0])
+
+    out = jnp.asarray(rng.standard_normal((n, 4, 16)), jnp.float32)
+    got = paged_decode_attention_kernel(
+        wide(q),
+        wide(k),
+        wide(v),
+        pool,
+        layer,
+        tables,
+        pos[:, 0],
+        lens,
+        page_size=4,
+        tunables=AttentionTunables(pages_per_block=1, split_keys=4),
+        interpret=_impl() == "interpret",
+        row_start=start,
+        out=out,
+    )
+    got = np.asarray(got)
+    np.testing.assert_allclose(got[start : start + 3], want[:, 0], rtol=1e-4, atol=1e-4)
+    keep = np.r_[0:start, start + 3 : n]
+    np.testing.assert_array_equal(got[keep], np.asarray(out)[keep])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("mma", [False, True, "split"])
 @pytest.mark.parametrize("b,hq,hkv", [(64, 32, 32), (64, 32, 8), (17, 9, 3)])
 def test_decode_kernel_gpu_sweep(b, hq, hkv, mma):
     rng = np.random.default_rng(b + hq)
     args = _case(rng, b, hq, hkv, 128 if hq != 9 else 64, 16, 32, jnp.bfloat16)
     want = paged_attention(*args, page_size=16, implementation="reference")
-    got = paged_attention(*args, page_size=16, implementation="pallas", tunables=AttentionTunables(mma=mma))
+    tunables = AttentionTunables(mma=bool(mma), split_keys=128 if mma == "split" else 0)
+    got = paged_attention(*args, page_size=16, implementation="pallas", tunables=tunables)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[jnp.bfloat16]
 

@@ -570,3 +570,36 @@ def test_warm_up_on_at_start(tiny):
     assert engine.paged.warm_up_seconds > 0
     with pytest.raises(ValueError, match="warm_up"):
         small_config(warm_up="yes").validate()
+
+
+def test_split_decode_attention_in_the_engine(tiny, monkeypatch):
+    """The flash-decoding variant of the decode kernel (AttentionTunables.split_keys) in the GPU's shape
+    of step, interpreted: decode-only steps and a mixed step's decode rows (written into the step's
+    output in place) serve what the reference serves."""
+    import pallas_kernels.paged_attention as attention
+    from pallas_kernels.paged_attention import kernel as attention_kernel
+
+    split = attention.AttentionTunables(pages_per_block=1, split_keys=8)
+    monkeypatch.setattr(attention, "tunables_for", lambda *a, **k: split)
+    merged = []
+    combine = attention_kernel.combine_splits
+    monkeypatch.setattr(attention_kernel, "combine_splits", lambda *a: merged.append(1) or combine(*a))
+    loaded, paths, reference = tiny
+    config = small_config(
+        implementation="interpret",
+        mixed_steps="on",
+        greedy_only=True,
+        layer_loop="unrolled",
+        fuse_projections="on",
+        fuse_lora="on",
+        lora_rank_buckets=(16, 64),
+    )
+    engine = jlora.Engine(loaded, config)
+    assert merged  # traced into the compiled steps
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    reqs = [r for r in requests(6, seed=11) if r[1].temperature == 0.0]
+    for (prompt, p, adapter), state in zip(reqs, run_staggered(engine, reqs)):
+        want = reference.generate([prompt], p, adapters=[adapter])[0]
+        assert state.generated == want.token_ids
+        assert np.abs(np.array(state.logprobs) - np.array(want.logprobs)).max() < 1e-4

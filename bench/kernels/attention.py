@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--cases", default="mha,gqa", help="mha (Llama-2-7B heads), gqa (Llama-3-8B heads)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill kernel's sweep")
     ap.add_argument(
+        "--split-keys", default="0", help="split_keys values for the tensor-core variant, e.g. 0,128,256"
+    )
+    ap.add_argument(
         "--trace-rows",
         type=int,
         default=0,
@@ -105,8 +108,12 @@ def main() -> None:
 
         want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
-        for ppb, warps, mma, st in itertools.product(ppbs, (4, 8), (False, True), stages):
-            t = AttentionTunables(pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st)
+        splits = [int(v) for v in args.split_keys.split(",")]
+        variants = [(False, 0)] + [(True, k) for k in splits]  # (mma, split_keys)
+        for ppb, warps, (mma, split), st in itertools.product(ppbs, (4, 8), variants, stages):
+            t = AttentionTunables(
+                pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st, split_keys=split
+            )
             got = _attend(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             us = chained_seconds(lambda *a, t=t: _attend(*a, tunables=t), fixed, rotations, iters=20) * 1e6

@@ -31,6 +31,11 @@ class AttentionTunables:
     # dots. False: a vector loop per query head, compute-bound for GQA. H200, batch 64, context 2,048:
     # 32/8 heads 367 -> 151 us (33% -> 86% of read bandwidth); 32/32 heads 574 -> 533 us
     mma: bool = True
+    # tensor-core variant: keys a program walks at most (a multiple of its block; 0: all of a sequence's).
+    # With a split, programs (sequence, KV head, split) each write a partial softmax and a combine
+    # merges them (flash-decoding): more, shorter programs for few sequences of short contexts, where a
+    # serving step's decode attention runs latency-bound (H200, 17 x ~440 keys: 2.7 TB/s)
+    split_keys: int = 0
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
@@ -195,6 +200,92 @@ def _decode_mma_kernel(
     o_ref[row, heads, :] = out.astype(o_ref.dtype)
 
 
+def _decode_split_kernel(
+    layer_ref,
+    pt_ref,
+    pos_ref,
+    clen_ref,
+    q_ref,
+    kn_ref,
+    vn_ref,
+    pool_ref,
+    acc_ref,
+    m_ref,
+    denom_ref,
+    *,
+    row_start,
+    page_size,
+    page_units,
+    n_kv,
+    block_keys,
+    n_table,
+    window,
+    scale,
+    f32_dot,
+    group,
+    gp,
+    split_blocks,
+):
+    """One program per (sequence, KV head, split): the mma kernel's walk over the split's blocks only,
+    written as a partial softmax (unnormalised acc [GP, Dh], running max m and sum l per query head) at
+    [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
+    partial (m = -inf, l = 0)."""
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    sp = pl.program_id(2)
+    row = row_start + b
+    layer = layer_ref[0]
+    pos = pos_ref[b]
+    clen = clen_ref[b]
+    heads = h * group + jnp.minimum(jnp.arange(gp, dtype=jnp.int32), group - 1)  # [GP]
+    q = q_ref[row, heads, :]  # [GP, Dh]
+    dh = q.shape[1]
+    key = jnp.arange(block_keys, dtype=jnp.int32)
+
+    def block(i, carry):
+        kpos = i * block_keys + key
+        units = key_units(
+            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
+        )
+        ok = (kpos < clen) & (kpos <= pos)
+        if window is not None:
+            ok = ok & (pos - kpos < window)
+        kt, vt = pool_ref[layer, units, :], pool_ref[layer, units + n_kv, :]
+        return online_softmax_step(carry, q, kt, vt, ok[None, :], scale=scale, f32=f32_dot)
+
+    init = (
+        jnp.full((gp,), NEG_INF, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+        jnp.zeros((gp, dh), jnp.float32),
+    )
+    n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
+    start = jnp.int32(0)
+    if window is not None:
+        start = jnp.maximum(pos - window + 1, 0) // block_keys
+    lo = jnp.maximum(start, sp * split_blocks)
+    hi = jnp.minimum(n_blocks, (sp + 1) * split_blocks)
+    m, denom, acc = jax.lax.fori_loop(lo, hi, block, init)
+
+    kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value: split 0's
+    vn = vn_ref[row, h, :].astype(jnp.float32)
+    own = sp == 0
+    s = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [GP]
+    m_new = jnp.where(own, jnp.maximum(m, s), m)
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(own, jnp.exp(s - m_new), 0.0)
+    acc_ref[b, sp, heads, :] = acc * alpha[:, None] + p[:, None] * vn[None, :]
+    m_ref[b, sp, heads] = m_new
+    denom_ref[b, sp, heads] = denom * alpha + p
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
+    """The partial softmaxes of a sequence's splits merged: acc [B, S, Hq, Dh], m and denom [B, S, Hq]
+    -> [B, Hq, Dh] float32. Split 0 holds the step's own key, so every row's maximum is finite."""
+    top = jnp.max(m, axis=1, keepdims=True)
+    w = jnp.exp(m - top)  # empty splits: m = -inf -> 0
+    return jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * denom, axis=1)[..., None]
+
+
 @functools.partial(
     jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret", "row_start")
 )
@@ -252,6 +343,36 @@ def paged_decode_attention_kernel(
         aliases = {len(args): 0}
         args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
+    table_blocks = -(-p * page_size // common["block_keys"])
+    split_blocks = max(1, tunables.split_keys // common["block_keys"])
+    if tunables.mma and tunables.split_keys and table_blocks > split_blocks:
+        gp = max(16, 1 << (group - 1).bit_length())
+        splits = -(-table_blocks // split_blocks)
+        part = functools.partial(
+            _decode_split_kernel,
+            **common,
+            f32_dot=pool.dtype == jnp.float32,
+            group=group,
+            gp=gp,
+            split_blocks=split_blocks,
+        )
+        acc, m, denom = pl.pallas_call(
+            part,
+            out_shape=(
+                jax.ShapeDtypeStruct((b, splits, hq, dh), jnp.float32),
+                jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
+                jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
+            ),
+            grid=(b, hkv, splits),
+            compiler_params=params,
+            interpret=interpret,
+            name="paged_decode_attention_split",
+        )(*args[:8])
+        merged = combine_splits(acc, m, denom).astype(q.dtype)
+        if out is None and row_start == 0 and b == n:
+            return merged
+        base = out.astype(q.dtype) if out is not None else jnp.zeros(q.shape, q.dtype)
+        return jax.lax.dynamic_update_slice(base, merged, (row_start, 0, 0))
     if tunables.mma:
         gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
         kernel = functools.partial(
