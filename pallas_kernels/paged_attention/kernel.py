@@ -227,9 +227,9 @@ def _decode_split_kernel(
     split_blocks,
 ):
     """One program per (sequence, KV head, split): the mma kernel's walk over the split's blocks only,
-    written as a partial softmax (unnormalised acc [GP, Dh], running max m and sum l per query head) at
+    written as a partial softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at
     [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
-    partial (m = -inf, l = 0)."""
+    partial (m = -inf, denom = 0)."""
     b = pl.program_id(0)
     h = pl.program_id(1)
     sp = pl.program_id(2)
