@@ -22,9 +22,10 @@ import collections
 import dataclasses
 import json
 
+from bench.serving import floor_bytes
 from bench.trace import adapter_ranks, slora_trace
 from jlora.config import PRESETS
-from jlora.pool.layout import PoolLayout
+from jlora.engine import pool_layout
 from jlora.pool.memory import PoolManager
 from jlora.scheduler import SchedRequest, Scheduler, SchedulerConfig
 
@@ -57,14 +58,7 @@ def replay(
 ) -> dict:
     """Replay the trace; the modelled steps, their floors and times, and the roofline fraction."""
     config = PRESETS[model]
-    layout = PoolLayout(
-        num_layers=config.num_hidden_layers,
-        num_pages=pages,
-        page_size=16,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        module_shapes=tuple((m, *config.module_shapes()[m]) for m in TARGETS),
-    )
+    layout = pool_layout(config, num_pages=pages, page_size=16, lora_modules=TARGETS)
     memory = PoolManager(layout)
     sched = Scheduler(
         SchedulerConfig(
@@ -106,14 +100,7 @@ def replay(
             now = trace[i].arrival if i < len(trace) else now + 1e-3
             continue
         chunks = s.decodes + s.prefills
-        adapters = {c.adapter for c in chunks if c.adapter}
-        floor_bytes = (
-            weight_bytes
-            + sum(c.start + len(c.tokens) for c in chunks) * kv_per_token
-            + sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
-            * page_bytes
-        )
-        floor = floor_bytes / (costs.copy_TBps * 1e12)
+        floor = floor_bytes(chunks, memory, weight_bytes, kv_per_token, page_bytes) / (costs.copy_TBps * 1e12)
         seconds = floor / costs.decode_share
         kind = "decode"
         if s.prefills:

@@ -43,12 +43,12 @@ class StepRecorder:
     def _prepare(self, schedule, sampling, sources=None):
         calls = self._originals[0](schedule, sampling, sources)
         chunks = schedule.decodes + schedule.prefills
-        kv = sum(ch.start + len(ch.tokens) for ch in chunks) * self.kv_bytes_per_token
         memory = self.paged.memory
         adapters = {ch.adapter for ch in chunks if ch.adapter}
-        adapter_bytes = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
-        self._info[id(calls)] = {  # weights are read once per call
-            "bytes": len(calls) * self.weight_bytes + kv + adapter_bytes * self.page_bytes,
+        self._info[id(calls)] = {
+            "bytes": floor_bytes(
+                chunks, memory, len(calls) * self.weight_bytes, self.kv_bytes_per_token, self.page_bytes
+            ),
             "tokens": sum(len(ch.tokens) for ch in chunks),
             "decodes": len(schedule.decodes),
             "prompts": len(schedule.prefills),  # sequences whose prompt chunks the step carries
@@ -78,6 +78,15 @@ class StepRecorder:
 
     def close(self) -> None:
         self.paged.prepare, self.paged.launch, self.paged.collect = self._originals
+
+
+def floor_bytes(chunks, memory, weight_bytes: int, kv_bytes_per_token: int, page_bytes: int) -> int:
+    """A step's roofline bytes: its weights (read once per call: pass calls x the model's), the K/V of
+    every chunk's sequence up to the chunk's end, and each distinct adapter's pages once."""
+    adapters = {ch.adapter for ch in chunks if ch.adapter}
+    pages = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
+    kv = sum(ch.start + len(ch.tokens) for ch in chunks)
+    return weight_bytes + kv * kv_bytes_per_token + pages * page_bytes
 
 
 def _pct(values: list[float]) -> dict[str, float]:

@@ -123,7 +123,7 @@ def _decode_kernel(
         o_ref[row, h * group + g, :] = out.astype(o_ref.dtype)
 
 
-def _decode_mma_kernel(
+def _attend_group(
     layer_ref,
     pt_ref,
     pos_ref,
@@ -132,87 +132,11 @@ def _decode_mma_kernel(
     kn_ref,
     vn_ref,
     pool_ref,
-    *refs,
-    row_start,
-    page_size,
-    page_units,
-    n_kv,
-    block_keys,
-    n_table,
-    window,
-    scale,
-    f32_dot,
-    group,
-    gp,
-):
-    """One program per (sequence, KV head): the group's query heads as a tile of GP >= 16 rows, read
-    and written in place (rows past the group repeat its last head: the same values, computed and
-    written again), so no padded copy of q and no slice of the output outside the kernel. Sequence b's
-    query, key, value and output are row row_start + b of q, k_new, v_new and the output."""
-    o_ref = refs[-1]  # (o_ref,) or (out_ref, o_ref): out aliased to o, its other rows kept
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    row = row_start + b
-    layer = layer_ref[0]
-    pos = pos_ref[b]
-    clen = clen_ref[b]
-    heads = h * group + jnp.minimum(jnp.arange(gp, dtype=jnp.int32), group - 1)  # [GP]
-    q = q_ref[row, heads, :]  # [GP, Dh]
-    dh = q.shape[1]
-    key = jnp.arange(block_keys, dtype=jnp.int32)
-
-    def block(i, carry):
-        kpos = i * block_keys + key
-        units = key_units(
-            pt_ref, b, h, kpos, page_size=page_size, page_units=page_units, n_kv=n_kv, n_table=n_table
-        )
-        ok = (kpos < clen) & (kpos <= pos)
-        if window is not None:
-            ok = ok & (pos - kpos < window)
-        return online_softmax_step(
-            carry,
-            q,
-            pool_ref[layer, units, :],
-            pool_ref[layer, units + n_kv, :],
-            ok[None, :],
-            scale=scale,
-            f32=f32_dot,
-        )
-
-    init = (
-        jnp.full((gp,), NEG_INF, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-        jnp.zeros((gp, dh), jnp.float32),
-    )
-    n_blocks = (jnp.minimum(clen, n_table * page_size) + block_keys - 1) // block_keys
-    start = jnp.int32(0)
-    if window is not None:
-        start = jnp.maximum(pos - window + 1, 0) // block_keys
-    m, denom, acc = jax.lax.fori_loop(start, n_blocks, block, init)
-
-    kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value
-    vn = vn_ref[row, h, :].astype(jnp.float32)
-    s = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [GP]
-    m_new = jnp.maximum(m, s)
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    out = (acc * alpha[:, None] + p[:, None] * vn[None, :]) / (denom * alpha + p)[:, None]
-    o_ref[row, heads, :] = out.astype(o_ref.dtype)
-
-
-def _decode_split_kernel(
-    layer_ref,
-    pt_ref,
-    pos_ref,
-    clen_ref,
-    q_ref,
-    kn_ref,
-    vn_ref,
-    pool_ref,
-    acc_ref,
-    m_ref,
-    denom_ref,
     *,
+    b,
+    h,
+    span,
+    own,
     row_start,
     page_size,
     page_units,
@@ -224,15 +148,11 @@ def _decode_split_kernel(
     f32_dot,
     group,
     gp,
-    split_blocks,
 ):
-    """One program per (sequence, KV head, split): the mma kernel's walk over the split's blocks only,
-    written as a partial softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at
-    [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
-    partial (m = -inf, denom = 0)."""
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    sp = pl.program_id(2)
+    """Sequence b's KV group h as a tile of GP >= 16 query rows (rows past the group repeat its last
+    head: the same values, computed again): the online softmax over the key blocks span(start, n_blocks)
+    gives of the sequence's [start, n_blocks), then the step's own key and value where own (a bool, or a
+    traced one). Returns the query heads [GP] and the unnormalised (m [GP], denom [GP], acc [GP, Dh])."""
     row = row_start + b
     layer = layer_ref[0]
     pos = pos_ref[b]
@@ -262,20 +182,60 @@ def _decode_split_kernel(
     start = jnp.int32(0)
     if window is not None:
         start = jnp.maximum(pos - window + 1, 0) // block_keys
-    lo = jnp.maximum(start, sp * split_blocks)
-    hi = jnp.minimum(n_blocks, (sp + 1) * split_blocks)
-    m, denom, acc = jax.lax.fori_loop(lo, hi, block, init)
+    m, denom, acc = jax.lax.fori_loop(*span(start, n_blocks), block, init)
 
-    kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value: split 0's
+    kn = kn_ref[row, h, :].astype(jnp.float32)  # the step's own key and value
     vn = vn_ref[row, h, :].astype(jnp.float32)
-    own = sp == 0
     s = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [GP]
-    m_new = jnp.where(own, jnp.maximum(m, s), m)
+    if own is True:
+        m_new = jnp.maximum(m, s)
+        p = jnp.exp(s - m_new)
+    else:  # a part without the own key keeps its (possibly empty: m = -inf) softmax as it is
+        m_new = jnp.where(own, jnp.maximum(m, s), m)
+        p = jnp.where(own, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    p = jnp.where(own, jnp.exp(s - m_new), 0.0)
-    acc_ref[b, sp, heads, :] = acc * alpha[:, None] + p[:, None] * vn[None, :]
-    m_ref[b, sp, heads] = m_new
-    denom_ref[b, sp, heads] = denom * alpha + p
+    return heads, (m_new, denom * alpha + p, acc * alpha[:, None] + p[:, None] * vn[None, :])
+
+
+def _decode_mma_kernel(*refs, row_start, **static):
+    """One program per (sequence, KV head): the group's query heads read and written in place, so no
+    padded copy of q and no slice of the output outside the kernel. Sequence b's query, key, value and
+    output are row row_start + b of q, k_new, v_new and the output."""
+    o_ref = refs[-1]  # (..., o_ref) or (..., out_ref, o_ref): out aliased to o, its other rows kept
+    b = pl.program_id(0)
+    heads, (_, denom, acc) = _attend_group(
+        *refs[:8],
+        b=b,
+        h=pl.program_id(1),
+        span=lambda start, n_blocks: (start, n_blocks),
+        own=True,
+        row_start=row_start,
+        **static,
+    )
+    o_ref[row_start + b, heads, :] = (acc / denom[:, None]).astype(o_ref.dtype)
+
+
+def _decode_split_kernel(*refs, split_blocks, **static):
+    """One program per (sequence, KV head, split): the walk over the split's blocks only, written as a
+    partial softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at
+    [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
+    partial (m = -inf, denom = 0)."""
+    acc_ref, m_ref, denom_ref = refs[8:]
+    b, sp = pl.program_id(0), pl.program_id(2)
+    heads, (m, denom, acc) = _attend_group(
+        *refs[:8],
+        b=b,
+        h=pl.program_id(1),
+        span=lambda start, n_blocks: (
+            jnp.maximum(start, sp * split_blocks),
+            jnp.minimum(n_blocks, (sp + 1) * split_blocks),
+        ),
+        own=sp == 0,
+        **static,
+    )
+    acc_ref[b, sp, heads, :] = acc
+    m_ref[b, sp, heads] = m
+    denom_ref[b, sp, heads] = denom
 
 
 def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
