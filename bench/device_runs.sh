@@ -67,7 +67,7 @@ case "${1:-}" in
     ;;
   attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
     TAIL=60 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
-      --stages 2,3 --cases mha --no-prefill --split-keys 0,128,256
+      --stages "${STAGES:-2}" --cases mha --no-prefill --split-keys "${SPLITS:-0,64,128,256}"
     ;;
   fused)
     run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py
