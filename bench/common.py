@@ -75,3 +75,15 @@ def write_result(name: str, payload: dict[str, Any], recorded: dict[str, str] | 
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return path
+
+
+def override_attention_tunables(fields_json: str | None) -> None:
+    """The decode attention kernel's shapes for page 16, head_dim 128 replaced by the JSON's fields
+    (AttentionTunables), before an engine traces its steps; None leaves the tuned ones."""
+    if not fields_json:
+        return
+    from pallas_kernels.paged_attention import kernel as attention_kernel
+
+    fields = json.loads(fields_json)
+    attention_kernel.TUNED[(16, 128)] = attention_kernel.AttentionTunables(**fields)
+    print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)

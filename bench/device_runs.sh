@@ -8,6 +8,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 256}' decode attention shapes)
@@ -68,6 +69,19 @@ case "${1:-}" in
   attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
     TAIL=60 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
       --stages "${STAGES:-2}" --cases mha --no-prefill --split-keys "${SPLITS:-0,64,128,256}"
+    ;;
+  decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
+    trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)
+    TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-base
+    for split in ${SPLITS:-256 512}; do
+      TAIL=6 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "{\"split_keys\": $split}" \
+        --tag="-ab-split$split"
+    done
+    TAIL=6 run python3 -m bench.mixed_step "${trace_shape[@]}" --rows-in-place all --tag=-ab-rows-all
+    # the optimised HLO of a 2-layer step, for reading its fusions
+    XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
+      run python3 -m bench.mixed_step --layers 2 --decodes 17 --prompt 256 --prompts 1 --chunk 128 --tag=-ab-hlo
+    find "$OUT/hlo" -type f ! -name "*after_optimizations.txt" -delete 2>/dev/null; ls -la "$OUT/hlo" | head
     ;;
   fused)
     run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py

@@ -43,6 +43,18 @@ def main() -> None:
         help="each decoding request's prompt (its context grows from it)",
     )
     ap.add_argument(
+        "--decode-lengths",
+        default="uniform",
+        choices=("uniform", "trace"),
+        help="uniform: every decoding request's prompt is --decode-prompt tokens; trace: each is the "
+        "context of an S-LoRA trace request at a random point of its decode (8 to ~1,000 tokens)",
+    )
+    ap.add_argument(
+        "--attention-tunables",
+        default=None,
+        help='the decode attention kernel\'s shapes as JSON (AttentionTunables fields), e.g. {"split_keys": 256}',
+    )
+    ap.add_argument(
         "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"
     )
     ap.add_argument("--impl", default="auto")
@@ -54,8 +66,9 @@ def main() -> None:
     import jax
 
     import jlora
-    from bench.common import write_result
+    from bench.common import override_attention_tunables, write_result
     from bench.decode_7b import load_random_adapters, make_params
+    from bench.kernels.attention import trace_lengths
     from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.profile import host_breakdown, kernel_breakdown
     from jlora.config import PRESETS, EngineConfig
@@ -65,7 +78,12 @@ def main() -> None:
     config = PRESETS[args.geometry]
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
-    max_len = max(args.prompt, args.decode_prompt) + 512
+    override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
+    if args.decode_lengths == "trace":
+        decode_prompts = [int(n) for n in trace_lengths(args.decodes, args.decodes)]
+    else:
+        decode_prompts = [args.decode_prompt] * args.decodes
+    max_len = max(args.prompt, *decode_prompts) + 512
     pages_per_seq = -(-max_len // 16)
     ec = EngineConfig(
         page_size=16,
@@ -152,7 +170,7 @@ def main() -> None:
     ids = [
         runner.add(
             engine._prepare(
-                rng.integers(0, config.vocab_size, args.decode_prompt).tolist(), sp_long, names[i]
+                rng.integers(0, config.vocab_size, decode_prompts[i]).tolist(), sp_long, names[i]
             ),
             names[i],
         )
@@ -209,7 +227,8 @@ def main() -> None:
                 "calls": sorted({c for s in chosen for c in s["calls"]}),
             }
     flops = 2 * (weight_bytes / 2) * (args.decodes + args.chunk)
-    summary["chunk_step_tflops_at_median"] = flops / (summary["chunk"]["median_ms"] / 1e3) / 1e12
+    if "chunk" in summary:  # too few chunk steps (a short --prompt) leave none to time
+        summary["chunk_step_tflops_at_median"] = flops / (summary["chunk"]["median_ms"] / 1e3) / 1e12
     if decode_trace:
         try:
             summary["decode_profile"] = kernel_breakdown(decode_trace, steps=10, top=25)
@@ -248,6 +267,9 @@ def main() -> None:
                 "prompt": args.prompt,
                 "prompts": args.prompts,
                 "decode_prompt": args.decode_prompt,
+                "decode_lengths": args.decode_lengths,
+                "decode_prompts": decode_prompts,
+                "attention_tunables": args.attention_tunables,
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "rank": RANK,

@@ -177,7 +177,7 @@ def main() -> None:
         ap.error(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
     args.chunk_buckets = tuple(sorted(extra | {args.chunk}))  # the compiled prompt-chunk lengths
 
-    from bench.common import run_record, write_result
+    from bench.common import override_attention_tunables, run_record, write_result
     from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.plots import plot
     from bench.serving import cold_vs_warm, replay
@@ -185,12 +185,7 @@ def main() -> None:
     from checkpoints.peft import write_random_peft_adapter
 
     bw = bandwidth()
-    if args.attention_tunables:  # before the engine traces its steps
-        from pallas_kernels.paged_attention import kernel as attention_kernel
-
-        fields = json.loads(args.attention_tunables)
-        attention_kernel.TUNED[(16, 128)] = attention_kernel.AttentionTunables(**fields)
-        print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
+    override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
     print(
