@@ -78,12 +78,14 @@ def write_result(name: str, payload: dict[str, Any], recorded: dict[str, str] | 
 
 
 def override_attention_tunables(fields_json: str | None) -> None:
-    """The decode attention kernel's shapes for page 16, head_dim 128 replaced by the JSON's fields
-    (AttentionTunables), before an engine traces its steps; None leaves the tuned ones."""
+    """The decode attention kernel's tuned shapes for page 16, head_dim 128 with the JSON's fields
+    (AttentionTunables) in place of theirs, before an engine traces its steps; None leaves them."""
     if not fields_json:
         return
+    import dataclasses
+
     from pallas_kernels.paged_attention import kernel as attention_kernel
 
-    fields = json.loads(fields_json)
-    attention_kernel.TUNED[(16, 128)] = attention_kernel.AttentionTunables(**fields)
+    tuned = attention_kernel.tunables_for(16, 128)
+    attention_kernel.TUNED[(16, 128)] = dataclasses.replace(tuned, **json.loads(fields_json))
     print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)

@@ -8,10 +8,11 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 256}' decode attention shapes)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -69,6 +70,9 @@ case "${1:-}" in
   attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
     TAIL=60 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
       --stages "${STAGES:-2}" --cases mha --no-prefill --split-keys "${SPLITS:-0,64,128,256}"
+    ;;
+  attn-t6)  # T6's shape (batch 64, context 2,048, MHA and GQA heads): the tuned blocks, unsplit and split
+    TAIL=20 run python3 -m bench.kernels.attention --pages-per-block 4 --no-prefill --split-keys "${SPLITS:-0,512}"
     ;;
   decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
     trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)

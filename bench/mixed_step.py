@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument(
         "--attention-tunables",
         default=None,
-        help='the decode attention kernel\'s shapes as JSON (AttentionTunables fields), e.g. {"split_keys": 256}',
+        help="fields of the decode attention kernel's tuned shapes to replace, as JSON (AttentionTunables "
+        'fields), e.g. {"split_keys": 0}',
     )
     ap.add_argument(
         "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"

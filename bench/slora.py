@@ -155,8 +155,8 @@ def main() -> None:
     ap.add_argument(
         "--attention-tunables",
         default=None,
-        help="the decode attention kernel's shapes for page 16, head_dim 128 in place of the tuned ones, "
-        'as JSON (AttentionTunables fields), e.g. {"split_keys": 256}',
+        help="fields of the decode attention kernel's tuned shapes for page 16, head_dim 128 to replace, "
+        'as JSON (AttentionTunables fields), e.g. {"split_keys": 0}',
     )
     ap.add_argument(
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"

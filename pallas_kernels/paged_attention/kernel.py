@@ -38,9 +38,12 @@ class AttentionTunables:
     split_keys: int = 0
 
 
-# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26)
+# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). Split keys
+# from the trace-shaped decode steps (bench.mixed_step --decode-lengths trace, H200, 2026-12-04: 17 rows of
+# 8 to ~1,000 keys, Llama-2-7B heads): decode attention 1.485 ms a step unsplit, 1.339 + 0.084 combine at
+# 256 keys a split, 1.324 + 0.063 at 512; the step 5.84 -> 5.73 ms
 TUNED: dict[tuple[int, int], AttentionTunables] = {
-    (16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True)
+    (16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True, split_keys=512)
 }
 
 
