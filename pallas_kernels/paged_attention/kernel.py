@@ -36,6 +36,11 @@ class AttentionTunables:
     # merges them (flash-decoding): more, shorter programs for few sequences of short contexts, where a
     # serving step's decode attention runs latency-bound (H200, 17 x ~440 keys: 2.7 TB/s)
     split_keys: int = 0
+    # split keys only where the page table spans at most this many keys (0: any table). H200, 2026-12-04:
+    # 512-key splits cut the trace's decode attention (tables of 1,024 keys, contexts of 8 to ~1,000) by
+    # 10%, but at T6's batch 64 of 2,048 keys every program is long already, and the split costs 6%
+    # (MHA, 509 -> 539 us) and 20% (GQA, 149 -> 178 us)
+    split_max_table_keys: int = 0
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). Split keys
@@ -43,7 +48,9 @@ class AttentionTunables:
 # 8 to ~1,000 keys, Llama-2-7B heads): decode attention 1.485 ms a step unsplit, 1.339 + 0.084 combine at
 # 256 keys a split, 1.324 + 0.063 at 512; the step 5.84 -> 5.73 ms
 TUNED: dict[tuple[int, int], AttentionTunables] = {
-    (16, 128): AttentionTunables(pages_per_block=4, num_warps=4, mma=True, split_keys=512)
+    (16, 128): AttentionTunables(
+        pages_per_block=4, num_warps=4, mma=True, split_keys=512, split_max_table_keys=1024
+    )
 }
 
 
@@ -308,7 +315,8 @@ def paged_decode_attention_kernel(
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
     table_blocks = -(-p * page_size // common["block_keys"])
     split_blocks = max(1, tunables.split_keys // common["block_keys"])
-    if tunables.mma and tunables.split_keys and table_blocks > split_blocks:
+    short_table = not tunables.split_max_table_keys or p * page_size <= tunables.split_max_table_keys
+    if tunables.mma and tunables.split_keys and short_table and table_blocks > split_blocks:
         gp = max(16, 1 << (group - 1).bit_length())
         splits = -(-table_blocks // split_blocks)
         part = functools.partial(
