@@ -9,6 +9,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not
+#   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -73,6 +74,11 @@ case "${1:-}" in
     ;;
   attn-t6)  # T6's shape (batch 64, context 2,048, MHA and GQA heads): the tuned blocks, unsplit and split
     TAIL=20 run python3 -m bench.kernels.attention --pages-per-block 4 --no-prefill --split-keys "${SPLITS:-0,512}"
+    ;;
+  attn-ab)  # trace-shaped decode steps, profiled: the tuned attention, then with ATTN's fields
+    trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)
+    TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "${ATTN:?set ATTN}" --tag=-ab-variant
+    TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-tuned
     ;;
   decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
     trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)

@@ -154,19 +154,20 @@ def _attention_shapes(b, t, hq, hkv, dtype, page_size=16, max_pages=8):
     ]
 
 
-@pytest.mark.parametrize("mma", [True, False, "split"])
+@pytest.mark.parametrize("mma", [True, False, "split", "longest-first", "split-longest-first"])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 24])
 def test_decode_attention_lowers(mma, hq, hkv, window):
-    """split: the flash-decoding variant, 8 pages in splits of one."""
-    tun = AttentionTunables(mma=bool(mma))
-    if mma == "split":
-        tun = AttentionTunables(pages_per_block=1, split_keys=16)
+    """split: the flash-decoding variant, 8 pages in splits of one; longest-first: the grid walks the
+    sequences by decreasing length."""
+    tun = AttentionTunables(mma=bool(mma), longest_first="longest" in str(mma))
+    if str(mma).startswith("split"):
+        tun = AttentionTunables(pages_per_block=1, split_keys=16, longest_first="longest" in mma)
     text = _lower_for_cuda(
         lambda *a: paged_decode_attention_kernel(*a, page_size=16, sliding_window=window, tunables=tun),
         *_attention_shapes(4, None, hq, hkv, jnp.bfloat16),
     )
-    assert ("paged_decode_attention_split" in text) == (mma == "split")
+    assert ("paged_decode_attention_split" in text) == str(mma).startswith("split")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -76,9 +76,19 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
     assert np.abs(got - want).max() / np.abs(want).max() < TOL[dtype]
 
 
-def test_split_decode_kernel_writes_its_rows_in_place():
-    """The split kernel on rows [row_start, row_start + B) of the step's arrays: those rows equal the
-    reference on the same batch, every other row of `out` is kept bit for bit."""
+@pytest.mark.parametrize(
+    "tunables",
+    [
+        AttentionTunables(pages_per_block=1, split_keys=4),
+        AttentionTunables(pages_per_block=1, split_keys=4, longest_first=True),
+        AttentionTunables(pages_per_block=2, longest_first=True),
+    ],
+    ids=["split", "split-longest-first", "longest-first"],
+)
+def test_decode_kernel_writes_its_rows_in_place(tunables):
+    """The tensor-core kernels (split or not, launched in row order or longest sequence first) on rows
+    [row_start, row_start + B) of the step's arrays: those rows equal the reference on the same batch,
+    every other row of `out` is kept bit for bit."""
     from pallas_kernels.paged_attention.kernel import paged_decode_attention_kernel
 
     rng = np.random.default_rng(7)
@@ -101,7 +111,7 @@ def test_split_decode_kernel_writes_its_rows_in_place():
         pos[:, 0],
         lens,
         page_size=4,
-        tunables=AttentionTunables(pages_per_block=1, split_keys=4),
+        tunables=tunables,
         interpret=_impl() == "interpret",
         row_start=start,
         out=out,

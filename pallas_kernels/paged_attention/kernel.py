@@ -41,6 +41,10 @@ class AttentionTunables:
     # 10%, but at T6's batch 64 of 2,048 keys every program is long already, and the split costs 6%
     # (MHA, 509 -> 539 us) and 20% (GQA, 149 -> 178 us)
     split_max_table_keys: int = 0
+    # tensor-core variant: programs launched longest sequence first (the grid walks the sequences in
+    # order of decreasing cached length, KV heads fastest), so that a step's ragged lengths leave short
+    # programs, not long ones, for the last wave
+    longest_first: bool = False
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). Split keys
@@ -207,16 +211,25 @@ def _attend_group(
     return heads, (m_new, denom * alpha + p, acc * alpha[:, None] + p[:, None] * vn[None, :])
 
 
-def _decode_mma_kernel(*refs, row_start, **static):
+def _grid_position(refs, ordered: bool, n_axes: int):
+    """(sequence, other grid axes) of this program. Unordered grids are (sequence, KV head[, split]);
+    ordered ones (KV head[, split], rank) run the sequence of that rank in decreasing cached length
+    (refs[8]: the order), so the programs of the longest sequences launch first."""
+    if not ordered:
+        return pl.program_id(0), [pl.program_id(i) for i in range(1, n_axes)]
+    return refs[8][pl.program_id(n_axes - 1)], [pl.program_id(i) for i in range(n_axes - 1)]
+
+
+def _decode_mma_kernel(*refs, row_start, ordered, **static):
     """One program per (sequence, KV head): the group's query heads read and written in place, so no
     padded copy of q and no slice of the output outside the kernel. Sequence b's query, key, value and
     output are row row_start + b of q, k_new, v_new and the output."""
     o_ref = refs[-1]  # (..., o_ref) or (..., out_ref, o_ref): out aliased to o, its other rows kept
-    b = pl.program_id(0)
+    b, (h,) = _grid_position(refs, ordered, 2)
     heads, (_, denom, acc) = _attend_group(
         *refs[:8],
         b=b,
-        h=pl.program_id(1),
+        h=h,
         span=lambda start, n_blocks: (start, n_blocks),
         own=True,
         row_start=row_start,
@@ -225,17 +238,17 @@ def _decode_mma_kernel(*refs, row_start, **static):
     o_ref[row_start + b, heads, :] = (acc / denom[:, None]).astype(o_ref.dtype)
 
 
-def _decode_split_kernel(*refs, split_blocks, **static):
+def _decode_split_kernel(*refs, split_blocks, ordered, **static):
     """One program per (sequence, KV head, split): the walk over the split's blocks only, written as a
     partial softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at
     [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
     partial (m = -inf, denom = 0)."""
-    acc_ref, m_ref, denom_ref = refs[8:]
-    b, sp = pl.program_id(0), pl.program_id(2)
+    acc_ref, m_ref, denom_ref = refs[-3:]
+    b, (h, sp) = _grid_position(refs, ordered, 3)
     heads, (m, denom, acc) = _attend_group(
         *refs[:8],
         b=b,
-        h=pl.program_id(1),
+        h=h,
         span=lambda start, n_blocks: (
             jnp.maximum(start, sp * split_blocks),
             jnp.minimum(n_blocks, (sp + 1) * split_blocks),
@@ -313,6 +326,9 @@ def paged_decode_attention_kernel(
         aliases = {len(args): 0}
         args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
+    ordered = tunables.mma and tunables.longest_first
+    # the sequences by decreasing cached length (ties in row order): the grid's last axis walks them
+    order = [jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)] if ordered else []
     table_blocks = -(-p * page_size // common["block_keys"])
     split_blocks = max(1, tunables.split_keys // common["block_keys"])
     short_table = not tunables.split_max_table_keys or p * page_size <= tunables.split_max_table_keys
@@ -326,6 +342,7 @@ def paged_decode_attention_kernel(
             group=group,
             gp=gp,
             split_blocks=split_blocks,
+            ordered=ordered,
         )
         acc, m, denom = pl.pallas_call(
             part,
@@ -334,11 +351,11 @@ def paged_decode_attention_kernel(
                 jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
                 jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
             ),
-            grid=(b, hkv, splits),
+            grid=(hkv, splits, b) if ordered else (b, hkv, splits),
             compiler_params=params,
             interpret=interpret,
             name="paged_decode_attention_split",
-        )(*args[:8])
+        )(*args[:8], *order)
         merged = combine_splits(acc, m, denom).astype(q.dtype)
         if out is None and row_start == 0 and b == n:
             return merged
@@ -347,16 +364,24 @@ def paged_decode_attention_kernel(
     if tunables.mma:
         gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
         kernel = functools.partial(
-            _decode_mma_kernel, **common, f32_dot=pool.dtype == jnp.float32, group=group, gp=gp
+            _decode_mma_kernel,
+            **common,
+            f32_dot=pool.dtype == jnp.float32,
+            group=group,
+            gp=gp,
+            ordered=ordered,
         )
         name = "paged_decode_attention_mma"
     else:
         kernel = functools.partial(_decode_kernel, group=group, **common)
         name = "paged_decode_attention"
+    if ordered:  # the order goes after the eight inputs, before the aliased output
+        args = args[:8] + order + args[8:]
+        aliases = {k + 1: v for k, v in aliases.items()}
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, hq, dh), q.dtype),
-        grid=(b, hkv),
+        grid=(hkv, b) if ordered else (b, hkv),
         input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
