@@ -122,19 +122,27 @@ def test_decode_kernel_writes_its_rows_in_place(tunables):
     np.testing.assert_array_equal(got[keep], np.asarray(out)[keep])
 
 
-@pytest.mark.parametrize("max_table_keys,split", [(0, True), (32, True), (16, False)])
-def test_split_only_where_the_table_is_short(max_table_keys, split):
-    """split_max_table_keys: the split kernel where the page table spans at most that many keys (8
-    pages of 4 here: 32), the one-pass kernel beyond it; both give the reference's result."""
+@pytest.mark.parametrize("max_table_keys,ragged", [(0, True), (32, True), (16, False)])
+@pytest.mark.parametrize("variant", ["split", "longest-first"])
+def test_ragged_tunings_only_where_the_table_is_short(max_table_keys, ragged, variant):
+    """ragged_max_table_keys: the split kernel (or the longest-first grid) where the page table spans at
+    most that many keys (8 pages of 4 here: 32), the one-pass kernel in row order beyond it; each gives
+    the reference's result."""
     args = _case(np.random.default_rng(0), 2, 4, 2, 16, 4, 8, jnp.float32)
-    tunables = AttentionTunables(pages_per_block=1, split_keys=8, split_max_table_keys=max_table_keys)
+    tunables = AttentionTunables(
+        pages_per_block=1,
+        split_keys=8 if variant == "split" else 0,
+        longest_first=variant == "longest-first",
+        ragged_max_table_keys=max_table_keys,
+    )
 
     def attend(*a):
         return paged_attention(*a, page_size=4, implementation="interpret", tunables=tunables)
 
     jaxpr = str(jax.make_jaxpr(attend)(*args))
-    assert ("paged_decode_attention_split" in jaxpr) is split
-    assert ("paged_decode_attention_mma" in jaxpr) is not split
+    assert ("paged_decode_attention_split" in jaxpr) is (ragged and variant == "split")
+    assert ("paged_decode_attention_mma" in jaxpr) is not (ragged and variant == "split")
+    assert ("sort" in jaxpr) is (ragged and variant == "longest-first")  # the order of the sequences
     want = paged_attention(*args, page_size=4, implementation="reference")
     np.testing.assert_allclose(np.asarray(attend(*args)), np.asarray(want), rtol=1e-5, atol=1e-5)
 

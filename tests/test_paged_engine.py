@@ -573,18 +573,24 @@ def test_warm_up_on_at_start(tiny):
         small_config(warm_up="yes").validate()
 
 
-def test_split_decode_attention_in_the_engine(tiny, monkeypatch):
-    """The flash-decoding variant of the decode kernel (AttentionTunables.split_keys) in the GPU's shape
+@pytest.mark.parametrize("variant", ["split", "longest-first"])
+def test_ragged_decode_attention_in_the_engine(tiny, monkeypatch, variant):
+    """The decode kernel's tunings for ragged steps - the flash-decoding split (AttentionTunables.
+    split_keys) or the grid walking the sequences longest first (longest_first) - in the GPU's shape
     of step, interpreted: decode-only steps and a mixed step's decode rows (written into the step's
     output in place) serve what the reference serves."""
     import pallas_kernels.paged_attention as attention
     from pallas_kernels.paged_attention import kernel as attention_kernel
 
-    split = attention.AttentionTunables(pages_per_block=1, split_keys=8)
-    monkeypatch.setattr(attention, "tunables_for", lambda *a, **k: split)
-    merged = []
-    combine = attention_kernel.combine_splits
-    monkeypatch.setattr(attention_kernel, "combine_splits", lambda *a: merged.append(1) or combine(*a))
+    if variant == "split":
+        tunables = attention.AttentionTunables(pages_per_block=1, split_keys=8)
+        hook, wrapped = "combine_splits", attention_kernel.combine_splits
+    else:
+        tunables = attention.AttentionTunables(pages_per_block=1, longest_first=True)
+        hook, wrapped = "_grid_position", attention_kernel._grid_position
+    monkeypatch.setattr(attention, "tunables_for", lambda *a, **k: tunables)
+    merged = []  # the variant's own code traced into the compiled steps
+    monkeypatch.setattr(attention_kernel, hook, lambda *a: merged.append(a) or wrapped(*a))
     loaded, paths, reference = tiny
     config = small_config(
         implementation="interpret",
@@ -596,7 +602,7 @@ def test_split_decode_attention_in_the_engine(tiny, monkeypatch):
         lora_rank_buckets=(16, 64),
     )
     engine = jlora.Engine(loaded, config)
-    assert merged  # traced into the compiled steps
+    assert merged if variant == "split" else any(ordered for _, ordered, _ in merged)
     for name, path in paths.items():
         engine.load_adapter(name, path)
     reqs = [r for r in requests(6, seed=11) if r[1].temperature == 0.0]

@@ -36,24 +36,25 @@ class AttentionTunables:
     # merges them (flash-decoding): more, shorter programs for few sequences of short contexts, where a
     # serving step's decode attention runs latency-bound (H200, 17 x ~440 keys: 2.7 TB/s)
     split_keys: int = 0
-    # split keys only where the page table spans at most this many keys (0: any table). H200, 2026-12-04:
-    # 512-key splits cut the trace's decode attention (tables of 1,024 keys, contexts of 8 to ~1,000) by
-    # 10%, but at T6's batch 64 of 2,048 keys every program is long already, and the split costs 6%
-    # (MHA, 509 -> 539 us) and 20% (GQA, 149 -> 178 us)
-    split_max_table_keys: int = 0
     # tensor-core variant: programs launched longest sequence first (the grid walks the sequences in
     # order of decreasing cached length, KV heads fastest), so that a step's ragged lengths leave short
     # programs, not long ones, for the last wave
     longest_first: bool = False
+    # split_keys and longest_first (the tunings for a ragged step's short contexts) only where the page
+    # table spans at most this many keys (0: any table). At T6's batch 64 of 2,048 keys every program is
+    # long already: a 512-key split costs 6% (MHA, 509 -> 539 us) and 20% (GQA, 149 -> 178 us) there
+    ragged_max_table_keys: int = 0
 
 
-# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). Split keys
-# from the trace-shaped decode steps (bench.mixed_step --decode-lengths trace, H200, 2026-12-04: 17 rows of
-# 8 to ~1,000 keys, Llama-2-7B heads): decode attention 1.485 ms a step unsplit, 1.339 + 0.084 combine at
-# 256 keys a split, 1.324 + 0.063 at 512; the step 5.84 -> 5.73 ms
+# (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). The ragged
+# step's tunings from trace-shaped decode steps on the H200 (bench.mixed_step --decode-lengths trace,
+# 2026-12-04: 17 rows of 8 to ~1,000 keys in 1,408-key tables, Llama-2-7B heads), decode attention per
+# step: 1.485 / 1.488 ms as tuned before; split by 256 keys 1.339 + 0.084 (the combine); by 512 keys
+# 1.324 + 0.063; longest first, unsplit, 1.344 (the step 5.88 -> 5.70 ms in the same call). Longest
+# first is not yet measured at T6's 2,048-key tables, so it stays within 1,536-key tables
 TUNED: dict[tuple[int, int], AttentionTunables] = {
     (16, 128): AttentionTunables(
-        pages_per_block=4, num_warps=4, mma=True, split_keys=512, split_max_table_keys=1024
+        pages_per_block=4, num_warps=4, mma=True, longest_first=True, ragged_max_table_keys=1536
     )
 }
 
@@ -326,13 +327,13 @@ def paged_decode_attention_kernel(
         aliases = {len(args): 0}
         args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
-    ordered = tunables.mma and tunables.longest_first
+    ragged = not tunables.ragged_max_table_keys or p * page_size <= tunables.ragged_max_table_keys
+    ordered = tunables.mma and tunables.longest_first and ragged
     # the sequences by decreasing cached length (ties in row order): the grid's last axis walks them
     order = [jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)] if ordered else []
     table_blocks = -(-p * page_size // common["block_keys"])
     split_blocks = max(1, tunables.split_keys // common["block_keys"])
-    short_table = not tunables.split_max_table_keys or p * page_size <= tunables.split_max_table_keys
-    if tunables.mma and tunables.split_keys and short_table and table_blocks > split_blocks:
+    if tunables.mma and tunables.split_keys and ragged and table_blocks > split_blocks:
         gp = max(16, 1 << (group - 1).bit_length())
         splits = -(-table_blocks // split_blocks)
         part = functools.partial(
