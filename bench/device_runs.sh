@@ -8,7 +8,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fuse           # decode-7b, projections fused vs not
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh kernels        # bench/kernels: LoRA and attention
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-trace     # decode attention sweep at the trace's lengths
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not, longest first or not
 #   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
@@ -70,10 +70,12 @@ case "${1:-}" in
     ;;
   attn-trace)  # decode attention as the trace runs it: a 32-row bucket, 17 rows at the trace's lengths
     TAIL=60 run python3 -m bench.kernels.attention --batch 32 --trace-rows 17 --context 1024 \
-      --stages "${STAGES:-2}" --cases mha --no-prefill --split-keys "${SPLITS:-0,64,128,256}"
+      --stages "${STAGES:-2}" --cases mha --no-prefill --split-keys "${SPLITS:-0,64,128,256}" \
+      --longest-first "${ORDERS:-0,1}"
     ;;
   attn-t6)  # T6's shape (batch 64, context 2,048, MHA and GQA heads): the tuned blocks, unsplit and split
-    TAIL=20 run python3 -m bench.kernels.attention --pages-per-block 4 --no-prefill --split-keys "${SPLITS:-0,512}"
+    TAIL=20 run python3 -m bench.kernels.attention --pages-per-block 4 --no-prefill --split-keys "${SPLITS:-0,512}" \
+      --longest-first "${ORDERS:-0,1}"
     ;;
   attn-ab)  # trace-shaped decode steps, profiled: the tuned attention, then with ATTN's fields
     trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)

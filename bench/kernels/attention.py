@@ -85,6 +85,12 @@ def main() -> None:
         "--split-keys", default="0", help="split_keys values for the tensor-core variant, e.g. 0,128,256"
     )
     ap.add_argument(
+        "--longest-first",
+        default="0",
+        help="longest_first values for the tensor-core variant (0, 1 or 0,1): the grid walks the sequences "
+        "by decreasing length",
+    )
+    ap.add_argument(
         "--trace-rows",
         type=int,
         default=0,
@@ -109,10 +115,17 @@ def main() -> None:
         want = _attend(*fixed, *rotations[0], implementation="reference")
         sweep = []
         splits = [int(v) for v in args.split_keys.split(",")]
-        variants = [(False, 0)] + [(True, k) for k in splits]  # (mma, split_keys)
-        for ppb, warps, (mma, split), st in itertools.product(ppbs, (4, 8), variants, stages):
+        orders = [bool(int(v)) for v in args.longest_first.split(",")]
+        # (mma, split_keys, longest_first)
+        variants = [(False, 0, False)] + [(True, k, o) for k in splits for o in orders]
+        for ppb, warps, (mma, split, order), st in itertools.product(ppbs, (4, 8), variants, stages):
             t = AttentionTunables(
-                pages_per_block=ppb, num_warps=warps, mma=mma, num_stages=st, split_keys=split
+                pages_per_block=ppb,
+                num_warps=warps,
+                mma=mma,
+                num_stages=st,
+                split_keys=split,
+                longest_first=order,
             )
             got = _attend(*fixed, *rotations[0], tunables=t)
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
