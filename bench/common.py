@@ -89,3 +89,13 @@ def override_attention_tunables(fields_json: str | None) -> None:
     tuned = attention_kernel.tunables_for(16, 128)
     attention_kernel.TUNED[(16, 128)] = dataclasses.replace(tuned, **json.loads(fields_json))
     print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
+
+
+def attention_tunables_record() -> dict[str, Any]:
+    """The decode attention kernel's shapes for page 16, head_dim 128 as a run used them (tuned, or
+    overridden), for its result file."""
+    import dataclasses
+
+    from pallas_kernels.paged_attention import kernel as attention_kernel
+
+    return dataclasses.asdict(attention_kernel.tunables_for(16, 128))

@@ -67,7 +67,7 @@ def main() -> None:
     import jax
 
     import jlora
-    from bench.common import override_attention_tunables, write_result
+    from bench.common import attention_tunables_record, override_attention_tunables, write_result
     from bench.decode_7b import load_random_adapters, make_params
     from bench.kernels.attention import trace_lengths
     from bench.kernels.timing import bandwidth, roofline_TBps
@@ -271,6 +271,7 @@ def main() -> None:
                 "decode_lengths": args.decode_lengths,
                 "decode_prompts": decode_prompts,
                 "attention_tunables": args.attention_tunables,
+                "attention_tunables_used": attention_tunables_record(),
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "rank": RANK,

@@ -81,6 +81,8 @@ def make_payload(
     args, bw: dict, weight_bytes: int, startup: float, runs: list[dict], warm_up_s: float = 0.0
 ) -> dict:
     """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
+    from bench.common import attention_tunables_record
+
     by_n = [r for r in runs if r["rate"] == args.rate]
     return {
         "workload": {
@@ -102,6 +104,7 @@ def make_payload(
             "chunk_buckets": args.chunk_buckets,
             "prefill_seqs": args.prefill_seqs,
             "attention_tunables": args.attention_tunables,
+            "attention_tunables_used": attention_tunables_record(),
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,

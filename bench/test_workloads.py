@@ -110,6 +110,7 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
     out = json.loads(result.read_text())
     assert out["device"] == recorded["device"] and out["commit"] == "76c12a1"
     assert out["workload"]["chunk_buckets"] == [128, 256] and out["workload"]["prefill_seqs"] == 1
+    assert out["workload"]["attention_tunables_used"]["pages_per_block"] >= 1  # the shapes the run used
     assert out["date"] == recorded["date"] and out["command"].startswith(recorded["command"])
     assert [r["n"] for r in out["runs"]] == [5, 2000]
     assert out["T4"] == {"roofline_fraction_min": 0.53, "slo_at_largest_n": 1.0, "met": False}
