@@ -77,6 +77,17 @@ def write_result(name: str, payload: dict[str, Any], recorded: dict[str, str] | 
     return path
 
 
+def add_attention_tunables_argument(ap: Any) -> None:
+    """--attention-tunables on an argparse parser: JSON fields of the decode attention kernel's tuned
+    shapes to replace for the run (override_attention_tunables applies them)."""
+    ap.add_argument(
+        "--attention-tunables",
+        default=None,
+        help="fields of the decode attention kernel's tuned shapes for page 16, head_dim 128 to replace, "
+        'as JSON (AttentionTunables fields), e.g. {"split_keys": 512}',
+    )
+
+
 def override_attention_tunables(fields_json: str | None) -> None:
     """The decode attention kernel's tuned shapes for page 16, head_dim 128 with the JSON's fields
     (AttentionTunables) in place of theirs, before an engine traces its steps; None leaves them."""

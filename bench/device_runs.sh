@@ -30,6 +30,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # slora-trace on the Llama-2-7B geometry: the flags every slora mode shares, and the trace at every n
 slora_common=(--model llama2-7b --pages 3000 --impl auto --layer-loop unrolled --one-page-bucket
   --partial "$OUT/slora-partial.json")
+# bench.mixed_step's decode steps at the trace's shape: 17 rows of trace lengths, profiled
+trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)
 slora_trace() {
   local below=""  # default chunk buckets: 64, 128, 192 where under CHUNK
   for b in 64 128 192; do [ "$b" -lt "${CHUNK:-256}" ] && below="$below${below:+,}$b"; done
@@ -78,12 +80,10 @@ case "${1:-}" in
       --longest-first "${ORDERS:-0,1}"
     ;;
   attn-ab)  # trace-shaped decode steps, profiled: the tuned attention, then with ATTN's fields
-    trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "${ATTN:?set ATTN}" --tag=-ab-variant
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-tuned
     ;;
   decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
-    trace_shape=(--decodes 17 --decode-lengths trace --prompt 512 --prompts 1 --chunk 128 --profile-decode)
     TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-base
     for split in ${SPLITS:-256 512}; do
       TAIL=6 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "{\"split_keys\": $split}" \

@@ -22,6 +22,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def main() -> None:
+    from bench.common import add_attention_tunables_argument
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--geometry", default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check)")
@@ -49,12 +51,7 @@ def main() -> None:
         help="uniform: every decoding request's prompt is --decode-prompt tokens; trace: each is the "
         "context of an S-LoRA trace request at a random point of its decode (8 to ~1,000 tokens)",
     )
-    ap.add_argument(
-        "--attention-tunables",
-        default=None,
-        help="fields of the decode attention kernel's tuned shapes to replace, as JSON (AttentionTunables "
-        'fields), e.g. {"split_keys": 0}',
-    )
+    add_attention_tunables_argument(ap)
     ap.add_argument(
         "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"
     )

@@ -120,6 +120,8 @@ def make_payload(
 
 
 def main() -> None:
+    from bench.common import add_attention_tunables_argument
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama2-7b | llama3-8b")
     ap.add_argument("--n", default="5,100")
@@ -155,12 +157,7 @@ def main() -> None:
         help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
     )
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
-    ap.add_argument(
-        "--attention-tunables",
-        default=None,
-        help="fields of the decode attention kernel's tuned shapes for page 16, head_dim 128 to replace, "
-        'as JSON (AttentionTunables fields), e.g. {"split_keys": 0}',
-    )
+    add_attention_tunables_argument(ap)
     ap.add_argument(
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
     )

@@ -331,20 +331,19 @@ def paged_decode_attention_kernel(
     ordered = tunables.mma and tunables.longest_first and ragged
     # the sequences by decreasing cached length (ties in row order): the grid's last axis walks them
     order = [jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)] if ordered else []
+    # the tensor-core kernels' shared arguments: the group's query heads as a tile of 16+ rows
+    tiles = dict(
+        common,
+        f32_dot=pool.dtype == jnp.float32,
+        group=group,
+        gp=max(16, 1 << (group - 1).bit_length()),
+        ordered=ordered,
+    )
     table_blocks = -(-p * page_size // common["block_keys"])
     split_blocks = max(1, tunables.split_keys // common["block_keys"])
     if tunables.mma and tunables.split_keys and ragged and table_blocks > split_blocks:
-        gp = max(16, 1 << (group - 1).bit_length())
         splits = -(-table_blocks // split_blocks)
-        part = functools.partial(
-            _decode_split_kernel,
-            **common,
-            f32_dot=pool.dtype == jnp.float32,
-            group=group,
-            gp=gp,
-            split_blocks=split_blocks,
-            ordered=ordered,
-        )
+        part = functools.partial(_decode_split_kernel, **tiles, split_blocks=split_blocks)
         acc, m, denom = pl.pallas_call(
             part,
             out_shape=(
@@ -363,15 +362,7 @@ def paged_decode_attention_kernel(
         base = out.astype(q.dtype) if out is not None else jnp.zeros(q.shape, q.dtype)
         return jax.lax.dynamic_update_slice(base, merged, (row_start, 0, 0))
     if tunables.mma:
-        gp = max(16, 1 << (group - 1).bit_length())  # tensor-core tiles need 16+ rows
-        kernel = functools.partial(
-            _decode_mma_kernel,
-            **common,
-            f32_dot=pool.dtype == jnp.float32,
-            group=group,
-            gp=gp,
-            ordered=ordered,
-        )
+        kernel = functools.partial(_decode_mma_kernel, **tiles)
         name = "paged_decode_attention_mma"
     else:
         kernel = functools.partial(_decode_kernel, group=group, **common)
