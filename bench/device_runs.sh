@@ -11,6 +11,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not, longest first or not
 #   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
+#   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields)
@@ -82,6 +83,13 @@ case "${1:-}" in
   attn-ab)  # trace-shaped decode steps, profiled: the tuned attention, then with ATTN's fields
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "${ATTN:?set ATTN}" --tag=-ab-variant
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-tuned
+    ;;
+  xla-ab)  # trace-shaped decode and chunk steps, profiled, under each ';'-separated set of XLA flags, then without
+    IFS=';' read -ra sets <<< "${FLAGSETS:?set FLAGSETS}"
+    for i in "${!sets[@]}"; do
+      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-xla-$i"
+    done
+    TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-xla-none
     ;;
   decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
     TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-base
