@@ -11,6 +11,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh attn-t6        # decode attention at T6's shape, split keys or not, longest first or not
 #   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
+#   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -40,6 +41,13 @@ slora_trace() {
     --rate "${RATE:-8}" --duration "${DURATION:-20}" --batch "${BATCH:-32}" --chunk "${CHUNK:-256}" \
     --cold-warm "${COLD:-4}" --rows-in-place "${ROWS:-mixed}" --prefill-seqs "${SEQS:-1}" \
     --chunk-buckets "${BUCKETS-$below}" ${ATTN:+--attention-tunables "$ATTN"}
+}
+
+# the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions
+step_hlo() {
+  XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
+    run python3 -m bench.mixed_step --layers 2 --decodes 17 --prompt 256 --prompts 1 --chunk 128 --tag=-ab-hlo
+  find "$OUT/hlo" -type f ! -name "*after_optimizations.txt" -delete 2>/dev/null; ls -la "$OUT/hlo" | head
 }
 
 case "${1:-}" in
@@ -84,6 +92,10 @@ case "${1:-}" in
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "${ATTN:?set ATTN}" --tag=-ab-variant
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-tuned
     ;;
+  step)  # trace-shaped decode and chunk steps, profiled, then a 2-layer step's HLO
+    TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-step${TAG:-}"
+    step_hlo
+    ;;
   xla-ab)  # trace-shaped decode and chunk steps, profiled, under each ';'-separated set of XLA flags, then without
     IFS=';' read -ra sets <<< "${FLAGSETS:?set FLAGSETS}"
     for i in "${!sets[@]}"; do
@@ -98,10 +110,7 @@ case "${1:-}" in
         --tag="-ab-split$split"
     done
     TAIL=6 run python3 -m bench.mixed_step "${trace_shape[@]}" --rows-in-place all --tag=-ab-rows-all
-    # the optimised HLO of a 2-layer step, for reading its fusions
-    XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
-      run python3 -m bench.mixed_step --layers 2 --decodes 17 --prompt 256 --prompts 1 --chunk 128 --tag=-ab-hlo
-    find "$OUT/hlo" -type f ! -name "*after_optimizations.txt" -delete 2>/dev/null; ls -la "$OUT/hlo" | head
+    step_hlo
     ;;
   fused)
     run python3 -m pytest -q -m gpu -x tests/test_lora_kernels.py

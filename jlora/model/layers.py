@@ -76,10 +76,16 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half rope. x: [B, T, N, H]; positions: [B, T]."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    """Rotate-half rope. x: [B, T, N, H]; positions: [B, T].
+
+    The halves as a size-2 axis (reversed and signed for the rotation, cos/sin broadcast over it), not
+    concatenations: on the GPU a concatenation heads its own fusion, so q's and k's ropes and v's slice
+    of the fused q/k/v output would each be a launch of their own; elementwise they can share one.
+    """
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    freqs = positions.astype(jnp.float32)[..., None, None, None] * jnp.asarray(inv_freq)  # [B, T, 1, 1, H/2]
+    cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)
+    halves = x.reshape(*x.shape[:-1], 2, half)  # [B, T, N, 2, H/2]
+    sign = jnp.asarray([[-1.0], [1.0]], x.dtype)  # rotate-half: (-x2, x1)
+    rotated = halves[..., ::-1, :] * sign
+    return (halves * cos + rotated * sin).reshape(x.shape)
