@@ -12,6 +12,7 @@
 #   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
+#   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -95,6 +96,14 @@ case "${1:-}" in
   step)  # trace-shaped decode and chunk steps, profiled, then a 2-layer step's HLO
     TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-step${TAG:-}"
     step_hlo
+    ;;
+  args-ab)  # trace-shaped decode and chunk steps, profiled, with each ';'-separated set of mixed_step flags, then without
+    IFS=';' read -ra sets <<< "${ARGSETS:?set ARGSETS}"
+    for i in "${!sets[@]}"; do
+      # shellcheck disable=SC2086  # a set holds several flags
+      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" ${sets[$i]} --tag="-args-$i"
+    done
+    TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-args-none
     ;;
   xla-ab)  # trace-shaped decode and chunk steps, profiled, under each ';'-separated set of XLA flags, then without
     IFS=';' read -ra sets <<< "${FLAGSETS:?set FLAGSETS}"

@@ -34,6 +34,11 @@ def main() -> None:
         choices=("mixed", "all", "off"),
         help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
     )
+    ap.add_argument(
+        "--materialize-norms",
+        action="store_true",
+        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
+    )
     ap.add_argument("--decodes", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")
@@ -100,6 +105,7 @@ def main() -> None:
         greedy_only=True,
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
+        materialize_norms=args.materialize_norms,
     )
     sched = SchedulerConfig(
         max_batch=args.decodes + 1,
@@ -271,6 +277,7 @@ def main() -> None:
                 "attention_tunables_used": attention_tunables_record(),
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
+                "materialize_norms": args.materialize_norms,
                 "rank": RANK,
             },
             "bandwidth": bw,

@@ -248,6 +248,10 @@ class EngineConfig:
     # "mixed" (steps with decode rows and prefill chunks: no slices of activations, no joins of the
     # batches' outputs), "all" (every step: no separate add of the LoRA delta), or "off"
     rows_in_place: str = "mixed"
+    # with LoRA, each norm's scaled output written once for the projection's matmul and its LoRA kernels
+    # (forward_paged's materialize_norms): on the GPU, XLA otherwise folds the norm's weight into the
+    # GEMM and scales the input again for the LoRA kernels, a launch a layer. Off until measured
+    materialize_norms: bool = False
     # compile only the greedy step variants (half the start-up compiles); requests with a temperature
     # are then refused with InvalidRequestError
     greedy_only: bool = False

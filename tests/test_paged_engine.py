@@ -110,6 +110,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
         "kernels_interpret_lora_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_norms",
         "cpu_kernels",
         "cpu_kernels_small_pool_preempts",
         "cpu_kernels_unrolled_lora_fused_projections_fused_mixed",
@@ -121,7 +122,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
     _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
-    arrays (_rows_off: split and joined; _rows_all: every step on rows). cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
+    arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: each norm's output
+    materialised for the matmul and the LoRA kernels (materialize_norms). cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
     on the CPU backend but xla_matmul, which keeps XLA's matmuls)."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
@@ -141,6 +143,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         "off" if variant.endswith("_rows_off") else "all" if variant.endswith("_rows_all") else "mixed"
     )
     variant = variant.removesuffix("_rows_off").removesuffix("_rows_all")
+    materialize_norms = variant.endswith("_norms")
+    variant = variant.removesuffix("_norms")
     mixed = variant.endswith("_mixed")  # decode rows and prefill chunks in one call (auto: GPU only)
     variant = variant.removesuffix("_mixed")
     pinned = variant.endswith("_pinned")  # adapters paged in from pinned host memory (auto: GPU only)
@@ -162,8 +166,13 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         mixed_steps="on" if mixed else "auto",
         cpu_matmul="xla" if xla_matmul else "auto",
         rows_in_place=rows_in_place,
+        materialize_norms=materialize_norms,
     )
     import jlora.model.paged as paged_model
+
+    barriers = []  # traced optimisation barriers (each norm's output, with materialize_norms)
+    real_barrier = jax.lax.optimization_barrier
+    monkeypatch.setattr(jax.lax, "optimization_barrier", lambda x: barriers.append(1) or real_barrier(x))
 
     on_rows = []  # traced calls of the attention kernels on a batch's rows of the step's arrays
     real_rows = paged_model.paged_attention_rows
@@ -173,6 +182,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     engine = jlora.Engine(loaded, config)
     rows_expected = impl == "interpret" and (rows_in_place == "all" or (mixed and rows_in_place == "mixed"))
     assert bool(on_rows) == rows_expected
+    assert bool(barriers) == materialize_norms
     on_cpu = jax.default_backend() == "cpu" and cpu_kernels_built()
     assert (engine.paged.cpu_matmul == "panels") == (on_cpu and not xla_matmul)
     kinds = []

@@ -242,6 +242,7 @@ def forward_paged(
     tp_axis: str | None = None,
     kv_write: str = "end",
     in_place: str = "mixed",
+    materialize_norms: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32 (B: every batch's rows, in order)
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
     outputs are summed over tp_axis and vocab-split logits gathered.
@@ -258,7 +259,10 @@ def forward_paged(
 
     in_place ("mixed", "all", "off"): in which steps, with the Pallas kernels, each batch's attention and
     LoRA kernels work on its rows of the step's arrays and add LoRA deltas into the projection's output
-    (no slices, joins or separate adds); other paths always split and join."""
+    (no slices, joins or separate adds); other paths always split and join.
+
+    materialize_norms: with LoRA, each norm's scaled output is written once for both the matmul and the
+    LoRA kernels (DecoderLayer.materialize_norms)."""
     if kv_write not in ("end", "per_layer"):
         raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
     if in_place not in ("mixed", "all", "off"):
@@ -271,7 +275,9 @@ def forward_paged(
     reduce = (lambda x: jax.lax.psum(x, tp_axis)) if tp_axis else None
     layers = params["layers"]
     fused = isinstance(layers, list | tuple) and is_fused(layers[0])
-    layer_module = DecoderLayer(config, params["embed"].dtype, fused=fused)
+    layer_module = DecoderLayer(
+        config, params["embed"].dtype, fused=fused, materialize_norms=materialize_norms
+    )
     h = jnp.take(params["embed"], parts.join([b.tokens for b in batches]), axis=0)  # [B, T, D]
     positions = parts.join([b.positions for b in batches])
     write_units = parts.join([b.write_units for b in batches])
