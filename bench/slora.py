@@ -59,6 +59,7 @@ def build_engine(model: str, args):
         greedy_only=True,  # the trace decodes greedily: half the start-up compiles
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
+        materialize_norms=args.materialize_norms,
     )
     sched = SchedulerConfig(
         max_batch=args.batch,
@@ -100,6 +101,7 @@ def make_payload(
             "layer_loop": args.layer_loop,
             "mixed_steps": args.mixed_steps,
             "rows_in_place": args.rows_in_place,
+            "materialize_norms": args.materialize_norms,
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
             "prefill_seqs": args.prefill_seqs,
@@ -155,6 +157,11 @@ def main() -> None:
         default="mixed",
         choices=("mixed", "all", "off"),
         help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
+    )
+    ap.add_argument(
+        "--materialize-norms",
+        action="store_true",
+        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
     )
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     add_attention_tunables_argument(ap)
