@@ -88,6 +88,22 @@ def add_attention_tunables_argument(ap: Any) -> None:
     )
 
 
+def add_step_form_arguments(ap: Any) -> None:
+    """--rows-in-place and --materialize-norms on an argparse parser: how the engine forms its steps
+    (EngineConfig.rows_in_place, EngineConfig.materialize_norms)."""
+    ap.add_argument(
+        "--rows-in-place",
+        default="mixed",
+        choices=("mixed", "all", "off"),
+        help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
+    )
+    ap.add_argument(
+        "--materialize-norms",
+        action="store_true",
+        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
+    )
+
+
 def override_attention_tunables(fields_json: str | None) -> None:
     """The decode attention kernel's tuned shapes for page 16, head_dim 128 with the JSON's fields
     (AttentionTunables) in place of theirs, before an engine traces its steps; None leaves them."""

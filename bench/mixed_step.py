@@ -22,23 +22,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def main() -> None:
-    from bench.common import add_attention_tunables_argument
+    from bench.common import add_attention_tunables_argument, add_step_form_arguments
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--geometry", default="llama2-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check)")
     ap.add_argument("--mixed-steps", default="on")
-    ap.add_argument(
-        "--rows-in-place",
-        default="mixed",
-        choices=("mixed", "all", "off"),
-        help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
-    )
-    ap.add_argument(
-        "--materialize-norms",
-        action="store_true",
-        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
-    )
+    add_step_form_arguments(ap)
     ap.add_argument("--decodes", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")

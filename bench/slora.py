@@ -122,7 +122,7 @@ def make_payload(
 
 
 def main() -> None:
-    from bench.common import add_attention_tunables_argument
+    from bench.common import add_attention_tunables_argument, add_step_form_arguments
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama2-7b | llama3-8b")
@@ -152,17 +152,7 @@ def main() -> None:
     ap.add_argument(
         "--mixed-steps", default="auto", help="decode rows and prefill chunks in one call: on | off | auto"
     )
-    ap.add_argument(
-        "--rows-in-place",
-        default="mixed",
-        choices=("mixed", "all", "off"),
-        help="steps whose kernels work on their batch's rows in place (EngineConfig.rows_in_place)",
-    )
-    ap.add_argument(
-        "--materialize-norms",
-        action="store_true",
-        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
-    )
+    add_step_form_arguments(ap)
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     add_attention_tunables_argument(ap)
     ap.add_argument(
