@@ -248,9 +248,10 @@ class EngineConfig:
     # "mixed" (steps with decode rows and prefill chunks: no slices of activations, no joins of the
     # batches' outputs), "all" (every step: no separate add of the LoRA delta), or "off"
     rows_in_place: str = "mixed"
-    # with LoRA, each norm's scaled output written once for the projection's matmul and its LoRA kernels
-    # (forward_paged's materialize_norms): on the GPU, XLA otherwise folds the norm's weight into the
-    # GEMM and scales the input again for the LoRA kernels, a launch a layer. Off until measured
+    # the scaled output of each norm that feeds an adapter-targeted projection written once for the
+    # matmul and the LoRA kernels (materialized_norms(), forward_paged's materialize_norms): on the GPU,
+    # XLA otherwise folds the norm's weight into the GEMM and scales the input again for the LoRA
+    # kernels, a launch a layer. Off until measured
     materialize_norms: bool = False
     # compile only the greedy step variants (half the start-up compiles); requests with a temperature
     # are then refused with InvalidRequestError
@@ -340,6 +341,14 @@ class EngineConfig:
             return ()
         groups = (tuple(m for m in g if m in self.lora_modules) for g in SHARED_INPUT_MODULES)
         return tuple(g for g in groups if len(g) >= 2)
+
+    def materialized_norms(self) -> tuple[str, ...]:
+        """With materialize_norms, the norms whose output feeds a projection adapters may target (the
+        input norm: q/k/v; the post-attention norm: gate/up); else none."""
+        if not self.materialize_norms:
+            return ()
+        norms = zip(("input_layernorm", "post_attention_layernorm"), SHARED_INPUT_MODULES, strict=True)
+        return tuple(name for name, members in norms if set(members) & set(self.lora_modules))
 
     def prefill_kernel(self) -> bool | None:
         """paged_attention's prefill_kernel argument: None leaves the choice to the kernel package."""

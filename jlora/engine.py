@@ -235,7 +235,7 @@ class PagedEngine:
             prefill_kernel=config.prefill_kernel(),
             kv_write=config.resolved_kv_write(),
             in_place=config.rows_in_place,
-            materialize_norms=config.materialize_norms,
+            materialize_norms=config.materialized_norms(),
         )
         if mesh is not None:
             forward = self._sharded_forward(forward, mesh)

@@ -210,6 +210,21 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     memory.check_invariants()
 
 
+@pytest.mark.parametrize(
+    "modules,norms",
+    [
+        (("q_proj", "v_proj"), ("input_layernorm",)),
+        (("o_proj", "down_proj"), ()),
+        (("up_proj", "k_proj"), ("input_layernorm", "post_attention_layernorm")),
+    ],
+)
+def test_materialized_norms_are_those_feeding_lora(modules, norms):
+    """materialize_norms puts a barrier only on norms whose output an adapter-targeted projection reads
+    (o and down read the attention output and SiLU x up, not a norm); off, on none."""
+    assert small_config(lora_modules=modules, materialize_norms=True).materialized_norms() == norms
+    assert small_config(lora_modules=modules).materialized_norms() == ()
+
+
 @pytest.mark.parametrize("kv_write,copied", [("per_layer", False), ("end", True)])
 def test_unrolled_cpu_step_updates_the_pool_in_place(tiny, kv_write, copied):
     """The unrolled mixed-adapter decode step on CPU copies the whole donated pool only with the K/V

@@ -42,10 +42,10 @@ class DecoderLayer(nn.Module):
     # q/k/v as one "qkv_proj" and gate/up as one "gate_up_proj" matmul (jlora.model.paged.fuse_layer):
     # fewer, larger launches; each member's LoRA delta is added to its own columns
     fused: bool = False
-    # with LoRA, each norm's scaled output materialised once (an optimisation barrier) for the matmul and
-    # the LoRA kernels to read: XLA's GPU compiler otherwise folds the norm's weight into the GEMM's
-    # prologue and scales it again in a launch of its own for the LoRA kernels (one launch a norm a layer)
-    materialize_norms: bool = False
+    # the norms (parameter names) whose scaled output, with LoRA, is materialised once (an optimisation
+    # barrier) for the matmul and the LoRA kernels to read: XLA's GPU compiler otherwise folds the norm's
+    # weight into the GEMM's prologue and scales it again in a launch of its own for the LoRA kernels
+    materialize_norms: tuple[str, ...] = ()
 
     def _proj_fused(
         self, name, members, x, widths, bias: bool, lora_fn: LoraFn | None, state: Any, residual=None
@@ -65,8 +65,11 @@ class DecoderLayer(nn.Module):
     ) -> jax.Array:
         return self._proj_fused(name, (name,), x, (features,), bias, lora_fn, state, residual)[0]
 
-    def _lora_input(self, x: jax.Array, lora_fn: LoraFn | None) -> jax.Array:
-        return jax.lax.optimization_barrier(x) if self.materialize_norms and lora_fn is not None else x
+    def _norm(self, name: str, h: jax.Array, lora_fn: LoraFn | None) -> jax.Array:
+        x = RMSNorm(self.config.rms_norm_eps, self.dtype, name=name)(h)
+        return (
+            jax.lax.optimization_barrier(x) if name in self.materialize_norms and lora_fn is not None else x
+        )
 
     def _residual_proj(self, h, name, x, lora_fn: LoraFn | None, state: Any, reduce) -> jax.Array:
         """h plus a row-split projection of x (o, down). On one device the matmul takes h as its
@@ -93,7 +96,7 @@ class DecoderLayer(nn.Module):
         # that every later read of the state (q's LoRA, attention, o's LoRA) sees it as written.
         c = self.config
         b, t, _ = h.shape
-        x = self._lora_input(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h), lora_fn)
+        x = self._norm("input_layernorm", h, lora_fn)
         bias = c.attention_bias
         inv_freq = rope_inverse_frequencies(c)
         if self.fused:
@@ -115,8 +118,7 @@ class DecoderLayer(nn.Module):
         # so the pool is never needed in two versions and is updated in place
         h = self._residual_proj(h, "o_proj", attn, lora_fn, attn_state, reduce)
 
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        x = self._lora_input(x, lora_fn)
+        x = self._norm("post_attention_layernorm", h, lora_fn)
         if self.fused:
             size = c.intermediate_size
             gate, up = self._proj_fused("gate_up_proj", GATE_UP, x, (size, size), False, lora_fn, attn_state)

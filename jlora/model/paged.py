@@ -242,7 +242,7 @@ def forward_paged(
     tp_axis: str | None = None,
     kv_write: str = "end",
     in_place: str = "mixed",
-    materialize_norms: bool = False,
+    materialize_norms: tuple[str, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:  # pool, logits [B, V] float32 (B: every batch's rows, in order)
     """With tp_axis (inside shard_map), `config` is one shard's geometry and `pool` its slice; row-split
     outputs are summed over tp_axis and vocab-split logits gathered.
@@ -261,8 +261,8 @@ def forward_paged(
     LoRA kernels work on its rows of the step's arrays and add LoRA deltas into the projection's output
     (no slices, joins or separate adds); other paths always split and join.
 
-    materialize_norms: with LoRA, each norm's scaled output is written once for both the matmul and the
-    LoRA kernels (DecoderLayer.materialize_norms)."""
+    materialize_norms: the norms (by parameter name) whose scaled output, with LoRA, is written once for
+    both the matmul and the LoRA kernels (DecoderLayer.materialize_norms)."""
     if kv_write not in ("end", "per_layer"):
         raise ValueError(f"kv_write must be 'end' or 'per_layer', not {kv_write!r}")
     if in_place not in ("mixed", "all", "off"):
