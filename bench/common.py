@@ -100,7 +100,7 @@ def add_step_form_arguments(ap: Any) -> None:
     ap.add_argument(
         "--materialize-norms",
         action="store_true",
-        help="each norm's scaled output written once for the matmul and LoRA (EngineConfig.materialize_norms)",
+        help="the scaled output of each norm feeding LoRA written once for the matmul and LoRA (EngineConfig.materialize_norms)",
     )
 
 

@@ -44,6 +44,21 @@ slora_trace() {
     --chunk-buckets "${BUCKETS-$below}" ${ATTN:+--attention-tunables "$ATTN"} ${NORMS:+--materialize-norms}
 }
 
+# trace-shaped decode and chunk steps, profiled, once per ';'-separated set in $2 - bench.mixed_step
+# flags ($1 = args) or XLA flags ($1 = xla) - then with neither
+trace_ab() {
+  local kind=$1 sets i
+  IFS=';' read -ra sets <<< "$2"
+  for i in "${!sets[@]}"; do
+    if [ "$kind" = xla ]; then
+      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-xla-$i"
+    else  # shellcheck disable=SC2086  # a set holds several flags
+      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" ${sets[$i]} --tag="-args-$i"
+    fi
+  done
+  TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-$kind-none"
+}
+
 # the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions
 step_hlo() {
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
@@ -89,7 +104,7 @@ case "${1:-}" in
     TAIL=20 run python3 -m bench.kernels.attention --pages-per-block 4 --no-prefill --split-keys "${SPLITS:-0,512}" \
       --longest-first "${ORDERS:-0,1}"
     ;;
-  attn-ab)  # trace-shaped decode steps, profiled: the tuned attention, then with ATTN's fields
+  attn-ab)  # trace-shaped decode steps, profiled: with ATTN's attention fields, then the tuned ones
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --attention-tunables "${ATTN:?set ATTN}" --tag=-ab-variant
     TAIL=3 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-tuned
     ;;
@@ -97,20 +112,11 @@ case "${1:-}" in
     TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-step${TAG:-}"
     step_hlo
     ;;
-  args-ab)  # trace-shaped decode and chunk steps, profiled, with each ';'-separated set of mixed_step flags, then without
-    IFS=';' read -ra sets <<< "${ARGSETS:?set ARGSETS}"
-    for i in "${!sets[@]}"; do
-      # shellcheck disable=SC2086  # a set holds several flags
-      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" ${sets[$i]} --tag="-args-$i"
-    done
-    TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-args-none
+  args-ab)  # trace-shaped steps with each ';'-separated set of mixed_step flags, then without
+    trace_ab args "${ARGSETS:?set ARGSETS}"
     ;;
-  xla-ab)  # trace-shaped decode and chunk steps, profiled, under each ';'-separated set of XLA flags, then without
-    IFS=';' read -ra sets <<< "${FLAGSETS:?set FLAGSETS}"
-    for i in "${!sets[@]}"; do
-      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-xla-$i"
-    done
-    TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-xla-none
+  xla-ab)  # trace-shaped steps under each ';'-separated set of XLA flags, then without
+    trace_ab xla "${FLAGSETS:?set FLAGSETS}"
     ;;
   decode-ab)  # decode steps at the trace's shape (17 rows of trace lengths), profiled: tunables and modes
     TAIL=24 run python3 -m bench.mixed_step "${trace_shape[@]}" --tag=-ab-base

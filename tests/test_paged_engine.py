@@ -122,9 +122,10 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
     _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
-    arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: each norm's output
-    materialised for the matmul and the LoRA kernels (materialize_norms). cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant
-    on the CPU backend but xla_matmul, which keeps XLA's matmuls)."""
+    arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: the output of each norm
+    feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms). cpu_kernels: the
+    C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant on the CPU backend
+    but xla_matmul, which keeps XLA's matmuls)."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
     if variant.startswith("cpu_kernels"):
@@ -170,7 +171,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     )
     import jlora.model.paged as paged_model
 
-    barriers = []  # traced optimisation barriers (each norm's output, with materialize_norms)
+    barriers = []  # traced optimisation barriers (the outputs of norms feeding LoRA, with materialize_norms)
     real_barrier = jax.lax.optimization_barrier
     monkeypatch.setattr(jax.lax, "optimization_barrier", lambda x: barriers.append(1) or real_barrier(x))
 

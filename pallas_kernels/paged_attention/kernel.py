@@ -50,8 +50,9 @@ class AttentionTunables:
 # step's tunings from trace-shaped decode steps on the H200 (bench.mixed_step --decode-lengths trace,
 # 2026-12-04: 17 rows of 8 to ~1,000 keys in 1,408-key tables, Llama-2-7B heads), decode attention per
 # step: 1.485 / 1.488 ms as tuned before; split by 256 keys 1.339 + 0.084 (the combine); by 512 keys
-# 1.324 + 0.063; longest first, unsplit, 1.344 (the step 5.88 -> 5.70 ms in the same call). Longest
-# first is not yet measured at T6's 2,048-key tables, so it stays within 1,536-key tables
+# 1.324 + 0.063; longest first, unsplit, 1.344 (the step 5.88 -> 5.70 ms in the same call). At T6's
+# 2,048-key tables longest first buys nothing (MHA within noise; GQA 152.5 -> 157.6 us,
+# kernels-attention-20261204T025947.json), so it stays within 1,536-key tables
 TUNED: dict[tuple[int, int], AttentionTunables] = {
     (16, 128): AttentionTunables(
         pages_per_block=4, num_warps=4, mma=True, longest_first=True, ragged_max_table_keys=1536
