@@ -99,7 +99,8 @@ def add_step_form_arguments(ap: Any) -> None:
     )
     ap.add_argument(
         "--materialize-norms",
-        action="store_true",
+        default="on",
+        choices=("on", "off"),
         help="the scaled output of each norm feeding LoRA written once for the matmul and LoRA (EngineConfig.materialize_norms)",
     )
 

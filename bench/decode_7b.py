@@ -108,19 +108,21 @@ def engine_configs(config, mp: int, batch: int, new_tokens: int, **overrides):
     return ec, sched
 
 
-def load_random_adapters(engine, config, count: int) -> list[str]:
-    """count random rank-16 q/k/v/o adapters, written as PEFT folders and loaded the normal way."""
+def load_random_adapters(engine, config, count: int, ranks: tuple[int, ...] = (RANK,)) -> list[str]:
+    """count random q/k/v/o adapters (adapter i of rank ranks[i % len(ranks)]; rank 16 unless told),
+    written as PEFT folders and loaded the normal way."""
     from checkpoints.peft import write_random_peft_adapter
 
     names = [f"a{i}" for i in range(count)]
     with tempfile.TemporaryDirectory() as folder:
         for i, n in enumerate(names):
+            rank = ranks[i % len(ranks)]
             write_random_peft_adapter(
                 os.path.join(folder, n),
                 num_layers=config.num_hidden_layers,
                 module_shapes=config.module_shapes(),
-                rank=RANK,
-                alpha=2 * RANK,
+                rank=rank,
+                alpha=2 * rank,
                 target_modules=list(TARGETS),
                 seed=i,
                 std=0.01,

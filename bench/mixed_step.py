@@ -1,5 +1,6 @@
 """mixed-step: what a step costs when prefill chunks join decode rows. Llama-2-7B geometry (random bf16
-weights), `--decodes` requests decoding with their own rank-16 q/k/v/o adapters while long prompts
+weights), `--decodes` requests decoding with their own rank-16 q/k/v/o adapters (or `--adapters`
+shared ones of `--ranks`) while long prompts
 are prefilled in chunks of `--chunk` tokens, so that every step during a prompt carries both. Times
 decode-only steps, then the steps with a chunk (one mixed call, or a decode call and a prefill call
 with --mixed-steps off), against their roofline floor (weights + KV + adapters over bandwidth measured
@@ -30,6 +31,18 @@ def main() -> None:
     ap.add_argument("--mixed-steps", default="on")
     add_step_form_arguments(ap)
     ap.add_argument("--decodes", type=int, default=16)
+    ap.add_argument(
+        "--adapters",
+        type=int,
+        default=None,
+        help="distinct adapters the decoding requests use (request i: adapter i %% adapters); default one each",
+    )
+    ap.add_argument(
+        "--ranks",
+        default=str(RANK),
+        help="adapter ranks, cycled over the adapters (the long prompts' adapter: the largest), e.g. 16,32,64 "
+        "as slora-trace's n = 5; rank buckets (16, 64) when several",
+    )
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=2048, help="each long prompt: prompt / chunk chunk steps")
     ap.add_argument("--prompts", type=int, default=4)
@@ -69,6 +82,8 @@ def main() -> None:
     from jlora.scheduler import SchedulerConfig
 
     config = PRESETS[args.geometry]
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    n_adapters = min(args.adapters or args.decodes, args.decodes)
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
@@ -87,7 +102,7 @@ def main() -> None:
         prefill_batch_buckets=(1,),
         prefill_chunk_buckets=(args.chunk,),
         page_buckets=(pages_per_seq,),
-        lora_rank_buckets=(RANK,),
+        lora_rank_buckets=(RANK,) if ranks == (RANK,) else (16, 64),
         lora_modules=TARGETS,
         compilation_cache_dir=None,
         implementation=args.impl,
@@ -95,7 +110,7 @@ def main() -> None:
         greedy_only=True,
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
-        materialize_norms=args.materialize_norms,
+        materialize_norms=args.materialize_norms == "on",
     )
     sched = SchedulerConfig(
         max_batch=args.decodes + 1,
@@ -112,10 +127,15 @@ def main() -> None:
     engine = jlora.Engine(LoadedModel(config, params, None, {}, "random"), ec, scheduler_config=sched)
     startup = time.perf_counter() - start
     del params
-    names = load_random_adapters(engine, config, args.decodes + 1)
+    # the decoding requests' adapters a0 .. a{n_adapters - 1}, then the long prompts' (the largest rank)
+    adapter_ranks = [ranks[i % len(ranks)] for i in range(n_adapters)] + [max(ranks)]
+    names = load_random_adapters(engine, config, n_adapters + 1, tuple(adapter_ranks))
     paged, runner = engine.paged, engine.runner
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
-    adapter_bytes = paged.memory.adapter_pages_needed({m: RANK for m in TARGETS}) * paged.layout.page_bytes(2)
+    adapters_bytes = sum(
+        paged.memory.adapter_pages_needed({m: r for m in TARGETS}) * paged.layout.page_bytes(2)
+        for r in adapter_ranks
+    )
 
     steps: list[dict] = []  # one per step: kind, seconds (step period), context tokens, adapters
     original = paged.collect
@@ -164,9 +184,9 @@ def main() -> None:
     ids = [
         runner.add(
             engine._prepare(
-                rng.integers(0, config.vocab_size, decode_prompts[i]).tolist(), sp_long, names[i]
+                rng.integers(0, config.vocab_size, decode_prompts[i]).tolist(), sp_long, names[i % n_adapters]
             ),
-            names[i],
+            names[i % n_adapters],
         )
         for i in range(args.decodes)
     ]
@@ -206,9 +226,9 @@ def main() -> None:
         if chosen:
             med = float(np.median([s["s"] for s in chosen]))
             # every request's KV (the long prompt's whole, an upper bound while it is prefilled) and
-            # every request's adapter, read once
+            # every distinct adapter, read once
             kv = float(np.mean([s["kv"] for s in chosen]))
-            floor = (weight_bytes + (args.decodes + 1) * adapter_bytes + kv * kv_bytes_per_token) / bps
+            floor = (weight_bytes + adapters_bytes + kv * kv_bytes_per_token) / bps
             summary[kind] = {
                 "steps": len(chosen),
                 "median_ms": med * 1e3,
@@ -268,7 +288,7 @@ def main() -> None:
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "materialize_norms": args.materialize_norms,
-                "rank": RANK,
+                "adapter_ranks": adapter_ranks,
             },
             "bandwidth": bw,
             "weight_bytes": weight_bytes,

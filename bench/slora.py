@@ -59,7 +59,7 @@ def build_engine(model: str, args):
         greedy_only=True,  # the trace decodes greedily: half the start-up compiles
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
-        materialize_norms=args.materialize_norms,
+        materialize_norms=args.materialize_norms == "on",
     )
     sched = SchedulerConfig(
         max_batch=args.batch,

@@ -251,8 +251,9 @@ class EngineConfig:
     # the scaled output of each norm that feeds an adapter-targeted projection written once for the
     # matmul and the LoRA kernels (materialized_norms(), forward_paged's materialize_norms): on the GPU,
     # XLA otherwise folds the norm's weight into the GEMM and scales the input again for the LoRA
-    # kernels, a launch a layer. Off until measured
-    materialize_norms: bool = False
+    # kernels, a launch a layer. Measured on the H200 (trace-shaped decode step 5.57 -> 5.36 ms, 536 ->
+    # 504 kernels a step; bench/RESULTS.md, seventeenth session)
+    materialize_norms: bool = True
     # compile only the greedy step variants (half the start-up compiles); requests with a temperature
     # are then refused with InvalidRequestError
     greedy_only: bool = False
