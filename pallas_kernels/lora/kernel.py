@@ -82,12 +82,18 @@ def _pair_lanes(start, end, c, lane, m, n_pairs):
     return idx < end, m * n_pairs + jnp.minimum(idx, n_pairs - 1)
 
 
-def _expand_into(accs, pool_ref, layer, base, local, s, out_units):
-    """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit)."""
+def _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked):
+    """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit). With
+    masked, lanes that hold no pair (valid False: a token of rank below the load's width) load nothing;
+    without (interpret mode, which has no masked gathers), they read real rows and add s = 0 times them."""
     out = []
     for u in range(out_units):  # independent gathers, in flight together
-        rows = pool_ref[layer, base + local * out_units + u, :].astype(jnp.float32)  # [P, Dh]
-        out.append(accs[u] + jnp.sum(s[:, None] * rows, axis=0))
+        units = base + local * out_units + u  # [P]
+        if masked:
+            rows = pltriton.load(pool_ref.at[layer, units, :], mask=valid[:, None], other=0)
+        else:
+            rows = pool_ref[layer, units, :]
+        out.append(accs[u] + jnp.sum(s[:, None] * rows.astype(jnp.float32), axis=0))  # rows: [P, Dh]
     return tuple(out)
 
 
@@ -104,6 +110,7 @@ def _bgmv_expand_kernel(
     n_tokens,
     block_starts,
     row_start,
+    masked,
 ):
     """Grid (token, block of output units). With several projections (block_starts: where each one's
     blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
@@ -122,8 +129,8 @@ def _bgmv_expand_kernel(
     def body(c, accs):
         valid, safe = _pair_lanes(start, end, c, lane, m, n_pairs)
         s = jnp.where(valid, s_ref[safe], 0.0)  # [P] float32
-        base = jnp.where(valid, b_ref[safe], 0)  # padding lanes read the zero page
-        return _expand_into(accs, pool_ref, layer, base, local, s, out_units)
+        base = jnp.where(valid, b_ref[safe], 0)
+        return _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked)
 
     dh = pool_ref.shape[2]
     n_loads = (end - start + pairs_per_load - 1) // pairs_per_load  # one load when rank <= pairs_per_load
@@ -212,6 +219,7 @@ def bgmv_expand(
             n_tokens=n,
             block_starts=starts,
             row_start=row_start,
+            masked=not interpret,
         ),
         out_shape=jax.ShapeDtypeStruct((out_rows, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
@@ -239,6 +247,7 @@ def _bgmv_fused_kernel(
     block_starts,
     n_chunks,
     chunk,
+    masked,
 ):
     """Shrink and expand in one program per (token, block of output units): the program computes its
     token's shrunk values itself (reading the token's A rows; the other blocks of the same token read
@@ -269,7 +278,7 @@ def _bgmv_fused_kernel(
 
         acc = jax.lax.fori_loop(0, n_chunks, shrink, jnp.zeros((pairs_per_load, dh), jnp.float32))
         s = jnp.where(valid, jnp.sum(acc, axis=1), 0.0)  # [P]: padding lanes read real rows, add nothing
-        return _expand_into(accs, pool_ref, layer, base, local, s, out_units)
+        return _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked)
 
     n_loads = (end - start + pairs_per_load - 1) // pairs_per_load
     accs = jax.lax.fori_loop(0, n_loads, body, tuple(jnp.zeros((dh,), jnp.float32) for _ in range(out_units)))
@@ -308,6 +317,7 @@ def bgmv_fused(
             block_starts=starts,
             n_chunks=units_in // chunk,
             chunk=chunk,
+            masked=not interpret,
         ),
         out_shape=jax.ShapeDtypeStruct((n, sum(units), dh), x.dtype),
         grid=(n, sum(blocks)),
@@ -390,6 +400,10 @@ def expand_kernel(tunables: LoraTunables):
 # prefill: SGMV
 
 SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this many programs run
+# ... but at most this many split partials times a member's rank columns: every expand program sums its
+# token block's partials of its member's columns itself, so at rank 64 a 128-token chunk's 32 splits read
+# 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11 at rank 16 on the H200)
+SGMV_EXPAND_SPLIT_COLUMNS = 512
 
 
 def _sgmv_shrink_kernel(
@@ -494,7 +508,8 @@ def sgmv_rows(
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
     # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    splits = largest_pow2_divisor(units_in, max(1, SGMV_SHRINK_PROGRAMS // (bsz * (t // bt))))
+    cap = min(SGMV_SHRINK_PROGRAMS // (bsz * (t // bt)), SGMV_EXPAND_SPLIT_COLUMNS // rank)
+    splits = largest_pow2_divisor(units_in, max(1, cap))
     rows = dict(seq_len=t, row_start=row_start)
     shrunk = pl.pallas_call(
         functools.partial(
