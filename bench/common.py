@@ -88,6 +88,40 @@ def add_attention_tunables_argument(ap: Any) -> None:
     )
 
 
+def add_lora_fields_argument(ap: Any) -> None:
+    """--lora-fields on an argparse parser: JSON fields of the LoRA kernels' tuned shapes to replace in
+    every tier for head_dim 128 (override_lora_fields applies them)."""
+    ap.add_argument(
+        "--lora-fields",
+        default=None,
+        help='LoraTunables fields to replace in every tuned tier for head_dim 128, as JSON, e.g. {"expand_segments":true}',
+    )
+
+
+def override_lora_fields(fields_json: str | None) -> None:
+    """The LoRA kernels' tuned tiers for head_dim 128 with the JSON's fields in place of theirs, before an
+    engine traces its steps; None leaves them."""
+    if not fields_json:
+        return
+    import dataclasses
+
+    from pallas_kernels.lora import shapes
+
+    fields = json.loads(fields_json)
+    shapes.TUNED[128] = tuple((n, dataclasses.replace(t, **fields)) for n, t in shapes.TUNED[128])
+    print("LoRA tunables:", shapes.TUNED[128], flush=True)
+
+
+def lora_tiers_record() -> list:
+    """The LoRA kernels' tiers for head_dim 128 as a run used them (tuned, or overridden), for its result
+    file: [[up to this many tokens, LoraTunables fields], ...]."""
+    import dataclasses
+
+    from pallas_kernels.lora import shapes
+
+    return [[n, dataclasses.asdict(t)] for n, t in shapes.TUNED.get(128, ())]
+
+
 def add_step_form_arguments(ap: Any) -> None:
     """--rows-in-place and --materialize-norms on an argparse parser: how the engine forms its steps
     (EngineConfig.rows_in_place, EngineConfig.materialize_norms)."""

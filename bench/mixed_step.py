@@ -23,7 +23,11 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def main() -> None:
-    from bench.common import add_attention_tunables_argument, add_step_form_arguments
+    from bench.common import (
+        add_attention_tunables_argument,
+        add_lora_fields_argument,
+        add_step_form_arguments,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--geometry", default="llama2-7b")
@@ -60,6 +64,7 @@ def main() -> None:
         "context of an S-LoRA trace request at a random point of its decode (8 to ~1,000 tokens)",
     )
     add_attention_tunables_argument(ap)
+    add_lora_fields_argument(ap)
     ap.add_argument(
         "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"
     )
@@ -72,7 +77,13 @@ def main() -> None:
     import jax
 
     import jlora
-    from bench.common import attention_tunables_record, override_attention_tunables, write_result
+    from bench.common import (
+        attention_tunables_record,
+        lora_tiers_record,
+        override_attention_tunables,
+        override_lora_fields,
+        write_result,
+    )
     from bench.decode_7b import load_random_adapters, make_params
     from bench.kernels.attention import trace_lengths
     from bench.kernels.timing import bandwidth, roofline_TBps
@@ -87,6 +98,7 @@ def main() -> None:
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
+    override_lora_fields(args.lora_fields)
     if args.decode_lengths == "trace":
         decode_prompts = [int(n) for n in trace_lengths(args.decodes, args.decodes)]
     else:
@@ -285,6 +297,8 @@ def main() -> None:
                 "decode_prompts": decode_prompts,
                 "attention_tunables": args.attention_tunables,
                 "attention_tunables_used": attention_tunables_record(),
+                "lora_fields": args.lora_fields,
+                "lora_tiers_used": lora_tiers_record(),
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "materialize_norms": args.materialize_norms,

@@ -82,7 +82,7 @@ def make_payload(
     args, bw: dict, weight_bytes: int, startup: float, runs: list[dict], warm_up_s: float = 0.0
 ) -> dict:
     """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
-    from bench.common import attention_tunables_record
+    from bench.common import attention_tunables_record, lora_tiers_record
 
     by_n = [r for r in runs if r["rate"] == args.rate]
     return {
@@ -107,6 +107,8 @@ def make_payload(
             "prefill_seqs": args.prefill_seqs,
             "attention_tunables": args.attention_tunables,
             "attention_tunables_used": attention_tunables_record(),
+            "lora_fields": args.lora_fields,
+            "lora_tiers_used": lora_tiers_record(),
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
@@ -122,7 +124,11 @@ def make_payload(
 
 
 def main() -> None:
-    from bench.common import add_attention_tunables_argument, add_step_form_arguments
+    from bench.common import (
+        add_attention_tunables_argument,
+        add_lora_fields_argument,
+        add_step_form_arguments,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | llama2-7b | llama3-8b")
@@ -155,6 +161,7 @@ def main() -> None:
     add_step_form_arguments(ap)
     ap.add_argument("--cold-warm", type=int, default=4, help="adapters for the T7 cold/warm check")
     add_attention_tunables_argument(ap)
+    add_lora_fields_argument(ap)
     ap.add_argument(
         "--one-page-bucket", action="store_true", help="fewer compiles (the kernel reads only used pages)"
     )
@@ -174,7 +181,7 @@ def main() -> None:
         ap.error(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
     args.chunk_buckets = tuple(sorted(extra | {args.chunk}))  # the compiled prompt-chunk lengths
 
-    from bench.common import override_attention_tunables, run_record, write_result
+    from bench.common import override_attention_tunables, override_lora_fields, run_record, write_result
     from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.plots import plot
     from bench.serving import cold_vs_warm, replay
@@ -183,6 +190,7 @@ def main() -> None:
 
     bw = bandwidth()
     override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
+    override_lora_fields(args.lora_fields)
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
     print(

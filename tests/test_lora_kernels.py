@@ -19,11 +19,13 @@ from pallas_kernels.lora import (
     lora_decode,
     lora_decode_expand_group,
     lora_decode_group,
+    lora_decode_group_add,
     lora_decode_shrink,
     lora_prefill,
     lora_prefill_group,
     prefill_group_width,
 )
+from pallas_kernels.lora.kernel import expand_segments
 from pallas_kernels.lora.mosaic_kernel import interpret_params
 
 # shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
@@ -455,3 +457,94 @@ def test_tuned_shapes_come_in_tiers_by_batch(monkeypatch):
     assert shapes.tunables_for(48, 1) == small and shapes.tunables_for(48, 64) == small
     assert shapes.tunables_for(48, 65) == large and shapes.tunables_for(48) == large
     assert shapes.tunables_for(40, 32) == LoraTunables()  # no tuned tiers for this head_dim
+
+
+# ------------------------------------------------------------------------------------------------
+# the segmented BGMV expand (LoraTunables.expand_segments): one program per adapter and block
+
+
+SEGMENTS = [
+    LoraTunables(expand_segments=True),
+    LoraTunables(expand_segments=True, out_units=2, num_warps=2),
+]
+
+
+def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):
+    """Tokens sharing adapters as in a serving step: token n uses adapter adapter_of[n] (-1: none), of
+    rank adapter_ranks[a], whose rows all its tokens' pairs point at. Each projection's pairs grouped
+    by token, padded with pad pairs; the projections' rows in one pool."""
+    units_in = h_in // dh
+    n_units = 8 + sum(adapter_ranks) * (units_in + sum(w // dh for w in widths)) + 8
+    pool = _pool(rng, 2, n_units, dh, jnp.float32)
+    unit, tok, a_all, b_all = 8, [], [], []
+    for w in widths:
+        rows = []
+        for r in adapter_ranks:
+            rows.append(
+                [
+                    (unit + j * (units_in + w // dh), unit + j * (units_in + w // dh) + units_in)
+                    for j in range(r)
+                ]
+            )
+            unit += r * (units_in + w // dh)
+        t_m, a_m, b_m = [], [], []
+        for n, ad in enumerate(adapter_of):
+            for a, b in rows[ad] if ad >= 0 else []:
+                t_m.append(n), a_m.append(a), b_m.append(b)
+        k = sum(adapter_ranks[ad] for ad in adapter_of if ad >= 0) + pad
+        fill = k - len(t_m)
+        tok.append(jnp.asarray(t_m + [len(adapter_of)] * fill, jnp.int32))
+        a_all.append(jnp.asarray(a_m + [0] * fill, jnp.int32))
+        b_all.append(jnp.asarray(b_m + [0] * fill, jnp.int32))
+    x = jnp.asarray(rng.standard_normal((len(adapter_of), h_in)), jnp.float32)
+    return x, pool, tok, a_all, b_all
+
+
+def test_expand_segments_groups_tokens_by_adapter():
+    """order: each projection's tokens sorted by their first B row (tokens without pairs first); runs:
+    the group's size at its first sorted position."""
+    # projection 0: tokens 0, 2 on rows from unit 50; token 1 none; token 3 on unit 20
+    # projection 1: every token on unit 70 but token 3 (none)
+    b_start = jnp.asarray([50, 50, 20, 0, 0, 70, 70, 70, 0, 0], jnp.int32)  # K = 5 each
+    offsets = jnp.asarray([0, 1, 1, 2, 3] + [0, 1, 2, 3, 3], jnp.int32)
+    order, runs = expand_segments(b_start, offsets, 2)
+    np.testing.assert_array_equal(order, [1, 3, 0, 2] + [3, 0, 1, 2])
+    np.testing.assert_array_equal(runs, [1, 1, 2, 0] + [1, 3, 0, 0])
+
+
+@pytest.mark.parametrize("tunables", SEGMENTS)
+@pytest.mark.parametrize(
+    "adapter_of,adapter_ranks,max_rank",
+    [
+        ((0, 1, 0, 2, -1, 1, 0, 0), (3, 16, 1), 16),  # shared adapters, one token without
+        ((1, 1, 1, 1), (4, 8), 8),  # one adapter for the whole batch
+        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 8),  # a group of 17: three blocks of 8 tokens
+        ((0, 1, 2, 0, 1, 2), (16, 2, 9), 4),  # ranks above max_rank: several loads a token
+        ((-1, -1, -1), (4,), 16),  # no adapter in the batch: zeros
+    ],
+)
+def test_segmented_expand_matches_reference(tunables, adapter_of, adapter_ranks, max_rank):
+    rng = np.random.default_rng(len(adapter_of))
+    widths, n = (64, 32, 32), len(adapter_of)
+    x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, adapter_ranks, 64, widths, 16, pad=3)
+    layer = jnp.int32(1)
+    pairs = (
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t, n) for t in tok]),
+    )
+    got = lora_decode_group(
+        x, pool, layer, *pairs, widths, implementation=_impl(), tunables=tunables, max_rank=max_rank
+    )
+    _check_side_by_side(got, x, pool, layer, tok, a_all, b_all, widths)
+    # added into y's rows in place, the rows around them untouched
+    y = jnp.asarray(rng.standard_normal((n + 3, sum(widths))), jnp.float32)
+    x_all = jnp.concatenate([jnp.zeros((2, x.shape[1])), x, jnp.zeros((1, x.shape[1]))])
+    added = lora_decode_group_add(
+        y, x_all, pool, layer, *pairs, widths, row_start=2, implementation=_impl(), tunables=tunables,
+        max_rank=max_rank,
+    )  # fmt: skip
+    np.testing.assert_array_equal(added[:2], y[:2])
+    np.testing.assert_array_equal(added[-1], y[-1])
+    _check_side_by_side(added[2:-1] - y[2:-1], x, pool, layer, tok, a_all, b_all, widths)

@@ -20,7 +20,9 @@ class LoraTunables:
     out_units as for Triton, num_warps unused: one warpgroup per program). fused_max_tokens: decode batches of at
     most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
     each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
-    fused_num_warps warps."""
+    fused_num_warps warps. expand_segments: the Triton BGMV expand runs one program per adapter and
+    output block, reading the adapter's B rows once for all of its tokens (kernel.expand_segments),
+    instead of one per token and output block."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -36,6 +38,7 @@ class LoraTunables:
     fused_out_units: int = 8
     fused_chunk_units: int = 8
     fused_num_warps: int = 4
+    expand_segments: bool = False
 
 
 # Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
