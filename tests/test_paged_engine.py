@@ -123,7 +123,8 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
     arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: the output of each norm
-    feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms). cpu_kernels: the
+    feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms, the engine's
+    default; the other variants here turn it off). cpu_kernels: the
     C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant on the CPU backend
     but xla_matmul, which keeps XLA's matmuls)."""
     loaded, paths, reference = tiny
@@ -221,9 +222,9 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
 )
 def test_materialized_norms_are_those_feeding_lora(modules, norms):
     """materialize_norms puts a barrier only on norms whose output an adapter-targeted projection reads
-    (o and down read the attention output and SiLU x up, not a norm); off, on none."""
-    assert small_config(lora_modules=modules, materialize_norms=True).materialized_norms() == norms
-    assert small_config(lora_modules=modules).materialized_norms() == ()
+    (o and down read the attention output and SiLU x up, not a norm); on by default; off, on none."""
+    assert small_config(lora_modules=modules).materialized_norms() == norms
+    assert small_config(lora_modules=modules, materialize_norms=False).materialized_norms() == ()
 
 
 @pytest.mark.parametrize("kv_write,copied", [("per_layer", False), ("end", True)])
