@@ -12,7 +12,7 @@
 #   JLORA_COMMIT=<sha> ATTN='{...}' bash bench/device_runs.sh attn-ab  # trace-shaped decode steps: ATTN's attention fields, then the tuned
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
-#   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none
+#   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -48,16 +48,18 @@ slora_trace() {
 # trace-shaped decode and chunk steps, profiled, once per ';'-separated set in $2 - bench.mixed_step
 # flags ($1 = args) or XLA flags ($1 = xla) - then with neither
 trace_ab() {
-  local kind=$1 sets i
+  local kind=$1 sets i base
   IFS=';' read -ra sets <<< "$2"
+  read -ra base <<< "${BASE:-}"  # mixed_step flags every run takes, e.g. --adapters 5 --ranks 16,32,64
   for i in "${!sets[@]}"; do
     if [ "$kind" = xla ]; then
-      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-xla-$i"
+      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
+        --tag="-xla-$i"
     else  # shellcheck disable=SC2086  # a set holds several flags
-      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" ${sets[$i]} --tag="-args-$i"
+      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
     fi
   done
-  TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" --tag="-$kind-none"
+  TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
 }
 
 # the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions

@@ -465,7 +465,7 @@ def test_tuned_shapes_come_in_tiers_by_batch(monkeypatch):
 
 SEGMENTS = [
     LoraTunables(expand_segments=True),
-    LoraTunables(expand_segments=True, out_units=2, num_warps=2),
+    LoraTunables(expand_segments=True, out_units=2, num_warps=2, segment_tokens=4),
 ]
 
 
@@ -518,7 +518,7 @@ def test_expand_segments_groups_tokens_by_adapter():
     [
         ((0, 1, 0, 2, -1, 1, 0, 0), (3, 16, 1), 16),  # shared adapters, one token without
         ((1, 1, 1, 1), (4, 8), 8),  # one adapter for the whole batch
-        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 8),  # a group of 17: three blocks of 8 tokens
+        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 8),  # a group of 17: blocks of 8 (or 4) tokens
         ((0, 1, 2, 0, 1, 2), (16, 2, 9), 4),  # ranks above max_rank: several loads a token
         ((-1, -1, -1), (4,), 16),  # no adapter in the batch: zeros
     ],

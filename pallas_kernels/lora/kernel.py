@@ -14,8 +14,9 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
 
 Decode expand by adapter (LoraTunables.expand_segments, off until measured): grid over (sorted token
 position, block of output units); the program at the first position of an adapter's tokens loads the
-adapter's B rows once and writes all of that adapter's tokens, SEGMENT_TOKENS at a time. Where a step's
-tokens share few adapters (slora-trace at n = 5), B rows are read once per adapter, not once per token.
+adapter's B rows once and writes all of that adapter's tokens, LoraTunables.segment_tokens at a time.
+Where a step's tokens share few adapters (slora-trace at n = 5), B rows are read once per adapter, not
+once per token.
 
 Decode, one launch (bgmv_fused, used up to LoraTunables.fused_max_tokens tokens, 0 by default): each
 program recomputes its token's shrunk values and expands them into its own output block.
@@ -179,9 +180,6 @@ def expand_segments(b_start: jax.Array, offsets: jax.Array, g: int) -> tuple[jax
     return order.reshape(-1), runs.reshape(-1)
 
 
-SEGMENT_TOKENS = 8  # tokens of an adapter's group a segmented expand program handles at once
-
-
 def _bgmv_expand_segments_kernel(
     layer_ref,
     off_ref,
@@ -198,6 +196,7 @@ def _bgmv_expand_segments_kernel(
     block_starts,
     row_start,
     masked,
+    segment_tokens,
 ):
     """Grid (sorted position i, block of output units), as _bgmv_expand_kernel but by adapter: the
     program at the first position of an adapter's tokens (expand_segments) loads the adapter's B rows
@@ -250,10 +249,10 @@ def _bgmv_expand_segments_kernel(
             )
 
         def block(b, carry):
-            """SEGMENT_TOKENS tokens of the group at once: every load first (in flight together; lanes
+            """segment_tokens tokens of the group at once: every load first (in flight together; lanes
             past the group repeat its last position and are not stored), then the stores."""
-            t0 = b * SEGMENT_TOKENS
-            toks = [order_ref[m * n_tokens + i + jnp.minimum(t0 + t, run - 1)] for t in range(SEGMENT_TOKENS)]
+            t0 = b * segment_tokens
+            toks = [order_ref[m * n_tokens + i + jnp.minimum(t0 + t, run - 1)] for t in range(segment_tokens)]
             outs = [token_out(tok) for tok in toks]
             for t, (tok, accs) in enumerate(zip(toks, outs, strict=True)):
 
@@ -264,7 +263,7 @@ def _bgmv_expand_segments_kernel(
 
             return carry
 
-        jax.lax.fori_loop(0, (run + SEGMENT_TOKENS - 1) // SEGMENT_TOKENS, block, jnp.int32(0))
+        jax.lax.fori_loop(0, (run + segment_tokens - 1) // segment_tokens, block, jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("tunables", "interpret", "row_start", "n_tokens"))
@@ -333,7 +332,7 @@ def bgmv_expand(
     kernel = _bgmv_expand_kernel
     if tunables.expand_segments:
         args += expand_segments(b_start, offsets, g)
-        kernel = _bgmv_expand_segments_kernel
+        kernel = functools.partial(_bgmv_expand_segments_kernel, segment_tokens=tunables.segment_tokens)
     args.append(pool)
     out_rows, aliases = n, {}
     if y is not None:

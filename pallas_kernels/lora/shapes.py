@@ -22,7 +22,7 @@ class LoraTunables:
     each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
     fused_num_warps warps. expand_segments: the Triton BGMV expand runs one program per adapter and
     output block, reading the adapter's B rows once for all of its tokens (kernel.expand_segments),
-    instead of one per token and output block."""
+    instead of one per token and output block, segment_tokens of the adapter's tokens at a time."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -39,6 +39,7 @@ class LoraTunables:
     fused_chunk_units: int = 8
     fused_num_warps: int = 4
     expand_segments: bool = False
+    segment_tokens: int = 8
 
 
 # Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
