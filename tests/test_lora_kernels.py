@@ -291,13 +291,10 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
 
 
 @pytest.mark.parametrize("split_columns", [32, 16])
-def test_sgmv_split_cap_keeps_results(monkeypatch, split_columns):
+def test_sgmv_split_cap_keeps_results(split_columns):
     """A rank-16 chunk over 4 input units with the split partials capped at 32 / 16 columns (2 splits of
     2 units, 1 split of 4; 4 of 1 uncapped) gives the reference's deltas."""
-    from pallas_kernels.lora import kernel
-
-    monkeypatch.setattr(kernel, "SGMV_EXPAND_SPLIT_COLUMNS", split_columns)
-    jax.clear_caches()  # sgmv_rows is jitted: trace it again under the cap
+    tunables = LoraTunables(sgmv_split_columns=split_columns)
     rng = np.random.default_rng(7)
     h_in, h_out, dh, r, t = 64, 96, 16, 16, 32
     units_in, units_out = h_in // dh, h_out // dh
@@ -308,8 +305,7 @@ def test_sgmv_split_cap_keeps_results(monkeypatch, split_columns):
     x = jnp.asarray(rng.standard_normal((1, t, h_in)), jnp.float32)
     args = (x, pool, jnp.int32(1), jnp.asarray(a), jnp.asarray(b), h_out)
     want = lora_prefill(*args, implementation="reference")
-    got = lora_prefill(*args, implementation=_impl())
-    jax.clear_caches()
+    got = lora_prefill(*args, implementation=_impl(), tunables=tunables)
     _check(got, want, jnp.float32)
 
 

@@ -531,10 +531,7 @@ def expand_kernel(tunables: LoraTunables):
 # prefill: SGMV
 
 SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this many programs run
-# ... but at most this many split partials times a member's rank columns: every expand program sums its
-# token block's partials of its member's columns itself, so at rank 64 a 128-token chunk's 32 splits read
-# 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11 at rank 16 on the H200)
-SGMV_EXPAND_SPLIT_COLUMNS = 512
+# ... but at most LoraTunables.sgmv_split_columns split partials times a member's rank columns
 
 
 def _sgmv_shrink_kernel(
@@ -639,7 +636,7 @@ def sgmv_rows(
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
     # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    cap = min(SGMV_SHRINK_PROGRAMS // (bsz * (t // bt)), SGMV_EXPAND_SPLIT_COLUMNS // rank)
+    cap = min(SGMV_SHRINK_PROGRAMS // (bsz * (t // bt)), tunables.sgmv_split_columns // rank)
     splits = largest_pow2_divisor(units_in, max(1, cap))
     rows = dict(seq_len=t, row_start=row_start)
     shrunk = pl.pallas_call(

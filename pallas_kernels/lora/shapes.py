@@ -20,7 +20,11 @@ class LoraTunables:
     out_units as for Triton, num_warps unused: one warpgroup per program). fused_max_tokens: decode batches of at
     most this many tokens run shrink and expand in one launch (bgmv_fused; 0: never), whose programs
     each write fused_out_units output units, read fused_chunk_units units of A rows per load and run
-    fused_num_warps warps. expand_segments: the Triton BGMV expand runs one program per adapter and
+    fused_num_warps warps. sgmv_split_columns: the SGMV shrink's split-K partials times a member's rank
+    columns at most - every SGMV expand program sums its token block's partials itself, so at rank 64 a
+    128-token chunk's 32 splits read 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11
+    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32. expand_segments: the
+    Triton BGMV expand runs one program per adapter and
     output block, reading the adapter's B rows once for all of its tokens (kernel.expand_segments),
     instead of one per token and output block, segment_tokens of the adapter's tokens at a time."""
 
@@ -33,6 +37,7 @@ class LoraTunables:
     shrink_num_warps: int = 0
     sgmv_out_units: int = 4
     sgmv_num_warps: int = 4
+    sgmv_split_columns: int = 512
     expand_backend: str = "triton"
     fused_max_tokens: int = 0
     fused_out_units: int = 8
