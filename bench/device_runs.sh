@@ -13,7 +13,7 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh segments-ab    # the segmented LoRA expand's GPU tests, then n = 5-shaped steps with it (LORA fields) and without
+#   JLORA_COMMIT=<sha> LORASETS='{"expand_segments":true};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU, then n = 5-shaped steps with each set of LoraTunables fields, then none
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -119,9 +119,12 @@ case "${1:-}" in
   args-ab)  # trace-shaped steps with each ';'-separated set of mixed_step flags, then without
     trace_ab args "${ARGSETS:?set ARGSETS}"
     ;;
-  segments-ab)  # the segmented LoRA expand checked on the GPU, then slora-trace's n = 5 shape with it and without
-    run python3 -m pytest -q -x tests/test_lora_kernels.py -k "segment"
-    BASE="--adapters 5 --ranks 16,32,64" trace_ab args "--lora-fields ${LORA:-{\"expand_segments\":true\}}"
+  lora-ab)  # the LoRA kernel tests on the GPU, then slora-trace's n = 5 shape with each set of LoRA fields and without
+    run python3 -m pytest -q -x tests/test_lora_kernels.py
+    sets=""
+    IFS=';' read -ra lora_sets <<< "${LORASETS:-{\"expand_segments\":true\}}"
+    for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done
+    BASE="--adapters 5 --ranks 16,32,64" trace_ab args "$sets"
     ;;
   xla-ab)  # trace-shaped steps under each ';'-separated set of XLA flags, then without
     trace_ab xla "${FLAGSETS:?set FLAGSETS}"
