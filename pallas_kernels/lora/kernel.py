@@ -89,7 +89,8 @@ def _pair_lanes(start, end, c, lane, m, n_pairs):
 
 
 def _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked):
-    """The load's B rows of the local block's units: out_units float32 tiles [P, Dh]. With masked, lanes
+    """The load's B rows of the local block's units: out_units tiles [P, Dh] in the pool's dtype (callers
+    widen them where they use them: a tile kept for several tokens stays narrow). With masked, lanes
     that hold no pair (valid False: a token of rank below the load's width) load nothing (zeros);
     without (interpret mode, which has no masked gathers), they read real rows - callers multiply them
     by s = 0."""
@@ -100,14 +101,17 @@ def _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked):
             rows = pltriton.load(pool_ref.at[layer, units, :], mask=valid[:, None], other=0)
         else:
             rows = pool_ref[layer, units, :]
-        tiles.append(rows.astype(jnp.float32))
+        tiles.append(rows)
     return tiles
 
 
 def _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked):
     """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit)."""
     tiles = _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked)
-    return tuple(acc + jnp.sum(s[:, None] * tile, axis=0) for acc, tile in zip(accs, tiles, strict=True))
+    return tuple(
+        acc + jnp.sum(s[:, None] * tile.astype(jnp.float32), axis=0)
+        for acc, tile in zip(accs, tiles, strict=True)
+    )
 
 
 def _bgmv_expand_kernel(
@@ -231,12 +235,12 @@ def _bgmv_expand_segments_kernel(
         def token_out(tok):  # the token's sums [Dh] per unit (and y's row added), as float32
             ts = off_ref[m * (n_tokens + 1) + tok]
             s = token_s(ts, 0)
-            accs = tuple(jnp.sum(s[:, None] * tile, axis=0) for tile in first_tiles)
+            accs = tuple(jnp.sum(s[:, None] * tile.astype(jnp.float32), axis=0) for tile in first_tiles)
 
             def more(c, accs):  # ranks above max_rank: the further loads, per token
                 s_c = token_s(ts, c)
                 return tuple(
-                    acc + jnp.sum(s_c[:, None] * tile, axis=0)
+                    acc + jnp.sum(s_c[:, None] * tile.astype(jnp.float32), axis=0)
                     for acc, tile in zip(accs, load_tiles(c), strict=True)
                 )
 
