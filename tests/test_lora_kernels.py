@@ -290,10 +290,11 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
     _check(got, want, dtype)
 
 
-@pytest.mark.parametrize("split_columns", [32, 16])
-def test_sgmv_split_cap_keeps_results(split_columns):
-    """A rank-16 chunk over 4 input units with the split partials capped at 32 / 16 columns (2 splits of
-    2 units, 1 split of 4; 4 of 1 uncapped) gives the reference's deltas."""
+@pytest.mark.parametrize("split_columns,splits", [(512, 4), (32, 2), (16, 1)])
+def test_sgmv_split_cap_keeps_results(split_columns, splits):
+    """A rank-16 chunk over 4 input units with the split partials capped at 512 / 32 / 16 columns (4
+    splits of 1 unit, 2 of 2, 1 of 4: the shrink's partials have that many splits) gives the reference's
+    deltas."""
     tunables = LoraTunables(sgmv_split_columns=split_columns)
     rng = np.random.default_rng(7)
     h_in, h_out, dh, r, t = 64, 96, 16, 16, 32
@@ -307,6 +308,8 @@ def test_sgmv_split_cap_keeps_results(split_columns):
     want = lora_prefill(*args, implementation="reference")
     got = lora_prefill(*args, implementation=_impl(), tunables=tunables)
     _check(got, want, jnp.float32)
+    traced = str(jax.make_jaxpr(lambda: lora_prefill(*args, implementation=_impl(), tunables=tunables))())
+    assert f"f32[1,{t},{splits},{r}]" in traced  # the shrink's partials: [B, T, splits, R]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

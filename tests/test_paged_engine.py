@@ -124,9 +124,9 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
     arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: the output of each norm
     feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms, the engine's
-    default; the other variants here turn it off). cpu_kernels: the
-    C++ CPU kernels (BGMV, SGMV, paged attention; weights as panels in every variant on the CPU backend
-    but xla_matmul, which keeps XLA's matmuls)."""
+    default; the other variants here turn it off). cpu_kernels: the C++ CPU kernels (BGMV, SGMV, paged
+    attention; weights as panels in every variant on the CPU backend but xla_matmul, which keeps XLA's
+    matmuls)."""
     loaded, paths, reference = tiny
     impl = "interpret" if variant.startswith("kernels_interpret") else "reference"
     if variant.startswith("cpu_kernels"):

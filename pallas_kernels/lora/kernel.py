@@ -163,7 +163,8 @@ def expand_segments(b_start: jax.Array, offsets: jax.Array, g: int) -> tuple[jax
     projection's tokens sorted by the unit their B rows start at: one adapter's tokens side by side; the
     tokens without pairs, key -1, first) and runs [G*N] (at a group's first sorted position, its
     number of tokens; 0 elsewhere). A token's adapter is known by its first B row, since two adapters
-    never share pool rows. Pure jnp, the same for every layer of a step (XLA computes it once)."""
+    never share pool rows. Pure jnp on the device (a sort of N keys per projection group); its inputs
+    are the same for every layer of a step, so XLA may merge the layers' copies (not yet checked)."""
     n = offsets.shape[0] // g - 1
     k = b_start.shape[0] // g
     off = offsets.reshape(g, n + 1)
