@@ -94,7 +94,7 @@ def add_lora_fields_argument(ap: Any) -> None:
     ap.add_argument(
         "--lora-fields",
         default=None,
-        help='LoraTunables fields to replace in every tuned tier for head_dim 128, as JSON, e.g. {"expand_segments":true}',
+        help='LoraTunables fields to replace in every tuned tier for head_dim 128, as JSON, e.g. {"chunk_units":32}',
     )
 
 

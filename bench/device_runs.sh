@@ -13,11 +13,11 @@
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh decode-ab      # trace-shaped decode steps: split keys, rows in place, HLO
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
-#   JLORA_COMMIT=<sha> LORASETS='{"expand_segments":true};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU, then n = 5-shaped steps with each set of LoraTunables fields, then none
+#   JLORA_COMMIT=<sha> LORASETS='{"chunk_units":32};{"shrink_pairs":2}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU, then n = 5-shaped steps with each set of LoraTunables fields, then none
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"expand_segments":true}' LoRA kernel fields)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -47,20 +47,22 @@ slora_trace() {
 }
 
 # trace-shaped decode and chunk steps, profiled, once per ';'-separated set in $2 - bench.mixed_step
-# flags ($1 = args) or XLA flags ($1 = xla) - then with neither
+# flags ($1 = args) or XLA flags ($1 = xla) - then with neither. Each run stops at 300 s: at 200 s three
+# runs of the eighteenth session ended with no result (the first on each fresh machine, and the second of
+# one call), where the same run alone on the warm machine took 154 s.
 trace_ab() {
   local kind=$1 sets i base
   IFS=';' read -ra sets <<< "$2"
   read -ra base <<< "${BASE:-}"  # mixed_step flags every run takes, e.g. --adapters 5 --ranks 16,32,64
   for i in "${!sets[@]}"; do
     if [ "$kind" = xla ]; then
-      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
+      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
         --tag="-xla-$i"
     else  # shellcheck disable=SC2086  # a set holds several flags
-      TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
+      TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
     fi
   done
-  TAIL=4 run timeout 200 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
+  TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
 }
 
 # the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions
@@ -122,7 +124,7 @@ case "${1:-}" in
   lora-ab)  # the LoRA kernel tests on the GPU, then slora-trace's n = 5 shape with each set of LoRA fields and without
     run python3 -m pytest -q -x tests/test_lora_kernels.py
     sets=""
-    IFS=';' read -ra lora_sets <<< "${LORASETS:-{\"expand_segments\":true\}}"
+    IFS=';' read -ra lora_sets <<< "${LORASETS:?set LORASETS}"
     for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done
     BASE="--adapters 5 --ranks 16,32,64" trace_ab args "$sets"
     ;;

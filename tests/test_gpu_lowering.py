@@ -57,17 +57,14 @@ def test_bgmv_shrink_lowers(dtype, tunables):
     assert "bgmv_shrink" in text
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic", "segments"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128), (256, 1024)])
 @pytest.mark.parametrize("max_rank", [16, 64])
 def test_bgmv_expand_lowers(h_outs, max_rank, backend):
-    """Every expand lowers for CUDA here: Triton's (per token, or per adapter: segments) as a Triton
-    call, the Mosaic GPU one as a Mosaic GPU call (and no Triton)."""
+    """Every expand lowers for CUDA here: Triton's as a Triton call, the Mosaic GPU one as a Mosaic GPU
+    call (and no Triton)."""
     g, n, k = len(h_outs), 8, 48
-    if backend == "segments":
-        tunables = LoraTunables(expand_segments=True)
-    else:
-        tunables = LoraTunables(expand_backend=backend)
+    tunables = LoraTunables(expand_backend=backend)
     text = _lower_for_cuda(
         lambda s, pool, layer, b, off: expand_kernel(tunables)(
             s,
@@ -89,7 +86,6 @@ def test_bgmv_expand_lowers(h_outs, max_rank, backend):
     )
     if backend != "mosaic":
         assert "bgmv_expand" in text
-        assert ("bgmv_expand_segments" in text) == (backend == "segments")
     else:
         assert "xla.gpu.triton" not in text
 

@@ -25,7 +25,6 @@ from pallas_kernels.lora import (
     lora_prefill_group,
     prefill_group_width,
 )
-from pallas_kernels.lora.kernel import expand_segments
 from pallas_kernels.lora.mosaic_kernel import interpret_params
 
 # shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
@@ -459,13 +458,10 @@ def test_tuned_shapes_come_in_tiers_by_batch(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# the segmented BGMV expand (LoraTunables.expand_segments): one program per adapter and block
+# BGMV where a step's tokens share adapters (slora-trace at n = 5): mixed ranks, whole groups
 
 
-SEGMENTS = [
-    LoraTunables(expand_segments=True),
-    LoraTunables(expand_segments=True, out_units=2, num_warps=2, segment_tokens=4),
-]
+SHARED = [LoraTunables(), LoraTunables(out_units=2, num_warps=2)]
 
 
 def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):
@@ -499,30 +495,18 @@ def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):
     return x, pool, tok, a_all, b_all
 
 
-def test_expand_segments_groups_tokens_by_adapter():
-    """order: each projection's tokens sorted by their first B row (tokens without pairs first); runs:
-    the group's size at its first sorted position."""
-    # projection 0: tokens 0, 2 on rows from unit 50; token 1 none; token 3 on unit 20
-    # projection 1: every token on unit 70 but token 3 (none)
-    b_start = jnp.asarray([50, 50, 20, 0, 0, 70, 70, 70, 0, 0], jnp.int32)  # K = 5 each
-    offsets = jnp.asarray([0, 1, 1, 2, 3] + [0, 1, 2, 3, 3], jnp.int32)
-    order, runs = expand_segments(b_start, offsets, 2)
-    np.testing.assert_array_equal(order, [1, 3, 0, 2] + [3, 0, 1, 2])
-    np.testing.assert_array_equal(runs, [1, 1, 2, 0] + [1, 3, 0, 0])
-
-
-@pytest.mark.parametrize("tunables", SEGMENTS)
+@pytest.mark.parametrize("tunables", SHARED)
 @pytest.mark.parametrize(
     "adapter_of,adapter_ranks,max_rank",
     [
         ((0, 1, 0, 2, -1, 1, 0, 0), (3, 16, 1), 16),  # shared adapters, one token without
         ((1, 1, 1, 1), (4, 8), 8),  # one adapter for the whole batch
-        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 8),  # a group of 17: blocks of 8 (or 4) tokens
+        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 8),  # a group of 17
         ((0, 1, 2, 0, 1, 2), (16, 2, 9), 4),  # ranks above max_rank: several loads a token
         ((-1, -1, -1), (4,), 16),  # no adapter in the batch: zeros
     ],
 )
-def test_segmented_expand_matches_reference(tunables, adapter_of, adapter_ranks, max_rank):
+def test_shared_adapters_decode_matches_reference(tunables, adapter_of, adapter_ranks, max_rank):
     rng = np.random.default_rng(len(adapter_of))
     widths, n = (64, 32, 32), len(adapter_of)
     x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, adapter_ranks, 64, widths, 16, pad=3)

@@ -12,12 +12,6 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
   contiguous range given by offsets) as one [max_rank, Dh] tile of B rows per output unit, in one
   load when the token's rank is at most max_rank (a loop otherwise), and sums s * B rows.
 
-Decode expand by adapter (LoraTunables.expand_segments, off until measured): grid over (sorted token
-position, block of output units); the program at the first position of an adapter's tokens loads the
-adapter's B rows once and writes all of that adapter's tokens, LoraTunables.segment_tokens at a time.
-Where a step's tokens share few adapters (slora-trace at n = 5), B rows are read once per adapter, not
-once per token.
-
 Decode, one launch (bgmv_fused, used up to LoraTunables.fused_max_tokens tokens, 0 by default): each
 program recomputes its token's shrunk values and expands them into its own output block.
 
@@ -158,119 +152,6 @@ def _bgmv_expand_kernel(
         o_ref[row_start + n, col, :] = out.astype(o_ref.dtype)
 
 
-def expand_segments(b_start: jax.Array, offsets: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
-    """The tokens of each projection grouped by adapter, for the segmented expand: order [G*N] (each
-    projection's tokens sorted by the unit their B rows start at: one adapter's tokens side by side; the
-    tokens without pairs, key -1, first) and runs [G*N] (at a group's first sorted position, its
-    number of tokens; 0 elsewhere). A token's adapter is known by its first B row, since two adapters
-    never share pool rows. Pure jnp on the device (a sort of N keys per projection group); its inputs
-    are the same for every layer of a step, so XLA may merge the layers' copies (not yet checked)."""
-    n = offsets.shape[0] // g - 1
-    k = b_start.shape[0] // g
-    off = offsets.reshape(g, n + 1)
-    first = off[:, :-1]
-    key = jnp.where(
-        off[:, 1:] > first,
-        jnp.take_along_axis(b_start.reshape(g, k), jnp.minimum(first, k - 1), axis=1),
-        -1,
-    )
-    order = jnp.argsort(key, axis=1, stable=True).astype(jnp.int32)
-    sk = jnp.take_along_axis(key, order, axis=1)
-    lead = jnp.concatenate([jnp.ones((g, 1), bool), sk[:, 1:] != sk[:, :-1]], axis=1)
-    pos = jnp.arange(n, dtype=jnp.int32)
-    leaders = jnp.where(lead, pos, n)  # a group's first position; n elsewhere
-    after = jnp.concatenate([leaders[:, 1:], jnp.full((g, 1), n, jnp.int32)], axis=1)
-    next_lead = jax.lax.cummin(after, axis=1, reverse=True)  # the next group's first position
-    runs = jnp.where(lead, next_lead - pos, 0).astype(jnp.int32)
-    return order.reshape(-1), runs.reshape(-1)
-
-
-def _bgmv_expand_segments_kernel(
-    layer_ref,
-    off_ref,
-    b_ref,
-    s_ref,
-    order_ref,
-    runs_ref,
-    pool_ref,
-    *refs,
-    out_units,
-    pairs_per_load,
-    n_pairs,
-    n_tokens,
-    block_starts,
-    row_start,
-    masked,
-    segment_tokens,
-):
-    """Grid (sorted position i, block of output units), as _bgmv_expand_kernel but by adapter: the
-    program at the first position of an adapter's tokens (expand_segments) loads the adapter's B rows
-    of its block once, then writes each of those tokens' sums; the other programs do nothing. A token's
-    pairs are its adapter's rows, so every token of a group has the first one's count of pairs."""
-    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
-    i = pl.program_id(0)
-    j = pl.program_id(1)
-    layer = layer_ref[0]
-    m, local = projection_of(j, block_starts)
-    run = runs_ref[m * n_tokens + i]
-
-    @pl.when(run > 0)
-    def _():
-        lead = order_ref[m * n_tokens + i]
-        start = off_ref[m * (n_tokens + 1) + lead]
-        count = off_ref[m * (n_tokens + 1) + lead + 1] - start
-        lane = jnp.arange(pairs_per_load, dtype=jnp.int32)
-
-        def load_tiles(c):  # the group's B rows of its c-th load, out_units tiles [P, Dh]
-            valid, safe = _pair_lanes(start, start + count, c, lane, m, n_pairs)
-            base = jnp.where(valid, b_ref[safe], 0)
-            return _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked)
-
-        def token_s(ts, c):  # the token's shrunk values of the c-th load [P]; 0 past its pairs
-            ok, safe = _pair_lanes(ts, ts + count, c, lane, m, n_pairs)
-            return jnp.where(ok, s_ref[safe], 0.0)
-
-        first_tiles = load_tiles(0)  # read once for all the group's tokens (one load up to max_rank)
-        n_loads = (count + pairs_per_load - 1) // pairs_per_load
-
-        def token_out(tok):  # the token's sums [Dh] per unit (and y's row added), as float32
-            ts = off_ref[m * (n_tokens + 1) + tok]
-            s = token_s(ts, 0)
-            accs = tuple(jnp.sum(s[:, None] * tile.astype(jnp.float32), axis=0) for tile in first_tiles)
-
-            def more(c, accs):  # ranks above max_rank: the further loads, per token
-                s_c = token_s(ts, c)
-                return tuple(
-                    acc + jnp.sum(s_c[:, None] * tile.astype(jnp.float32), axis=0)
-                    for acc, tile in zip(accs, load_tiles(c), strict=True)
-                )
-
-            accs = jax.lax.fori_loop(1, n_loads, more, accs)
-            if y_ref is None:
-                return accs
-            return tuple(
-                acc + y_ref[row_start + tok, j * out_units + u, :].astype(jnp.float32)
-                for u, acc in enumerate(accs)
-            )
-
-        def block(b, carry):
-            """segment_tokens tokens of the group at once: every load first (in flight together; lanes
-            past the group repeat its last position and are not stored), then the stores."""
-            t0 = b * segment_tokens
-            toks = [order_ref[m * n_tokens + i + jnp.minimum(t0 + t, run - 1)] for t in range(segment_tokens)]
-            outs = [token_out(tok) for tok in toks]
-            for t, (tok, accs) in enumerate(zip(toks, outs, strict=True)):
-
-                @pl.when(t0 + t < run)
-                def _(tok=tok, accs=accs):  # run at once by pl.when: bound for the linter's sake
-                    for u in range(out_units):
-                        o_ref[row_start + tok, j * out_units + u, :] = accs[u].astype(o_ref.dtype)
-
-            return carry
-
-        jax.lax.fori_loop(0, (run + segment_tokens - 1) // segment_tokens, block, jnp.int32(0))
-
-
 @functools.partial(jax.jit, static_argnames=("tunables", "interpret", "row_start", "n_tokens"))
 def bgmv_shrink(
     x: jax.Array,  # [N_all, H_in]: the tokens are rows [row_start, row_start + N)
@@ -334,10 +215,6 @@ def bgmv_expand(
     units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
     pairs_per_load = pow2_at_least(max_rank)
     args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk]
-    kernel = _bgmv_expand_kernel
-    if tunables.expand_segments:
-        args += expand_segments(b_start, offsets, g)
-        kernel = functools.partial(_bgmv_expand_segments_kernel, segment_tokens=tunables.segment_tokens)
     args.append(pool)
     out_rows, aliases = n, {}
     if y is not None:
@@ -347,7 +224,7 @@ def bgmv_expand(
         raise ValueError("row_start needs y")
     out = pl.pallas_call(
         functools.partial(
-            kernel,
+            _bgmv_expand_kernel,
             out_units=out_units,
             pairs_per_load=pairs_per_load,
             n_pairs=b_start.shape[0] // g,
@@ -361,8 +238,7 @@ def bgmv_expand(
         input_output_aliases=aliases,
         compiler_params=_params(tunables),
         interpret=interpret,
-        name=("bgmv_expand_add" if y is not None else "bgmv_expand")
-        + ("_segments" if tunables.expand_segments else ""),
+        name="bgmv_expand_add" if y is not None else "bgmv_expand",
     )(*args)
     return out.reshape(out_rows, sum(h_outs))
 

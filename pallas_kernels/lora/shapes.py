@@ -23,10 +23,7 @@ class LoraTunables:
     fused_num_warps warps. sgmv_split_columns: the SGMV shrink's split-K partials times a member's rank
     columns at most - every SGMV expand program sums its token block's partials itself, so at rank 64 a
     128-token chunk's 32 splits read 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11
-    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32. expand_segments: the
-    Triton BGMV expand runs one program per adapter and output block, reading the adapter's B rows once
-    for all of its tokens (kernel.expand_segments), instead of one per token and output block,
-    segment_tokens of the adapter's tokens at a time."""
+    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -43,8 +40,6 @@ class LoraTunables:
     fused_out_units: int = 8
     fused_chunk_units: int = 8
     fused_num_warps: int = 4
-    expand_segments: bool = False
-    segment_tokens: int = 8
 
 
 # Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
