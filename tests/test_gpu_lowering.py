@@ -57,14 +57,17 @@ def test_bgmv_shrink_lowers(dtype, tunables):
     assert "bgmv_shrink" in text
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic", "triton-lanes"])
 @pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128), (256, 1024)])
 @pytest.mark.parametrize("max_rank", [16, 64])
 def test_bgmv_expand_lowers(h_outs, max_rank, backend):
-    """Every expand lowers for CUDA here: Triton's as a Triton call, the Mosaic GPU one as a Mosaic GPU
-    call (and no Triton)."""
+    """Every expand lowers for CUDA here: Triton's (with its rank bucket's loads, or 16 pairs a load)
+    as a Triton call, the Mosaic GPU one as a Mosaic GPU call (and no Triton)."""
     g, n, k = len(h_outs), 8, 48
-    tunables = LoraTunables(expand_backend=backend)
+    if backend == "triton-lanes":
+        tunables = LoraTunables(expand_lanes=16)
+    else:
+        tunables = LoraTunables(expand_backend=backend)
     text = _lower_for_cuda(
         lambda s, pool, layer, b, off: expand_kernel(tunables)(
             s,
@@ -121,12 +124,14 @@ def test_bgmv_fused_lowers(h_outs, max_rank, dtype):
 @pytest.mark.parametrize(
     "h_outs,r,width", [((256,), 16, 16), ((512, 128, 128), 16, 64), ((256, 256), 32, 64)]
 )
-def test_sgmv_lowers(dtype, h_outs, r, width):
-    """One projection, and groups (one shrink and one expand launch for all members)."""
+@pytest.mark.parametrize("columns", [0, 16])
+def test_sgmv_lowers(dtype, h_outs, r, width, columns):
+    """One projection, and groups (one shrink and one expand launch for all members); the shrink's
+    columns in one program or in blocks of 16."""
     b, t = 2, 64
     text = _lower_for_cuda(
         lambda x, pool, layer, a, bb: lora_prefill_kernel(
-            x, pool, layer, a, bb, h_outs=h_outs, rank=r, tunables=LoraTunables()
+            x, pool, layer, a, bb, h_outs=h_outs, rank=r, tunables=LoraTunables(sgmv_shrink_columns=columns)
         ),
         S((b, t, 512), dtype),
         S((LAYERS, UNITS, DH), dtype),

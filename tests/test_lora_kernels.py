@@ -311,6 +311,47 @@ def test_sgmv_split_cap_keeps_results(split_columns, splits):
     assert f"f32[1,{t},{splits},{r}]" in traced  # the shrink's partials: [B, T, splits, R]
 
 
+@pytest.mark.parametrize("columns,grid", [(0, (1, 4, 8, 1)), (64, (1, 4, 8, 4)), (16, (1, 4, 2, 16))])
+def test_sgmv_shrink_columns_keep_results(columns, grid):
+    """A rank-64 q/k/v chunk of 128 tokens (256 shrunk columns, 16 input units): with the columns in
+    blocks of 64 the shrink runs 4x the programs at the same 8 splits; in blocks of 16 the program target
+    leaves 2 splits. The deltas are the reference's either way."""
+    tunables = LoraTunables(sgmv_shrink_columns=columns)
+    rng = np.random.default_rng(64)
+    h_in, dh, r, t, widths = 256, 16, 64, 128, (64, 32, 32)
+    units_in, width = h_in // dh, prefill_group_width(3, r)
+    pool = _pool(rng, 2, 8 + 3 * r * (units_in + 4), dh, jnp.float32)
+    a, b = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+    unit = 8
+    for m, h_out in enumerate(widths):
+        for j in range((40, 64, 17)[m]):  # the members' ranks
+            a[0, m * r + j], b[0, m * r + j] = unit, unit + units_in
+            unit += units_in + h_out // dh
+    x = jnp.asarray(rng.standard_normal((1, t, h_in)), jnp.float32)
+    args = (x, pool, jnp.int32(1), jnp.asarray(a), jnp.asarray(b), widths, r)
+    traced = str(
+        jax.make_jaxpr(lambda: lora_prefill_group(*args, implementation=_impl(), tunables=tunables))()
+    )
+    assert f"grid={grid}" in traced
+    got = lora_prefill_group(*args, implementation=_impl(), tunables=tunables)
+    want = jnp.concatenate(
+        [
+            lora_prefill(x, pool, jnp.int32(1), args[3][:, m * r : (m + 1) * r], args[4][:, m * r : (m + 1) * r],
+                         h_out, implementation="reference")
+            for m, h_out in enumerate(widths)
+        ],
+        axis=-1,
+    )  # fmt: skip
+    _check(got, want, jnp.float32)
+
+
+def test_lora_tunables_reject_bad_columns_and_lanes():
+    for bad in (dict(sgmv_shrink_columns=8), dict(sgmv_shrink_columns=48), dict(expand_lanes=12)):
+        with pytest.raises(ValueError, match="power of two"):
+            LoraTunables(**bad)
+    LoraTunables(sgmv_shrink_columns=16, expand_lanes=1)  # the smallest accepted
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     "batch,t,r,widths,used",
@@ -319,9 +360,12 @@ def test_sgmv_split_cap_keeps_results(split_columns, splits):
         (1, 32, 32, (64, 64), ((7,), (32,))),  # gate/up
     ],
 )
-def test_sgmv_group_matches_members(batch, t, r, widths, used, dtype):
+@pytest.mark.parametrize("columns", [0, 16])
+def test_sgmv_group_matches_members(batch, t, r, widths, used, dtype, columns):
     """One grouped SGMV (shared shrink and expand launches) equals each member's own SGMV side by
-    side; the group's columns past G * rank are padding."""
+    side; the group's columns past G * rank are padding. columns: shrunk columns a shrink program
+    (LoraTunables.sgmv_shrink_columns; 0: all of them)."""
+    tunables = LoraTunables(sgmv_shrink_columns=columns)
     rng = np.random.default_rng(batch * 10 + t + r)
     h_in, dh, g = 64, 16, len(widths)
     units_in = h_in // dh
@@ -337,7 +381,7 @@ def test_sgmv_group_matches_members(batch, t, r, widths, used, dtype):
     x = jnp.asarray(rng.standard_normal((batch, t, h_in)), dtype)
     layer = jnp.int32(1)
     got = lora_prefill_group(
-        x, pool, layer, jnp.asarray(a), jnp.asarray(b), widths, r, implementation=_impl()
+        x, pool, layer, jnp.asarray(a), jnp.asarray(b), widths, r, implementation=_impl(), tunables=tunables
     )
     want = jnp.concatenate(
         [
@@ -461,7 +505,11 @@ def test_tuned_shapes_come_in_tiers_by_batch(monkeypatch):
 # BGMV where a step's tokens share adapters (slora-trace at n = 5): mixed ranks, whole groups
 
 
-SHARED = [LoraTunables(), LoraTunables(out_units=2, num_warps=2)]
+SHARED = [
+    LoraTunables(),
+    LoraTunables(out_units=2, num_warps=2),
+    LoraTunables(expand_lanes=4),  # several loads for every token above rank 4
+]
 
 
 def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):

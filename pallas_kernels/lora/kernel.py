@@ -214,6 +214,8 @@ def bgmv_expand(
     dh = pool.shape[2]
     units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
     pairs_per_load = pow2_at_least(max_rank)
+    if tunables.expand_lanes:
+        pairs_per_load = min(pairs_per_load, tunables.expand_lanes)
     args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk]
     args.append(pool)
     out_rows, aliases = n, {}
@@ -416,16 +418,18 @@ SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this ma
 
 
 def _sgmv_shrink_kernel(
-    layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, f32_dot, seq_len, row_start
+    layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, columns, f32_dot, seq_len, row_start
 ):
-    """One block of a sequence's tokens against its adapter's A rows, over one split of the input
-    units (split-K: a lone long chunk would otherwise run only T / block_tokens programs). x: [rows,
-    units, Dh], sequence b's tokens at rows row_start + b * seq_len .. + seq_len."""
+    """One block of a sequence's tokens against its adapter's A rows (one block of columns of them:
+    the grid's last axis), over one split of the input units (split-K: a lone long chunk would
+    otherwise run only T / block_tokens programs). x: [rows, units, Dh], sequence b's tokens at rows
+    row_start + b * seq_len .. + seq_len."""
     b = pl.program_id(0)
     t0 = pl.program_id(1) * block_tokens
     k = pl.program_id(2)
+    c0 = pl.program_id(3) * columns
     layer = layer_ref[0]
-    rows_a = a_ref[b, :]  # [R]
+    rows_a = a_ref[b, pl.ds(c0, columns)]  # [R]: this program's columns
     r = rows_a.shape[0]
     row0 = row_start + b * seq_len + t0
 
@@ -440,7 +444,7 @@ def _sgmv_shrink_kernel(
         return acc + pltriton.dot(xs, tile.astype(xs.dtype), trans_b=True)
 
     acc = jax.lax.fori_loop(0, units_per, body, jnp.zeros((block_tokens, r), jnp.float32))
-    s_ref[b, pl.ds(t0, block_tokens), k, :] = acc
+    s_ref[b, pl.ds(t0, block_tokens), k, pl.ds(c0, columns)] = acc
 
 
 def _sgmv_expand_kernel(
@@ -517,15 +521,22 @@ def sgmv_rows(
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
     # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    cap = min(SGMV_SHRINK_PROGRAMS // (bsz * (t // bt)), tunables.sgmv_split_columns // rank)
+    columns = min(rg, tunables.sgmv_shrink_columns) if tunables.sgmv_shrink_columns else rg
+    programs = bsz * (t // bt) * (rg // columns)
+    cap = min(SGMV_SHRINK_PROGRAMS // programs, tunables.sgmv_split_columns // rank)
     splits = largest_pow2_divisor(units_in, max(1, cap))
     rows = dict(seq_len=t, row_start=row_start)
     shrunk = pl.pallas_call(
         functools.partial(
-            _sgmv_shrink_kernel, block_tokens=bt, units_per=units_in // splits, f32_dot=f32_dot, **rows
+            _sgmv_shrink_kernel,
+            block_tokens=bt,
+            units_per=units_in // splits,
+            columns=columns,
+            f32_dot=f32_dot,
+            **rows,
         ),
         out_shape=jax.ShapeDtypeStruct((bsz, t, splits, rg), jnp.float32),
-        grid=(bsz, t // bt, splits),
+        grid=(bsz, t // bt, splits, rg // columns),
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
         ),

@@ -23,7 +23,13 @@ class LoraTunables:
     fused_num_warps warps. sgmv_split_columns: the SGMV shrink's split-K partials times a member's rank
     columns at most - every SGMV expand program sums its token block's partials itself, so at rank 64 a
     128-token chunk's 32 splits read 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11
-    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32."""
+    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32. sgmv_shrink_columns:
+    shrunk columns per SGMV shrink program (0: all of the group's; else a power of two >= 16): at rank 64
+    q/k/v's 256 columns in blocks of 64 run 4x the programs, and the splits are counted against the
+    program target with them (a 128-token chunk: 32 programs -> 128, the same 8 splits). expand_lanes:
+    pairs per load of the Triton BGMV expand (0: the rank bucket's; else a power of two): a smaller load
+    serves a low-rank token in one load of its own width where a rank-64 bucket's tile is 64 lanes, and
+    a high-rank token in several loads."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -35,6 +41,15 @@ class LoraTunables:
     sgmv_out_units: int = 4
     sgmv_num_warps: int = 4
     sgmv_split_columns: int = 512
+    sgmv_shrink_columns: int = 0
+    expand_lanes: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sgmv_shrink_columns", "expand_lanes"):
+            v = getattr(self, name)
+            if v < 0 or v & (v - 1) or (name == "sgmv_shrink_columns" and 0 < v < 16):
+                raise ValueError(f"LoraTunables.{name} = {v}: 0 or a power of two (>= 16 for SGMV columns)")
+
     expand_backend: str = "triton"
     fused_max_tokens: int = 0
     fused_out_units: int = 8
