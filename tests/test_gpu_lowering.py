@@ -17,6 +17,7 @@ from pallas_kernels.lora.kernel import (
     bgmv_fused,
     bgmv_shrink,
     expand_kernel,
+    lora_decode_kernel,
     lora_prefill_kernel,
     sgmv_rows,
 )
@@ -91,6 +92,44 @@ def test_bgmv_expand_lowers(h_outs, max_rank, backend):
         assert "bgmv_expand" in text
     else:
         assert "xla.gpu.triton" not in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("h_outs", [(512,), (512, 128, 128)])
+@pytest.mark.parametrize("max_rank", [16, 64])
+@pytest.mark.parametrize("columns", [0, 64])
+def test_decode_by_adapter_lowers(h_outs, max_rank, dtype, columns):
+    """Decode by adapter (decode_grouped): its shrink and its expand added into y in place, two Triton
+    calls and no BGMV."""
+    g, n = len(h_outs), 8
+    k = n * max_rank
+    tunables = LoraTunables(decode_grouped=True, sgmv_shrink_columns=columns)
+    text = _lower_for_cuda(
+        lambda x, pool, layer, tok, a, b, off, y: lora_decode_kernel(
+            x,
+            pool,
+            layer,
+            tok,
+            a,
+            b,
+            off,
+            h_outs=h_outs,
+            tunables=tunables,
+            max_rank=max_rank,
+            y=y,
+            row_start=4,
+        ),
+        S((n + 6, 512), dtype),
+        S((LAYERS, UNITS, DH), dtype),
+        S((), I32),
+        S((g * k,), I32),
+        S((g * k,), I32),
+        S((g * k,), I32),
+        S((g * (n + 1),), I32),
+        S((n + 6, sum(h_outs)), dtype),
+    )
+    assert text.count("xla.gpu.triton") == 2
+    assert "bgmv_by_adapter_shrink" in text and "bgmv_by_adapter_expand_add" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

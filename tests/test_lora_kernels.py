@@ -25,6 +25,7 @@ from pallas_kernels.lora import (
     lora_prefill_group,
     prefill_group_width,
 )
+from pallas_kernels.lora.grouped_kernel import adapter_groups
 from pallas_kernels.lora.mosaic_kernel import interpret_params
 
 # shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
@@ -579,3 +580,125 @@ def test_shared_adapters_decode_matches_reference(tunables, adapter_of, adapter_
     np.testing.assert_array_equal(added[:2], y[:2])
     np.testing.assert_array_equal(added[-1], y[-1])
     _check_side_by_side(added[2:-1] - y[2:-1], x, pool, layer, tok, a_all, b_all, widths)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode by adapter (LoraTunables.decode_grouped, grouped_kernel): groups of tokens run as SGMV
+
+
+def test_adapter_groups_tables():
+    """Tokens sorted by adapter into sequences of at most block_tokens rows (spare lanes repeat the
+    first row; unused sequences -1), each with its leader's rank rows per member (0 past its rank)."""
+    # 2 members, rank bucket 4; token 0: adapter X (rank 2), 1: none, 2: Y (rank 3; member 1: none),
+    # 3: X, 4: X. A rows: X at 10, 11 / 20, 21; Y at 30, 31, 32. Pairs grouped by token, K = 8.
+    a = [10, 11, 30, 31, 32, 10, 11, 10]
+    # member 0: token 0 -> [0, 2), 1 -> none, 2 -> [2, 5), 3 -> [5, 7), 4 -> [7, 8) (its first row only)
+    off0 = [0, 2, 2, 5, 7, 8]
+    a1 = [20, 21, 20, 21, 20, 21, 0, 0]
+    off1 = [0, 2, 2, 2, 4, 6]
+    a_start = jnp.asarray(a + a1, jnp.int32)
+    b_start = a_start + 100
+    offsets = jnp.asarray(off0 + off1, jnp.int32)
+    rows, a_rows, b_rows = adapter_groups(a_start, b_start, offsets, g=2, rank=4, block_tokens=2, row_start=3)
+    # sorted keys: token 1 (-1); X tokens 0, 3, 4 (key 20: the max of members' first rows); Y token 2
+    # (key 30). Sequences: X [0, 3], X [4, spare], Y [2, spare]; the rest unused
+    np.testing.assert_array_equal(rows, [[3, 6], [7, 7], [5, 5], [-1, -1], [-1, -1]])
+    np.testing.assert_array_equal(
+        a_rows,
+        [
+            [10, 11, 0, 0, 20, 21, 0, 0],  # leader token 0
+            [10, 0, 0, 0, 20, 21, 0, 0],  # leader token 4: one pair in member 0
+            [30, 31, 32, 0, 0, 0, 0, 0],  # leader token 2: none in member 1
+            [0] * 8,
+            [0] * 8,
+        ],
+    )
+    np.testing.assert_array_equal(b_rows, np.where(np.asarray(a_rows) > 0, np.asarray(a_rows) + 100, 0))
+
+
+BY_ADAPTER = [
+    LoraTunables(decode_grouped=True),
+    LoraTunables(decode_grouped=True, sgmv_shrink_columns=16, sgmv_split_columns=16, sgmv_out_units=1),
+]
+
+
+@pytest.mark.parametrize("tunables", BY_ADAPTER)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "adapter_of,adapter_ranks,rank",
+    [
+        ((0, 1, 0, 2, -1, 1, 0, 0), (3, 16, 1), 16),  # shared adapters, one token without
+        ((0,) * 11 + (1, 0, 0, 0, 0, 0, 0), (5, 2), 16),  # a group of 17: two sequences
+        ((0, 1, 2, 3, 4, 0), (64, 33, 16, 1, 8), 64),  # rank bucket 64, one token each but one
+        ((-1, -1, -1), (4,), 16),  # no adapter in the batch: zeros
+    ],
+)
+def test_by_adapter_decode_matches_reference(tunables, dtype, adapter_of, adapter_ranks, rank):
+    """Decode by adapter equals the reference, both as deltas and added into y's rows in place (the
+    rows around them, and those of tokens without an adapter, untouched)."""
+    rng = np.random.default_rng(len(adapter_of) + rank)
+    widths, n = (64, 32, 32), len(adapter_of)
+    x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, adapter_ranks, 64, widths, 16, pad=3)
+    x, pool = x.astype(dtype), pool.astype(dtype)
+    layer = jnp.int32(1)
+    pairs = (
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t, n) for t in tok]),
+    )
+    got = lora_decode_group(
+        x, pool, layer, *pairs, widths, implementation=_impl(), tunables=tunables, max_rank=rank
+    )
+    assert got.dtype == dtype
+    col = 0
+    for t_i, a_i, b_i, w in zip(tok, a_all, b_all, widths):
+        want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
+        _check(got[:, col : col + w], want, dtype)
+        col += w
+    y = jnp.asarray(rng.standard_normal((n + 3, sum(widths))), jnp.float32)
+    x_all = jnp.concatenate([jnp.zeros((2, x.shape[1]), dtype), x, jnp.zeros((1, x.shape[1]), dtype)])
+    added = lora_decode_group_add(
+        y, x_all, pool, layer, *pairs, widths, row_start=2, implementation=_impl(), tunables=tunables,
+        max_rank=rank,
+    )  # fmt: skip
+    np.testing.assert_array_equal(added[:2], y[:2])
+    np.testing.assert_array_equal(added[-1], y[-1])
+    without = [i for i, ad in enumerate(adapter_of) if ad < 0]
+    np.testing.assert_array_equal(added[2:-1][np.asarray(without, int)], y[2:-1][np.asarray(without, int)])
+    _check(added[2:-1] - y[2:-1], got.astype(jnp.float32), dtype)
+
+
+def test_by_adapter_replaces_bgmv_launches():
+    """decode_grouped replaces BGMV's shrink and expand launches with its own two."""
+    rng = np.random.default_rng(3)
+    widths, adapter_of = (64, 32, 32), (0, 1, 0, 0)
+    x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, (16, 4), 64, widths, 16, pad=3)
+    pairs = (
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t, 4) for t in tok]),
+    )
+
+    def traced(tunables: LoraTunables) -> str:
+        return str(
+            jax.make_jaxpr(
+                lambda: lora_decode_group(
+                    x,
+                    pool,
+                    jnp.int32(1),
+                    *pairs,
+                    widths,
+                    implementation=_impl(),
+                    tunables=tunables,
+                    max_rank=16,
+                )
+            )()
+        )
+
+    grouped, per_token = traced(LoraTunables(decode_grouped=True)), traced(LoraTunables())
+    assert "bgmv_by_adapter_shrink" in grouped and "bgmv_by_adapter_expand_add" in grouped
+    assert "name=bgmv_shrink" in per_token and "name=bgmv_expand" in per_token
+    assert "name=bgmv_shrink" not in grouped and "name=bgmv_expand" not in grouped
+    assert "bgmv_by_adapter" not in per_token

@@ -17,6 +17,7 @@ from jlora.config import EngineConfig
 from jlora.engine import PagedEngine
 from pallas_kernels.cpu import kernel_available as cpu_kernels_built
 from pallas_kernels.lora import LoraTunables
+from pallas_kernels.lora import kernel as lora_kernel
 from pallas_kernels.lora import shapes as lora_shapes
 from tests.helpers import tiny_hf_model
 from tests.test_multi_lora import adapter_specs, build_peft
@@ -107,6 +108,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "small_pool_preempts_mixed",
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_by_adapter",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
         "kernels_interpret_lora_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
@@ -120,7 +122,8 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
 def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
-    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size.
+    _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size;
+    _by_adapter: decode LoRA by adapter (decode_grouped: the tokens grouped, each group an SGMV).
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
     arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: the output of each norm
     feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms, the engine's
@@ -139,6 +142,16 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         tunables = LoraTunables(fused_max_tokens=1 << 30, fused_chunk_units=2, fused_out_units=2)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     variant = variant.removesuffix("_one_launch")
+    by_adapter = variant.endswith("_by_adapter")
+    by_adapter_calls = []  # traced decode LoRA launches by adapter
+    if by_adapter:
+        tunables = LoraTunables(decode_grouped=True)
+        monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
+    real_by_adapter = lora_kernel.bgmv_by_adapter
+    monkeypatch.setattr(
+        lora_kernel, "bgmv_by_adapter", lambda *a, **k: by_adapter_calls.append(1) or real_by_adapter(*a, **k)
+    )
+    variant = variant.removesuffix("_by_adapter")
     # _rows_off: mixed steps split and join their batches; _rows_all: every step's kernels on rows in
     # place (default: mixed steps only)
     rows_in_place = (
@@ -207,6 +220,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     if variant == "small_pool_preempts":
         assert stats["preemptions"] > 0 and stats["adapter_evictions"] > 0
     assert ("mixed" in kinds) == mixed and ("decode" in kinds and "prefill" in kinds)
+    assert bool(by_adapter_calls) == by_adapter
     memory = engine.paged.memory
     assert not memory.page_tables
     memory.check_invariants()
