@@ -62,6 +62,7 @@ trace_ab() {
       TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
     fi
   done
+  [ "${NONE:-1}" = 0 ] && return  # NONE=0: no baseline run (compare with an earlier call's)
   TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
 }
 
@@ -126,7 +127,7 @@ case "${1:-}" in
     sets=""
     IFS=';' read -ra lora_sets <<< "${LORASETS:?set LORASETS}"
     for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done
-    BASE="--adapters 5 --ranks 16,32,64" trace_ab args "$sets"
+    BASE="${LORABASE:---adapters 5 --ranks 16,32,64}" trace_ab args "$sets"  # LORABASE: another shape
     ;;
   xla-ab)  # trace-shaped steps under each ';'-separated set of XLA flags, then without
     trace_ab xla "${FLAGSETS:?set FLAGSETS}"
