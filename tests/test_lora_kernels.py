@@ -544,6 +544,27 @@ def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):
     return x, pool, tok, a_all, b_all
 
 
+def _added_in_place(rng, x, pool, layer, pairs, widths, tunables, max_rank):
+    """The group's deltas added into the rows of a random y at row 2 on (x's rows there too): (y, the
+    result), the rows around them checked untouched."""
+    n = x.shape[0]
+    y = jnp.asarray(rng.standard_normal((n + 3, sum(widths))), jnp.float32)
+    x_all = jnp.concatenate([jnp.zeros((2, x.shape[1]), x.dtype), x, jnp.zeros((1, x.shape[1]), x.dtype)])
+    added = lora_decode_group_add(
+        y, x_all, pool, layer, *pairs, widths, row_start=2, implementation=_impl(), tunables=tunables,
+        max_rank=max_rank,
+    )  # fmt: skip
+    np.testing.assert_array_equal(added[:2], y[:2])
+    np.testing.assert_array_equal(added[-1], y[-1])
+    return y, added
+
+
+def _group_pairs(tok, a_all, b_all, n):
+    """The members' pairs as one group's arrays: token_index, a_start, b_start [G*K], offsets [G*(N+1)]."""
+    offsets = [decode_offsets(t, n) for t in tok]
+    return jnp.concatenate(tok), jnp.concatenate(a_all), jnp.concatenate(b_all), jnp.concatenate(offsets)
+
+
 @pytest.mark.parametrize("tunables", SHARED)
 @pytest.mark.parametrize(
     "adapter_of,adapter_ranks,max_rank",
@@ -560,25 +581,12 @@ def test_shared_adapters_decode_matches_reference(tunables, adapter_of, adapter_
     widths, n = (64, 32, 32), len(adapter_of)
     x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, adapter_ranks, 64, widths, 16, pad=3)
     layer = jnp.int32(1)
-    pairs = (
-        jnp.concatenate(tok),
-        jnp.concatenate(a_all),
-        jnp.concatenate(b_all),
-        jnp.concatenate([decode_offsets(t, n) for t in tok]),
-    )
+    pairs = _group_pairs(tok, a_all, b_all, n)
     got = lora_decode_group(
         x, pool, layer, *pairs, widths, implementation=_impl(), tunables=tunables, max_rank=max_rank
     )
     _check_side_by_side(got, x, pool, layer, tok, a_all, b_all, widths)
-    # added into y's rows in place, the rows around them untouched
-    y = jnp.asarray(rng.standard_normal((n + 3, sum(widths))), jnp.float32)
-    x_all = jnp.concatenate([jnp.zeros((2, x.shape[1])), x, jnp.zeros((1, x.shape[1]))])
-    added = lora_decode_group_add(
-        y, x_all, pool, layer, *pairs, widths, row_start=2, implementation=_impl(), tunables=tunables,
-        max_rank=max_rank,
-    )  # fmt: skip
-    np.testing.assert_array_equal(added[:2], y[:2])
-    np.testing.assert_array_equal(added[-1], y[-1])
+    y, added = _added_in_place(rng, x, pool, layer, pairs, widths, tunables, max_rank)
     _check_side_by_side(added[2:-1] - y[2:-1], x, pool, layer, tok, a_all, b_all, widths)
 
 
@@ -641,12 +649,7 @@ def test_by_adapter_decode_matches_reference(tunables, dtype, adapter_of, adapte
     x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, adapter_ranks, 64, widths, 16, pad=3)
     x, pool = x.astype(dtype), pool.astype(dtype)
     layer = jnp.int32(1)
-    pairs = (
-        jnp.concatenate(tok),
-        jnp.concatenate(a_all),
-        jnp.concatenate(b_all),
-        jnp.concatenate([decode_offsets(t, n) for t in tok]),
-    )
+    pairs = _group_pairs(tok, a_all, b_all, n)
     got = lora_decode_group(
         x, pool, layer, *pairs, widths, implementation=_impl(), tunables=tunables, max_rank=rank
     )
@@ -656,14 +659,7 @@ def test_by_adapter_decode_matches_reference(tunables, dtype, adapter_of, adapte
         want = lora_decode(x, pool, layer, t_i, a_i, b_i, w, implementation="reference")
         _check(got[:, col : col + w], want, dtype)
         col += w
-    y = jnp.asarray(rng.standard_normal((n + 3, sum(widths))), jnp.float32)
-    x_all = jnp.concatenate([jnp.zeros((2, x.shape[1]), dtype), x, jnp.zeros((1, x.shape[1]), dtype)])
-    added = lora_decode_group_add(
-        y, x_all, pool, layer, *pairs, widths, row_start=2, implementation=_impl(), tunables=tunables,
-        max_rank=rank,
-    )  # fmt: skip
-    np.testing.assert_array_equal(added[:2], y[:2])
-    np.testing.assert_array_equal(added[-1], y[-1])
+    y, added = _added_in_place(rng, x, pool, layer, pairs, widths, tunables, rank)
     without = [i for i, ad in enumerate(adapter_of) if ad < 0]
     np.testing.assert_array_equal(added[2:-1][np.asarray(without, int)], y[2:-1][np.asarray(without, int)])
     _check(added[2:-1] - y[2:-1], got.astype(jnp.float32), dtype)
@@ -674,12 +670,7 @@ def test_by_adapter_replaces_bgmv_launches():
     rng = np.random.default_rng(3)
     widths, adapter_of = (64, 32, 32), (0, 1, 0, 0)
     x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, (16, 4), 64, widths, 16, pad=3)
-    pairs = (
-        jnp.concatenate(tok),
-        jnp.concatenate(a_all),
-        jnp.concatenate(b_all),
-        jnp.concatenate([decode_offsets(t, 4) for t in tok]),
-    )
+    pairs = _group_pairs(tok, a_all, b_all, 4)
 
     def traced(tunables: LoraTunables) -> str:
         return str(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.lora.sgmv_tiles import expand_units, shrink_dot, summed_splits
 from pallas_kernels.lora.shapes import (
     LoraTunables,
     largest_pow2_divisor,
@@ -106,11 +107,7 @@ def _shrink_kernel(layer_ref, rows_ref, a_ref, x_ref, pool_ref, s_ref, *, units_
             c = k * units_per + i
             xs = x_ref[rows, c, :]  # [BT, Dh]
             tile = pool_ref[layer, rows_a + c, :]  # [C, Dh]; padding rows read the zero page
-            if f32_dot:
-                return acc + pltriton.dot(
-                    xs.astype(jnp.float32), tile.astype(jnp.float32), trans_b=True, allow_tf32=False
-                )
-            return acc + pltriton.dot(xs, tile.astype(xs.dtype), trans_b=True)
+            return acc + shrink_dot(xs, tile, f32_dot)
 
         acc = jax.lax.fori_loop(0, units_per, body, jnp.zeros((rows.shape[0], columns), jnp.float32))
         s_ref[s, :, k, pl.ds(c0, columns)] = acc
@@ -142,18 +139,8 @@ def _expand_kernel(
         rows = rows_ref[s, :]  # [BT]
         m, jm = projection_of(j, block_starts)
         rows_b = b_ref[s, pl.ds(m * rank, rank)]  # [R]
-        sums = s_ref[s, :, 0, pl.ds(m * rank, rank)]  # [BT, R] float32
-        for split in range(1, splits):
-            sums = sums + s_ref[s, :, split, pl.ds(m * rank, rank)]
-        for u in range(out_units):
-            tile = pool_ref[layer, rows_b + (jm * out_units + u), :]  # [R, Dh]
-            if f32_dot:
-                out = pltriton.dot(sums, tile.astype(jnp.float32), allow_tf32=False)
-            else:
-                out = pltriton.dot(sums.astype(tile.dtype), tile)
-            col = j * out_units + u
-            out = out.astype(jnp.float32) + y_ref[rows, col, :].astype(jnp.float32)
-            o_ref[rows, col, :] = out.astype(o_ref.dtype)
+        sums = summed_splits(s_ref, s, slice(None), splits, pl.ds(m * rank, rank))  # [BT, R] float32
+        expand_units(pool_ref, y_ref, o_ref, layer, rows_b, sums, rows, j, jm, out_units, f32_dot)
 
 
 @functools.partial(jax.jit, static_argnames=("h_outs", "rank", "tunables", "interpret", "row_start"))

@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.lora.grouped_kernel import bgmv_by_adapter, by_adapter_supported
 from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
+from pallas_kernels.lora.sgmv_tiles import expand_units, shrink_dot, summed_splits
 from pallas_kernels.lora.shapes import (
     LoraTunables,
     largest_pow2_divisor,
@@ -448,11 +449,7 @@ def _sgmv_shrink_kernel(
         c = k * units_per + i
         xs = x_ref[pl.ds(row0, block_tokens), c, :]  # [BT, Dh]
         tile = pool_ref[layer, rows_a + c, :]  # [R, Dh]; padding rows read the zero page
-        if f32_dot:
-            return acc + pltriton.dot(
-                xs.astype(jnp.float32), tile.astype(jnp.float32), trans_b=True, allow_tf32=False
-            )
-        return acc + pltriton.dot(xs, tile.astype(xs.dtype), trans_b=True)
+        return acc + shrink_dot(xs, tile, f32_dot)
 
     acc = jax.lax.fori_loop(0, units_per, body, jnp.zeros((block_tokens, r), jnp.float32))
     s_ref[b, pl.ds(t0, block_tokens), k, pl.ds(c0, columns)] = acc
@@ -484,19 +481,9 @@ def _sgmv_expand_kernel(
     row0 = row_start + b * seq_len + t0
     m, jm = projection_of(j, block_starts)  # the member, and the block within its own output
     rows_b = b_ref[b, pl.ds(m * rank, rank)]  # [R]
-    s = s_ref[b, pl.ds(t0, block_tokens), 0, pl.ds(m * rank, rank)]  # [BT, R] float32: splits summed
-    for split in range(1, splits):
-        s = s + s_ref[b, pl.ds(t0, block_tokens), split, pl.ds(m * rank, rank)]
-    for u in range(out_units):
-        tile = pool_ref[layer, rows_b + (jm * out_units + u), :]  # [R, Dh]
-        if f32_dot:
-            out = pltriton.dot(s, tile.astype(jnp.float32), allow_tf32=False)
-        else:
-            out = pltriton.dot(s.astype(tile.dtype), tile)
-        col = j * out_units + u
-        if y_ref is not None:
-            out = out.astype(jnp.float32) + y_ref[pl.ds(row0, block_tokens), col, :].astype(jnp.float32)
-        o_ref[pl.ds(row0, block_tokens), col, :] = out.astype(o_ref.dtype)
+    sums = summed_splits(s_ref, b, pl.ds(t0, block_tokens), splits, pl.ds(m * rank, rank))  # [BT, R]
+    rows = pl.ds(row0, block_tokens)
+    expand_units(pool_ref, y_ref, o_ref, layer, rows_b, sums, rows, j, jm, out_units, f32_dot)
 
 
 @functools.partial(
