@@ -99,11 +99,11 @@ def test_bgmv_expand_lowers(h_outs, max_rank, backend):
 @pytest.mark.parametrize("max_rank", [16, 64])
 @pytest.mark.parametrize("columns", [0, 64])
 def test_decode_by_adapter_lowers(h_outs, max_rank, dtype, columns):
-    """Decode by adapter (decode_grouped): its shrink and its expand added into y in place, two Triton
+    """Decode by adapter (by_adapter_min_rank): its shrink and its expand added into y in place, two Triton
     calls and no BGMV."""
     g, n = len(h_outs), 8
     k = n * max_rank
-    tunables = LoraTunables(decode_grouped=True, sgmv_shrink_columns=columns)
+    tunables = LoraTunables(by_adapter_min_rank=16, sgmv_shrink_columns=columns)
     text = _lower_for_cuda(
         lambda x, pool, layer, tok, a, b, off, y: lora_decode_kernel(
             x,

@@ -8,6 +8,8 @@ finiteness and closeness checks.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -591,7 +593,7 @@ def test_shared_adapters_decode_matches_reference(tunables, adapter_of, adapter_
 
 
 # ------------------------------------------------------------------------------------------------
-# decode by adapter (LoraTunables.decode_grouped, grouped_kernel): groups of tokens run as SGMV
+# decode by adapter (LoraTunables.by_adapter_min_rank, grouped_kernel): groups of tokens run as SGMV
 
 
 def test_adapter_groups_tables():
@@ -625,8 +627,8 @@ def test_adapter_groups_tables():
 
 
 BY_ADAPTER = [
-    LoraTunables(decode_grouped=True),
-    LoraTunables(decode_grouped=True, sgmv_shrink_columns=16, sgmv_split_columns=16, sgmv_out_units=1),
+    LoraTunables(by_adapter_min_rank=16),
+    LoraTunables(by_adapter_min_rank=16, sgmv_shrink_columns=16, sgmv_split_columns=16, sgmv_out_units=1),
 ]
 
 
@@ -665,31 +667,22 @@ def test_by_adapter_decode_matches_reference(tunables, dtype, adapter_of, adapte
     _check(added[2:-1] - y[2:-1], got.astype(jnp.float32), dtype)
 
 
-def test_by_adapter_replaces_bgmv_launches():
-    """decode_grouped replaces BGMV's shrink and expand launches with its own two."""
+@pytest.mark.parametrize(
+    "min_rank,bucket,by_adapter",
+    [(0, 16, False), (16, 16, True), (64, 16, False), (64, 64, True), (16, 8, False)],
+)
+def test_by_adapter_replaces_bgmv_launches_from_its_rank(min_rank, bucket, by_adapter):
+    """Rank buckets of at least by_adapter_min_rank (0: none) run by adapter: its two launches in place of
+    BGMV's shrink and expand; a bucket under 16 (no tensor-core tile) stays BGMV."""
     rng = np.random.default_rng(3)
     widths, adapter_of = (64, 32, 32), (0, 1, 0, 0)
-    x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, (16, 4), 64, widths, 16, pad=3)
+    x, pool, tok, a_all, b_all = _shared_case(rng, adapter_of, (8, 4), 64, widths, 16, pad=3)
     pairs = _group_pairs(tok, a_all, b_all, 4)
-
-    def traced(tunables: LoraTunables) -> str:
-        return str(
-            jax.make_jaxpr(
-                lambda: lora_decode_group(
-                    x,
-                    pool,
-                    jnp.int32(1),
-                    *pairs,
-                    widths,
-                    implementation=_impl(),
-                    tunables=tunables,
-                    max_rank=16,
-                )
-            )()
-        )
-
-    grouped, per_token = traced(LoraTunables(decode_grouped=True)), traced(LoraTunables())
-    assert "bgmv_by_adapter_shrink" in grouped and "bgmv_by_adapter_expand_add" in grouped
-    assert "name=bgmv_shrink" in per_token and "name=bgmv_expand" in per_token
-    assert "name=bgmv_shrink" not in grouped and "name=bgmv_expand" not in grouped
-    assert "bgmv_by_adapter" not in per_token
+    tunables = LoraTunables(by_adapter_min_rank=min_rank)
+    call = functools.partial(lora_decode_group, implementation=_impl(), tunables=tunables, max_rank=bucket)
+    traced = str(jax.make_jaxpr(lambda: call(x, pool, jnp.int32(1), *pairs, widths))())
+    assert ("bgmv_by_adapter_shrink" in traced) == by_adapter
+    assert ("bgmv_by_adapter_expand_add" in traced) == by_adapter
+    assert ("name=bgmv_shrink" in traced) != by_adapter and ("name=bgmv_expand" in traced) != by_adapter
+    got = call(x, pool, jnp.int32(1), *pairs, widths)
+    _check_side_by_side(got, x, pool, jnp.int32(1), tok, a_all, b_all, widths)

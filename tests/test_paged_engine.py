@@ -123,7 +123,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     """kernels_interpret: the Pallas kernels (LoRA BGMV/SGMV, decode and prefill attention) run by the
     interpreter; _prefill_reference: the same with prefill attention forced to the reference;
     _one_launch: decode LoRA shrink and expand in one launch (bgmv_fused) at every batch size;
-    _by_adapter: decode LoRA by adapter (decode_grouped: the tokens grouped, each group an SGMV).
+    _by_adapter: decode LoRA by adapter (by_adapter_min_rank 16: the tokens grouped, each group an SGMV).
     _mixed: decode rows and prefill chunks in one call, each batch's kernels on its rows of the step's
     arrays (_rows_off: split and joined; _rows_all: every step on rows). _norms: the output of each norm
     feeding LoRA materialised for the matmul and the LoRA kernels (materialize_norms, the engine's
@@ -145,7 +145,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     by_adapter = variant.endswith("_by_adapter")
     by_adapter_calls = []  # traced decode LoRA launches by adapter
     if by_adapter:
-        tunables = LoraTunables(decode_grouped=True)
+        tunables = LoraTunables(by_adapter_min_rank=16)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
     real_by_adapter = lora_kernel.bgmv_by_adapter
     monkeypatch.setattr(

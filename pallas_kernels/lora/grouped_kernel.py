@@ -1,4 +1,4 @@
-"""Decode LoRA by adapter (LoraTunables.decode_grouped, off until measured on a GPU): a step's tokens
+"""Decode LoRA by adapter (LoraTunables.by_adapter_min_rank, off until measured on a GPU): a step's tokens
 grouped by their adapter on the device, each group run as an SGMV sequence of block_tokens rows.
 
 BGMV (kernel.py) reads an adapter's A and B rows once per token; where a step's tokens share few

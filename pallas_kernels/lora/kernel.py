@@ -12,7 +12,7 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
   contiguous range given by offsets) as one [max_rank, Dh] tile of B rows per output unit, in one
   load when the token's rank is at most max_rank (a loop otherwise), and sums s * B rows.
 
-Decode by adapter (LoraTunables.decode_grouped, off until measured): grouped_kernel.bgmv_by_adapter.
+Decode by adapter (LoraTunables.by_adapter_min_rank, off until measured): grouped_kernel.bgmv_by_adapter.
 
 Decode, one launch (bgmv_fused, used up to LoraTunables.fused_max_tokens tokens, 0 by default): each
 program recomputes its token's shrunk values and expands them into its own output block.
@@ -365,12 +365,12 @@ def lora_decode_kernel(
     row_start: int = 0,
 ) -> jax.Array:  # [N, sum(h_outs)] in x.dtype; or y with the deltas added
     """BGMV of G >= 1 projections that read the same x: by adapter (grouped_kernel) with
-    tunables.decode_grouped; else one launch (bgmv_fused) for batches of at most
+    rank buckets of at least tunables.by_adapter_min_rank; else one launch (bgmv_fused) for batches of at most
     tunables.fused_max_tokens tokens, else a shared shrink and a shared expand. With y, the Triton
     expand adds the deltas into y's rows in place; the other expands add them afterwards."""
     kw = dict(tunables=tunables, max_rank=max_rank, interpret=interpret)
     n = offsets.shape[0] // len(h_outs) - 1
-    if tunables.decode_grouped and by_adapter_supported(max_rank):
+    if 0 < tunables.by_adapter_min_rank <= max_rank and by_adapter_supported(max_rank):
         if y is None:
             y, row_start = jnp.zeros((n, sum(h_outs)), x.dtype), 0
         return bgmv_by_adapter(

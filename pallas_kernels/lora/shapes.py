@@ -29,10 +29,11 @@ class LoraTunables:
     program target with them (a 128-token chunk: 32 programs -> 128, the same 8 splits). expand_lanes:
     pairs per load of the Triton BGMV expand (0: the rank bucket's; else a power of two): a smaller load
     serves a low-rank token in one load of its own width where a rank-64 bucket's tile is 64 lanes, and
-    a high-rank token in several loads. decode_grouped: decode batches run by adapter
-    (grouped_kernel.bgmv_by_adapter: the tokens grouped by adapter on the device, each group an SGMV
-    sequence on tensor cores, with the sgmv_* launch shapes) where the rank bucket is a power of two
-    >= 16, instead of BGMV's per-token shrink and expand."""
+    a high-rank token in several loads. by_adapter_min_rank: decode batches whose rank bucket is at
+    least this (0: none) run by adapter (grouped_kernel.bgmv_by_adapter: the tokens grouped by adapter
+    on the device, each group an SGMV sequence on tensor cores, with the sgmv_* launch shapes) instead
+    of BGMV's per-token shrink and expand; 64 takes the steps with ranks above 16 (slora-trace at n = 5
+    and 100) and leaves rank 8's (n >= 1,000) to BGMV."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -46,7 +47,7 @@ class LoraTunables:
     sgmv_split_columns: int = 512
     sgmv_shrink_columns: int = 0
     expand_lanes: int = 0
-    decode_grouped: bool = False
+    by_adapter_min_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sgmv_shrink_columns", "expand_lanes"):
