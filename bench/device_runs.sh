@@ -62,8 +62,11 @@ trace_ab() {
       TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
     fi
   done
-  [ "${NONE:-1}" = 0 ] && return  # NONE=0: no baseline run (compare with an earlier call's)
-  TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
+  if [ "${NONE:-1}" != 0 ]; then  # NONE=0: no baseline run (compare with an earlier call's)
+    TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
+  fi
+  # the runs side by side (WITH: earlier result files to list with them); shellcheck disable=SC2046,SC2086
+  python3 -m bench.step_summary ${WITH:-} $(find bench/results -newer "$marker" -name "mixed-step-*.json")
 }
 
 # the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions

@@ -221,3 +221,31 @@ def test_schedule_model_charges_what_it_models():
     bucketed = replay("llama2-7b", 100, 12.0, 5.0, 256, (64, 128, 192), 1, StepCosts())
     assert bucketed["by_kind"]["mixed"]["mean_rows"] < padded["by_kind"]["mixed"]["mean_rows"]
     assert bucketed["by_kind"]["mixed"]["mean_step_ms"] < padded["by_kind"]["mixed"]["mean_step_ms"]
+
+
+def test_step_summary_sums_the_lora_launches():
+    """bench.step_summary: a mixed-step result's medians, floor fractions and LoRA launches a step (the
+    BGMV, SGMV and by-adapter kernels, not the others)."""
+    from bench.step_summary import summary_row, table
+
+    top = [
+        {"kernel": "gemm_fusion_dot", "ms_per_step": 3.4},
+        {"kernel": "bgmv_expand", "ms_per_step": 0.25},
+        {"kernel": "bgmv_by_adapter_shrink", "ms_per_step": 0.05},
+        {"kernel": "sgmv_shrink_", "ms_per_step": 0.15},
+    ]
+    result = {
+        "name": "mixed-step-args-0",
+        "workload": {"lora_fields": '{"by_adapter_min_rank":64}', "adapter_ranks": [64, 16, 64, 32]},
+        "decode": {"median_ms": 5.5, "roofline_fraction": 0.97},
+        "chunk": {"median_ms": 8.2, "roofline_fraction": 0.6},
+        "decode_profile": {"top": top[:3]},
+        "profile": {"top": top},
+    }
+    row = summary_row(result)
+    assert row["decode_lora_ms"] == pytest.approx(0.30) and row["chunk_lora_ms"] == pytest.approx(0.45)
+    assert row["varied"] == '{"by_adapter_min_rank":64}' and row["decode_ms"] == 5.5
+    assert row["ranks"] == "16,32,64" and row["name"] == "mixed-step-args-0"
+    without = summary_row({"name": "n", "decode": {"median_ms": 1.0}})
+    assert without["decode_lora_ms"] is None and without["chunk_ms"] is None
+    assert "0.300" in table([row]) and " - " in table([without])
