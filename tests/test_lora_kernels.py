@@ -686,3 +686,23 @@ def test_by_adapter_replaces_bgmv_launches_from_its_rank(min_rank, bucket, by_ad
     assert ("name=bgmv_shrink" in traced) != by_adapter and ("name=bgmv_expand" in traced) != by_adapter
     got = call(x, pool, jnp.int32(1), *pairs, widths)
     _check_side_by_side(got, x, pool, jnp.int32(1), tok, a_all, b_all, widths)
+
+
+def test_adapter_groups_computed_once_a_step():
+    """Every layer's call builds the same tables from the step's metadata: XLA merges them into one
+    sort and one scatter a step (checked here on the CPU's pipeline, whose CSE the GPU's shares)."""
+    g, n, r = 3, 32, 64
+
+    def step(a, b, off, per_layer):
+        tables = jax.jit(lambda a, b, off: adapter_groups(a, b, off, g=g, rank=r, row_start=3))
+        outs = []
+        for i in range(4):  # four layers, each using the tables with its own data
+            rows, a_rows, b_rows = tables(a, b, off)
+            outs.append((rows.sum() + a_rows.sum() + b_rows.sum()) * per_layer[i])
+        return jnp.stack(outs)
+
+    pairs = jnp.zeros(g * n * r, jnp.int32)
+    hlo = (
+        jax.jit(step).lower(pairs, pairs, jnp.zeros(g * (n + 1), jnp.int32), jnp.ones(4)).compile().as_text()
+    )
+    assert hlo.count(" sort(") == 1 and hlo.count(" scatter(") == 1
