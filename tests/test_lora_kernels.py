@@ -546,6 +546,35 @@ def _shared_case(rng, adapter_of, adapter_ranks, h_in, widths, dh, pad):
     return x, pool, tok, a_all, b_all
 
 
+def test_expand_lanes_set_the_load_width():
+    """expand_lanes 4 in a rank-16 bucket: the expand loads [4, Dh] tiles of B rows (in several loads a
+    token), where by default it loads [16, Dh]; the deltas are the reference's either way (SHARED)."""
+    rng = np.random.default_rng(0)
+    widths = (64, 32, 32)
+    x, pool, tok, a_all, b_all = _shared_case(rng, (0, 1, 0), (16, 4), 64, widths, 16, pad=3)
+    pairs = _group_pairs(tok, a_all, b_all, 3)
+
+    def traced(lanes: int) -> str:
+        tunables = LoraTunables(expand_lanes=lanes)
+        return str(
+            jax.make_jaxpr(
+                lambda: lora_decode_group(
+                    x,
+                    pool,
+                    jnp.int32(1),
+                    *pairs,
+                    widths,
+                    implementation="interpret",
+                    tunables=tunables,
+                    max_rank=16,
+                )
+            )()
+        )
+
+    assert "f32[16,16]" in traced(0) and "i32[16]" in traced(0)
+    assert "f32[16,16]" not in traced(4) and "i32[16]" not in traced(4)
+
+
 def _added_in_place(rng, x, pool, layer, pairs, widths, tunables, max_rank):
     """The group's deltas added into the rows of a random y at row 2 on (x's rows there too): (y, the
     result), the rows around them checked untouched."""

@@ -33,6 +33,7 @@ from pallas_kernels.lora.shapes import (
     output_blocks,
     pow2_at_least,
     projection_of,
+    shrink_column_block,
 )
 
 BLOCK_TOKENS = 16  # a sequence's rows: the smallest tensor-core tile
@@ -169,7 +170,7 @@ def bgmv_by_adapter(
     rows, a_rows, b_rows = adapter_groups(a_start, b_start, offsets, g=g, rank=rank, row_start=row_start)
     n_seq, bt = rows.shape
     width = a_rows.shape[1]
-    columns = min(width, tunables.sgmv_shrink_columns) if tunables.sgmv_shrink_columns else width
+    columns = shrink_column_block(width, tunables)
     splits = largest_pow2_divisor(units_in, max(1, tunables.sgmv_split_columns // rank))
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)

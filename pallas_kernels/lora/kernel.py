@@ -42,6 +42,7 @@ from pallas_kernels.lora.shapes import (
     output_blocks,
     pow2_at_least,
     projection_of,
+    shrink_column_block,
 )
 
 
@@ -86,30 +87,19 @@ def _pair_lanes(start, end, c, lane, m, n_pairs):
     return idx < end, m * n_pairs + jnp.minimum(idx, n_pairs - 1)
 
 
-def _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked):
-    """The load's B rows of the local block's units: out_units tiles [P, Dh] in the pool's dtype (callers
-    widen them where they use them: a tile kept for several tokens stays narrow). With masked, lanes
-    that hold no pair (valid False: a token of rank below the load's width) load nothing (zeros);
-    without (interpret mode, which has no masked gathers), they read real rows - callers multiply them
-    by s = 0."""
-    tiles = []
+def _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked):
+    """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit). With
+    masked, lanes that hold no pair (valid False: a token of rank below the load's width) load nothing;
+    without (interpret mode, which has no masked gathers), they read real rows, multiplied by s = 0."""
+    out = []
     for u in range(out_units):  # independent gathers, in flight together
         units = base + local * out_units + u  # [P]
         if masked:
             rows = pltriton.load(pool_ref.at[layer, units, :], mask=valid[:, None], other=0)
         else:
             rows = pool_ref[layer, units, :]
-        tiles.append(rows)
-    return tiles
-
-
-def _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked):
-    """accs[u] += sum over the load's pairs of s * their B rows' unit (local block's u-th unit)."""
-    tiles = _expand_into_tiles(pool_ref, layer, base, local, out_units, valid, masked)
-    return tuple(
-        acc + jnp.sum(s[:, None] * tile.astype(jnp.float32), axis=0)
-        for acc, tile in zip(accs, tiles, strict=True)
-    )
+        out.append(accs[u] + jnp.sum(s[:, None] * rows.astype(jnp.float32), axis=0))
+    return tuple(out)
 
 
 def _bgmv_expand_kernel(
@@ -220,8 +210,7 @@ def bgmv_expand(
     pairs_per_load = pow2_at_least(max_rank)
     if tunables.expand_lanes:
         pairs_per_load = min(pairs_per_load, tunables.expand_lanes)
-    args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk]
-    args.append(pool)
+    args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool]
     out_rows, aliases = n, {}
     if y is not None:
         out_rows, dtype, aliases = y.shape[0], y.dtype, {len(args): 0}
@@ -519,7 +508,7 @@ def sgmv_rows(
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
     # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    columns = min(rg, tunables.sgmv_shrink_columns) if tunables.sgmv_shrink_columns else rg
+    columns = shrink_column_block(rg, tunables)
     programs = bsz * (t // bt) * (rg // columns)
     cap = min(SGMV_SHRINK_PROGRAMS // programs, tunables.sgmv_split_columns // rank)
     splits = largest_pow2_divisor(units_in, max(1, cap))

@@ -48,18 +48,17 @@ class LoraTunables:
     sgmv_shrink_columns: int = 0
     expand_lanes: int = 0
     by_adapter_min_rank: int = 0
+    expand_backend: str = "triton"
+    fused_max_tokens: int = 0
+    fused_out_units: int = 8
+    fused_chunk_units: int = 8
+    fused_num_warps: int = 4
 
     def __post_init__(self) -> None:
         for name in ("sgmv_shrink_columns", "expand_lanes"):
             v = getattr(self, name)
             if v < 0 or v & (v - 1) or (name == "sgmv_shrink_columns" and 0 < v < 16):
                 raise ValueError(f"LoraTunables.{name} = {v}: 0 or a power of two (>= 16 for SGMV columns)")
-
-    expand_backend: str = "triton"
-    fused_max_tokens: int = 0
-    fused_out_units: int = 8
-    fused_chunk_units: int = 8
-    fused_num_warps: int = 4
 
 
 # Tuned on the H100 (bench/kernels/lora.py), keyed by head_dim: tiers of (up to this many tokens,
@@ -85,6 +84,12 @@ def tunables_for(head_dim: int, n_tokens: int = 1 << 30) -> LoraTunables:
         if n_tokens <= max_tokens:
             return tunables
     return LoraTunables()
+
+
+def shrink_column_block(width: int, tunables: LoraTunables) -> int:
+    """Shrunk columns an SGMV-style shrink program computes, of a sequence's width (sgmv_shrink_columns;
+    0: all of them)."""
+    return min(width, tunables.sgmv_shrink_columns) if tunables.sgmv_shrink_columns else width
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
