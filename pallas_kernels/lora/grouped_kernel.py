@@ -75,11 +75,15 @@ def adapter_groups(
     starts = (in_group % block_tokens == 0) & (sk >= 0)
     seq = jnp.where(sk >= 0, jnp.cumsum(starts.astype(jnp.int32)) - 1, n)  # n: in no sequence
     lane = in_group % block_tokens
-    rows = jnp.full((n + 1, block_tokens), -1, jnp.int32).at[seq, lane].set(order + row_start)[:n]
-    rows = jnp.where(rows >= 0, rows, rows[:, :1])  # spare lanes repeat the sequence's first row
-    leader = jnp.where(rows[:, 0] >= 0, rows[:, 0] - row_start, 0)  # [S]
+    row = order + row_start
+    # no slice of either scatter: XLA's GPU scatter-slice simplifier failed a RET_CHECK on
+    # rows = scatter[:n] with rows[:, :1] (jax 0.11.2, H200); sequence n (in none) is dropped
+    rows = jnp.full((n, block_tokens), -1, jnp.int32).at[seq, lane].set(row, mode="drop")
+    head = jnp.full((n,), -1, jnp.int32).at[jnp.where(starts, seq, n)].set(row, mode="drop")  # [S]
+    rows = jnp.where(rows >= 0, rows, head[:, None])  # spare lanes repeat the sequence's first row
+    leader = jnp.where(head >= 0, head - row_start, 0)  # [S]
     j = jnp.arange(rank, dtype=jnp.int32)
-    used = (rows[:, :1] >= 0)[None] & (j[None, None, :] < count[:, leader][:, :, None])  # [G, S, R]
+    used = (head >= 0)[None, :, None] & (j[None, None, :] < count[:, leader][:, :, None])  # [G, S, R]
     pair = jnp.minimum(first[:, leader][:, :, None] + j, k - 1)  # [G, S, R]
     width = group_width(g, rank)
 
