@@ -14,6 +14,7 @@
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
 #   JLORA_COMMIT=<sha> LORASETS='{"by_adapter_min_rank":16};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU (LORATESTS: a -k expression), then n = 5-shaped steps with each set of LoraTunables fields, then none
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora-trace     # BGMV launch shapes at slora-trace's n = 5 decode layer (17 tokens, 5 adapters, bucket 64)
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
@@ -131,6 +132,9 @@ case "${1:-}" in
     IFS=';' read -ra lora_sets <<< "${LORASETS:?set LORASETS}"
     for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done
     BASE="${LORABASE:---adapters 5 --ranks 16,32,64}" trace_ab args "$sets"  # LORABASE: another shape
+    ;;
+  lora-trace)  # one layer's LoRA kernels at slora-trace's n = 5 decode shape: launch-shape sweep, then variants
+    TAIL=16 run timeout "${SWEEP_S:-420}" python3 -m bench.kernels.lora_trace_sweep ${QUICK:+--quick}
     ;;
   xla-ab)  # trace-shaped steps under each ';'-separated set of XLA flags, then without
     trace_ab xla "${FLAGSETS:?set FLAGSETS}"
