@@ -9,6 +9,7 @@ finiteness and closeness checks.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from pallas_kernels.lora import (
 )
 from pallas_kernels.lora.grouped_kernel import adapter_groups
 from pallas_kernels.lora.mosaic_kernel import interpret_params
+from pallas_kernels.lora.shapes import expand_num_warps
 
 # shrink and expand in one launch (bgmv_fused) at any batch size, at two chunk and block sizes
 FUSED = [
@@ -576,6 +578,30 @@ def test_expand_lanes_set_the_load_width():
 
     assert "f32[16,16]" in traced(0) and "i32[16]" in traced(0)
     assert "f32[16,16]" not in traced(4) and "i32[16]" not in traced(4)
+
+
+@pytest.mark.parametrize("max_rank,expand_warps", [(16, 1), (32, 2), (64, 2)])
+def test_wide_loads_take_wide_num_warps(max_rank, expand_warps):
+    """wide_num_warps: the BGMV expand runs 2 warps where its loads are at least wide_lanes (32) pairs
+    wide, num_warps (1) below; the shrink keeps its own warps (4) either way."""
+    rng = np.random.default_rng(0)
+    widths = (64, 32, 32)
+    x, pool, tok, a_all, b_all = _shared_case(rng, (0, 1, 0), (16, 4), 64, widths, 16, pad=3)
+    pairs = _group_pairs(tok, a_all, b_all, 3)
+    tunables = LoraTunables(num_warps=1, wide_num_warps=2, shrink_num_warps=4)
+    assert [expand_num_warps(tunables, lanes) for lanes in (16, 32, 64)] == [1, 2, 2]
+    traced = str(
+        jax.make_jaxpr(
+            lambda: lora_decode_group(
+                x, pool, jnp.int32(1), *pairs, widths, implementation="interpret", tunables=tunables,
+                max_rank=max_rank,
+            )
+        )()
+    )  # fmt: skip
+    assert re.findall(r"num_warps=(\d+)", traced) == ["4", str(expand_warps)]
+    assert expand_num_warps(LoraTunables(num_warps=1), 64) == 1  # 0: num_warps everywhere
+    with pytest.raises(ValueError, match="wide_num_warps"):
+        LoraTunables(wide_num_warps=3)
 
 
 def _added_in_place(rng, x, pool, layer, pairs, widths, tunables, max_rank):

@@ -1,5 +1,6 @@
-"""Decode LoRA by adapter (LoraTunables.by_adapter_min_rank, off until measured on a GPU): a step's tokens
-grouped by their adapter on the device, each group run as an SGMV sequence of block_tokens rows.
+"""Decode LoRA by adapter (LoraTunables.by_adapter_min_rank; off: slower than BGMV on the H200 at n = 5,
+bench/RESULTS.md's nineteenth session): a step's tokens grouped by their adapter on the device, each
+group run as an SGMV sequence of block_tokens rows.
 
 BGMV (kernel.py) reads an adapter's A and B rows once per token; where a step's tokens share few
 adapters (slora-trace at n = 5: 17 tokens on ~4.6 adapters) that is ~4x the distinct rows. Here each

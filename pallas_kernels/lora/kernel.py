@@ -12,7 +12,7 @@ Decode (BGMV, every token its own adapter), two launches as in Punica:
   contiguous range given by offsets) as one [max_rank, Dh] tile of B rows per output unit, in one
   load when the token's rank is at most max_rank (a loop otherwise), and sums s * B rows.
 
-Decode by adapter (LoraTunables.by_adapter_min_rank, off until measured): grouped_kernel.bgmv_by_adapter.
+Decode by adapter (LoraTunables.by_adapter_min_rank, off: measured slower): grouped_kernel.bgmv_by_adapter.
 
 Decode, one launch (bgmv_fused, used up to LoraTunables.fused_max_tokens tokens, 0 by default): each
 program recomputes its token's shrunk values and expands them into its own output block.
@@ -38,17 +38,13 @@ from pallas_kernels.lora.mosaic_kernel import bgmv_expand_mosaic
 from pallas_kernels.lora.sgmv_tiles import expand_units, shrink_dot, summed_splits
 from pallas_kernels.lora.shapes import (
     LoraTunables,
+    expand_num_warps,
     largest_pow2_divisor,
     output_blocks,
     pow2_at_least,
     projection_of,
     shrink_column_block,
 )
-
-
-def _params(t: LoraTunables) -> pltriton.CompilerParams:
-    return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
-
 
 # ----------------------------------------------------------------------------------------------
 # decode: BGMV
@@ -231,7 +227,9 @@ def bgmv_expand(
         out_shape=jax.ShapeDtypeStruct((out_rows, sum(units), dh), dtype),
         grid=(n, sum(blocks)),
         input_output_aliases=aliases,
-        compiler_params=_params(tunables),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=expand_num_warps(tunables, pairs_per_load), num_stages=tunables.num_stages
+        ),
         interpret=interpret,
         name="bgmv_expand_add" if y is not None else "bgmv_expand",
     )(*args)

@@ -33,7 +33,12 @@ class LoraTunables:
     least this (0: none) run by adapter (grouped_kernel.bgmv_by_adapter: the tokens grouped by adapter
     on the device, each group an SGMV sequence on tensor cores, with the sgmv_* launch shapes) instead
     of BGMV's per-token shrink and expand; 64 takes the steps with ranks above 16 (slora-trace at n = 5
-    and 100) and leaves rank 8's (n >= 1,000) to BGMV."""
+    and 100) and leaves rank 8's (n >= 1,000) to BGMV; on the H200 it was slower at n = 5's shape (decode
+    LoRA 1.05-1.11 ms a step against BGMV's 0.67: mixed-step-args-*-20261204T103349/103645.json).
+    wide_num_warps: the Triton BGMV expand's warps where a load is at least wide_lanes pairs wide (0:
+    num_warps everywhere): a [64, Dh] tile of B rows is 256 values a thread on one warp; at slora-trace's
+    n = 5 decode layer (bucket 64) 2 warps took 7.8 us against 9.1 on 1, where at bucket 8 1 warp is the
+    faster (5.4 us against 6.3; kernels-lora-trace-20261204T104641/104724.json)."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -48,6 +53,8 @@ class LoraTunables:
     sgmv_shrink_columns: int = 0
     expand_lanes: int = 0
     by_adapter_min_rank: int = 0
+    wide_num_warps: int = 0
+    wide_lanes: int = 32
     expand_backend: str = "triton"
     fused_max_tokens: int = 0
     fused_out_units: int = 8
@@ -55,7 +62,7 @@ class LoraTunables:
     fused_num_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("sgmv_shrink_columns", "expand_lanes"):
+        for name in ("sgmv_shrink_columns", "expand_lanes", "wide_num_warps", "wide_lanes"):
             v = getattr(self, name)
             if v < 0 or v & (v - 1) or (name == "sgmv_shrink_columns" and 0 < v < 16):
                 raise ValueError(f"LoraTunables.{name} = {v}: 0 or a power of two (>= 16 for SGMV columns)")
@@ -66,8 +73,11 @@ class LoraTunables:
 # elsewhere.
 TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
     128: (
-        # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json
-        (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1)),
+        # decode-7b's layer at 32 tokens (q/k/v group + o), kernels-lora-20261126T103241.json; the
+        # expand on 2 warps from 32-pair loads (rank buckets 32 and 64): at slora-trace's n = 5 shape
+        # on the H200 decode steps 5.705 -> 5.672 ms, chunk steps 8.222 -> 8.087 (2 warps at every
+        # bucket: mixed-step-args-0-20261204T105013.json against -args-none-20261204T082000.json)
+        (64, LoraTunables(chunk_units=8, shrink_num_warps=4, out_units=1, num_warps=1, wide_num_warps=2)),
         # T5's 256 tokens on 256 adapters, the same run; SGMV (prompt chunks) one output unit per
         # expand program: a 256-token chunk's expands 0.98 -> 0.72 ms a step (mixed-step-sgmv1-*.json)
         (
@@ -84,6 +94,13 @@ def tunables_for(head_dim: int, n_tokens: int = 1 << 30) -> LoraTunables:
         if n_tokens <= max_tokens:
             return tunables
     return LoraTunables()
+
+
+def expand_num_warps(tunables: LoraTunables, lanes: int) -> int:
+    """The Triton BGMV expand's warps for loads of this many pairs (wide_num_warps from wide_lanes on)."""
+    if tunables.wide_num_warps and lanes >= tunables.wide_lanes:
+        return tunables.wide_num_warps
+    return tunables.num_warps
 
 
 def shrink_column_block(width: int, tunables: LoraTunables) -> int:
