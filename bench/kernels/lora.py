@@ -120,6 +120,7 @@ def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str)
             shrink_num_warps=s_warps,
             out_units=out_units,
             num_warps=e_warps,
+            wide_num_warps=0,  # num_warps at every load width: the swept one
             expand_backend=backend,
         )
         try:
@@ -148,6 +149,7 @@ def sweep_launch_shapes(op_for, pool, rotations, base: LoraTunables, label: str)
         shrink_num_warps=s["shrink_num_warps"],
         out_units=e["out_units"],
         num_warps=e["num_warps"],
+        wide_num_warps=0,
         expand_backend=e["expand_backend"],
     )
     return best, rows
