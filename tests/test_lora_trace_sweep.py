@@ -21,7 +21,7 @@ def test_shared_layer_case_matches_adapters_rows(monkeypatch: pytest.MonkeyPatch
     h, u = sweep.H, sweep.UNITS
     for rot in rotations[:2]:
         x = np.asarray(rot[0], np.float32)
-        got = np.asarray(sweep.layer_op(LoraTunables(), bucket)(pool, *rot), np.float32)
+        got = np.asarray(bench_lora.decode_layer_op(LoraTunables(), bucket)(pool, *rot), np.float32)
         off_q = np.asarray(rot[4])[: len(x) + 1]  # q's offsets: each token's count of pairs is its rank
         adapters = [ranks.index(int(c)) for c in np.diff(off_q)]  # ranks are distinct here
         want = np.zeros((len(x), sweep.MEMBERS * h), np.float32)

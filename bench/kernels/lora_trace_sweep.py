@@ -24,7 +24,7 @@ import numpy as np
 from bench.common import write_result
 from bench.kernels import lora as bench_lora
 from bench.kernels.timing import device_kernel_seconds
-from pallas_kernels.lora import LoraTunables, lora_decode, lora_decode_group, shapes
+from pallas_kernels.lora import LoraTunables, shapes
 from pallas_kernels.lora.grouped_kernel import by_adapter_supported
 
 H, DH, UNITS, ROT = bench_lora.H, bench_lora.DH, bench_lora.UNITS, bench_lora.ROT
@@ -76,18 +76,6 @@ def shared_layer_case(n_tokens: int, adapter_ranks: list[int], rng: np.random.Ge
     return pool, rotations, shapes.pow2_at_least(max(adapter_ranks))
 
 
-def layer_op(tunables: LoraTunables, bucket: int):
-    """One layer's decode LoRA as the engine runs it on the GPU: q/k/v's group, then o."""
-
-    def op(pool, x, tok, a, b, off, tok_o, a_o, b_o, off_o):
-        kw = dict(implementation=bench_lora.KERNEL_IMPL, tunables=tunables, max_rank=bucket)
-        qkv = lora_decode_group(x, pool, jnp.int32(0), tok, a, b, off, (H, H, H), **kw)
-        o = lora_decode(x, pool, jnp.int32(0), tok_o, a_o, b_o, H, off_o, **kw)
-        return jnp.concatenate([qkv, o], axis=1)
-
-    return op
-
-
 def lora_kernels_us(times: dict[str, float]) -> float:
     """Microseconds a layer in the LoRA kernels (BGMV's or by adapter's: every Pallas kernel of the trace)."""
     return 1e6 * sum(v for k, v in times.items() if "bgmv" in k or "mosaic" in k.lower())
@@ -120,19 +108,19 @@ def main() -> None:
     adapter_ranks = [int(r) for r in args.ranks.split(",")]
     pool, rotations, bucket = shared_layer_case(args.tokens, adapter_ranks, np.random.default_rng(0))
     base = shapes.tunables_for(DH, args.tokens)  # the engine's tier for this batch
-    base_times = device_kernel_seconds(layer_op(base, bucket), (pool,), rotations)
+    base_times = device_kernel_seconds(bench_lora.decode_layer_op(base, bucket), (pool,), rotations)
     if base_times is None:
         raise SystemExit("this sweep reads kernel times from a GPU trace: run it on a GPU")
     print("engine's shapes:", f"{lora_kernels_us(base_times):.1f} us a layer", flush=True)
     best, rows = base, []
     if not args.quick:
         best, rows = bench_lora.sweep_launch_shapes(
-            lambda t: layer_op(t, bucket), pool, rotations, base, "trace layer"
+            lambda t: bench_lora.decode_layer_op(t, bucket), pool, rotations, base, "trace layer"
         )
     results = [{"variant": "engine", "us": lora_kernels_us(base_times), "fields": {}}]
     for name, t in variants(best, bucket):
         try:
-            times = device_kernel_seconds(layer_op(t, bucket), (pool,), rotations)
+            times = device_kernel_seconds(bench_lora.decode_layer_op(t, bucket), (pool,), rotations)
         except Exception as e:  # a variant that cannot compile loses its row
             print(name, "failed:", repr(e)[:300], flush=True)
             continue
