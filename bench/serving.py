@@ -68,10 +68,14 @@ class StepRecorder:
         return inflight
 
     def _collect(self, inflight):
+        asked = time.perf_counter()
         out = self._originals[2](inflight)
         end = time.perf_counter()
         info = self._info.pop(id(inflight))
         info["wall"] = end - max(info.pop("launched"), self._last_end)
+        # how long the host waited for the step: near 0, the device had finished before the host asked
+        # (the host was the slower side, and the step's wall includes host time)
+        info["blocked"] = end - asked
         self._last_end = end
         self.steps.append(info)
         return out
@@ -106,12 +110,17 @@ def replay(
     weight_bytes: int,
     slo_s: float = 6.0,
     seed: int = 0,
+    profile_window: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Run the trace in real time; the metrics of the run."""
+    """Run the trace in real time; the metrics of the run. profile_window (start, end) in seconds of
+    the replay: a jax.profiler trace of the steps between, their device time by kernel (the profiler
+    costs host time, so a profiled replay's own figures are not the unprofiled run's)."""
     runner = engine.runner
     rng = np.random.default_rng(seed)
     recorder = StepRecorder(engine, weight_bytes)
     stats0 = dict(runner.scheduler.stats)
+    phases0, steps0 = dict(runner.phase_seconds), runner.steps
+    profiler = _WindowProfiler(profile_window, recorder) if profile_window else None
     pending = collections.deque(sorted(trace, key=lambda r: r.arrival))
     meta: dict[int, dict[str, Any]] = {}
     start = time.monotonic()
@@ -135,6 +144,8 @@ def replay(
             if not runner.has_work():
                 time.sleep(max(0.0, min(pending[0].arrival - now, 0.05)))
                 continue
+            if profiler is not None:
+                profiler.at(now)
             events = runner.step()
             t = time.monotonic() - start
             for e in events:
@@ -148,7 +159,10 @@ def replay(
                     m["finish"] = e.finish_reason
     finally:
         recorder.close()
+        if profiler is not None:
+            profiler.at(float("inf"))
     wall = time.monotonic() - start
+    host_steps = max(runner.steps - steps0, 1)
     done = [m for m in meta.values() if m.get("finish") == "length"]
     ttft = [m["first"] - m["arrival"] for m in done]
     tpot = [(m["last"] - m["first"]) / (m["tokens"] - 1) for m in done if m["tokens"] > 1]
@@ -181,16 +195,65 @@ def replay(
         "mean_adapters_per_step": float(np.mean([s["adapters"] for s in steps])) if steps else 0.0,
         "pool_occupancy": _pct([s["occupancy"] for s in steps]),
         "by_kind": by_kind(steps, bandwidth_Bps),
+        # the runner's host time a step by phase (wait: for the previous step's results)
+        "host_ms_per_step": {
+            k: (v - phases0.get(k, 0.0)) / host_steps * 1e3 for k, v in runner.phase_seconds.items()
+        },
+        **({"profile": profiler.summary(bandwidth_Bps)} if profiler is not None else {}),
     }
+
+
+class _WindowProfiler:
+    """A jax.profiler trace over [start, end) seconds of a replay, and its steps' kernels."""
+
+    def __init__(self, window: tuple[float, float], recorder: StepRecorder):
+        import tempfile
+
+        self.start, self.end = window
+        self.recorder = recorder
+        self.folder = tempfile.mkdtemp(prefix="slora-profile-")
+        self.first = self.last = None  # recorder.steps indices of the profiled steps
+
+    def at(self, now: float) -> None:
+        import jax
+
+        if self.first is None and self.start <= now < self.end:
+            jax.profiler.start_trace(self.folder)
+            self.first = len(self.recorder.steps)
+        elif self.first is not None and self.last is None and now >= self.end:
+            jax.profiler.stop_trace()
+            self.last = len(self.recorder.steps)
+
+    def summary(self, bandwidth_Bps: float) -> dict[str, Any]:
+        from bench.profile import kernel_breakdown
+
+        if self.first is None or self.last is None:
+            return {"error": "the replay ended before the window"}
+        # the steps collected in the window, give or take the one in flight at either end
+        mine = self.recorder.steps[self.first : self.last]
+        out = {"window_s": [self.start, self.end], "by_kind": by_kind(mine, bandwidth_Bps)}
+        try:
+            out["kernels"] = kernel_breakdown(self.folder, steps=max(len(mine), 1), top=30)
+        except Exception as e:  # a profile that cannot be read must not lose the run
+            out["kernels"] = {"error": repr(e)}
+        return out
 
 
 def _summary(mine: list[dict], bandwidth_Bps: float) -> dict[str, float]:
     wall = sum(s["wall"] for s in mine)
     floor = sum(s["bytes"] for s in mine) / bandwidth_Bps
+    walls = np.asarray([s["wall"] for s in mine]) * 1e3
+    blocked = np.asarray([s.get("blocked", np.nan) for s in mine]) * 1e3
     return {
         "steps": len(mine),
         "wall_s": wall,
         "mean_step_ms": wall / len(mine) * 1e3,
+        "median_step_ms": float(np.median(walls)),
+        "p90_step_ms": float(np.percentile(walls, 90)),
+        "median_floor_ms": float(np.median([s["bytes"] for s in mine])) / bandwidth_Bps * 1e3,
+        # steps whose collect found the device done (< 0.1 ms wait): the host set their pace
+        "host_paced_steps": int(np.sum(blocked < 0.1)),
+        "median_blocked_ms": float(np.median(blocked)),
         "roofline_s": floor,
         "roofline_fraction": floor / wall if wall else 0.0,
         "mean_tokens": float(np.mean([s["tokens"] for s in mine])),

@@ -170,6 +170,12 @@ def main() -> None:
         "--partial", default=None, help="rewrite this JSON file with the runs so far after each run"
     )
     ap.add_argument("--finish", default=None, help="write a --partial file as the result, then stop")
+    ap.add_argument(
+        "--profile-window",
+        default="",
+        help="START,END seconds: after each n's run, replay its trace's arrivals before END again with "
+        "a profiler trace over [START, END) (device time by kernel; the run's own figures are unprofiled)",
+    )
     args = ap.parse_args()
     if args.finish:
         finish(args.finish)
@@ -247,6 +253,18 @@ def main() -> None:
                 weight_bytes=weight_bytes,
             )
             result.update({"n": n, "rate": rate, "ranks": sorted(set(ranks)), "adapter_load_s": load_s})
+            if args.profile_window:
+                window = tuple(float(v) for v in args.profile_window.split(","))
+                profiled = replay(
+                    engine,
+                    [r for r in trace if r.arrival < window[1]],
+                    names,
+                    vocab=c.vocab_size,
+                    bandwidth_Bps=roofline_TBps(bw) * 1e12,
+                    weight_bytes=weight_bytes,
+                    profile_window=window,
+                )
+                result["profiled_replay"] = profiled["profile"]
             if args.cold_warm:
                 cold = [nm for nm in names if not engine.paged.memory.is_resident(nm)][: args.cold_warm]
                 if cold:
@@ -281,12 +299,29 @@ def print_table(runs: list[dict]) -> None:
         for kind, k in r.get("by_kind", {}).items():
             print(
                 f"       {kind:8s} {k['steps']:5d} steps, {k['mean_step_ms']:6.2f} ms each "
-                f"({k['mean_tokens']:.0f} tokens), roofline {k['roofline_fraction']:.2f}"
+                f"({k['mean_tokens']:.0f} tokens), roofline {k['roofline_fraction']:.2f}; median "
+                f"{k.get('median_step_ms', float('nan')):.2f} ms (floor {k.get('median_floor_ms', float('nan')):.2f}), "
+                f"host-paced {k.get('host_paced_steps', -1)}"
             )
             for p, kp in k.get("by_prompts", {}).items():
                 print(
                     f"         {p} prompt(s) {kp['steps']:5d} steps, {kp['mean_step_ms']:6.2f} ms each "
                     f"({kp['mean_tokens']:.0f} tokens), roofline {kp['roofline_fraction']:.2f}"
+                )
+        if "host_ms_per_step" in r:
+            print(
+                "       host ms a step: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items())
+            )
+        prof = r.get("profiled_replay", {}).get("kernels", {})
+        if "device_busy_ms_per_step" in prof:
+            print(
+                f"       profiled: device busy {prof['device_busy_ms_per_step']:.2f} ms a step, idle "
+                f"{prof['idle_ms_per_step_in_step_gaps']:.2f} in steps + {prof['idle_ms_per_step_between_steps']:.2f} between"
+            )
+            for row in prof["top"][:14]:
+                print(
+                    f"         {row['ms_per_step']:6.3f} ms {row['calls_per_step']:5.1f}x {row['kernel'][:70]}"
                 )
         if "T7" in r:
             t7 = r["T7"]

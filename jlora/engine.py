@@ -371,7 +371,11 @@ class PagedEngine:
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
-        self.write_block(*empty_block(self.layout, self.shards))
+        ids, block = empty_block(self.layout, self.shards)
+        self.write_block(ids, block)
+        if self._pin_device is not None:  # pinned adapters' writes take a device array: compiled apart
+            pinned = pin_pages(block.astype(self.dtype), self._pin_device).blocks[0]
+            self.pool = write_pages(self.pool, self.layout, ids, to_device(pinned, self._pin_device))
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
         )

@@ -349,10 +349,13 @@ def test_stop_tokens_mid_batch_with_overlap(tiny):
     engine.paged.memory.check_invariants()
 
 
-def test_serving_never_recompiles(tiny):
-    """Mixed steps on: their buckets are compiled ahead of time too."""
+@pytest.mark.parametrize("pin", ["off", "on"])
+def test_serving_never_recompiles(tiny, pin):
+    """Mixed steps on: their buckets are compiled ahead of time too; so is the adapter page writer, for
+    numpy pages and for pinned ones (it compiled again at the first adapter load once)."""
     loaded, paths, _ = tiny
-    engine = jlora.Engine(loaded, small_config(mixed_steps="on"))
+    engine = jlora.Engine(loaded, small_config(mixed_steps="on", pin_host_adapters=pin))
+    assert (engine.paged._pin_device is not None) == (pin == "on")
     compiles = []
 
     def listener(event, duration, **kw):

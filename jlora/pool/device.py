@@ -19,8 +19,12 @@ WRITE_CHUNK = 2  # pages per compiled write (a rank-8 q/k/v/o adapter of a 7B mo
 
 
 def new_pool(layout: PoolLayout, dtype: Any, shards: int = 1, sharding: Any = None) -> jax.Array:
-    """[L, shards * U, Dh] zeros: each model shard owns one contiguous block of U units."""
+    """[L, shards * U, Dh] zeros: each model shard owns one contiguous block of U units. Committed to
+    its device(s) from the start, as the steps return it: the page writer compiled at start-up for an
+    uncommitted pool compiled again at the first adapter load after a step."""
     shape = (layout.num_layers, shards * layout.total_units, layout.head_dim)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
