@@ -200,6 +200,20 @@ def replay(
             k: (v - phases0.get(k, 0.0)) / host_steps * 1e3 for k, v in runner.phase_seconds.items()
         },
         **({"profile": profiler.summary(bandwidth_Bps)} if profiler is not None else {}),
+        "per_step": per_step(steps, bandwidth_Bps),
+    }
+
+
+def per_step(steps: list[dict], bandwidth_Bps: float) -> dict[str, list]:
+    """Every step in order, as columns: kind (d decode, m mixed, p prefill), tokens, distinct adapters,
+    wall and floor ms, and how long the host waited for it (ms)."""
+    return {
+        "kind": "".join(s["kind"][0] for s in steps),
+        "tokens": [s["tokens"] for s in steps],
+        "adapters": [s["adapters"] for s in steps],
+        "wall_ms": [round(s["wall"] * 1e3, 3) for s in steps],
+        "floor_ms": [round(s["bytes"] / bandwidth_Bps * 1e3, 3) for s in steps],
+        "blocked_ms": [round(s.get("blocked", float("nan")) * 1e3, 3) for s in steps],
     }
 
 
