@@ -1,0 +1,111 @@
+"""Where a slora-trace run's step time goes beyond its floor, from the steps it recorded one by one
+(`per_step` in each run of a bench.slora result): decode steps by batch size, the outliers (decode steps
+far above their floor) and when in the run they came, and the run's roofline with those outliers at the
+median excess instead.
+
+python -m bench.trace_steps bench/results/slora-trace-llama2-7b-*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BANDS = ((1, 8), (9, 16), (17, 24), (25, 32))  # decode rows: 16 and 32 are the engine's decode buckets
+
+
+def step_columns(per_step: dict) -> dict[str, np.ndarray]:
+    """per_step's columns as arrays (kind as one letter a step)."""
+    out = {k: np.asarray(v, dtype=float) for k, v in per_step.items() if k != "kind"}
+    out["kind"] = np.asarray(list(per_step["kind"]))
+    return out
+
+
+def decode_bands(cols: dict[str, np.ndarray], bands=BANDS) -> list[dict]:
+    """Decode steps by rows: steps, mean wall and floor (ms), floor fraction, seconds above the floor."""
+    rows = []
+    decode = cols["kind"] == "d"
+    for lo, hi in bands:
+        mine = decode & (cols["tokens"] >= lo) & (cols["tokens"] <= hi)
+        if not mine.any():
+            continue
+        wall, floor = cols["wall_ms"][mine], cols["floor_ms"][mine]
+        rows.append(
+            {
+                "rows": f"{lo}-{hi}",
+                "steps": int(mine.sum()),
+                "wall_ms": float(wall.mean()),
+                "floor_ms": float(floor.mean()),
+                "fraction": float(floor.sum() / wall.sum()),
+                "excess_s": float((wall - floor).sum() / 1e3),
+            }
+        )
+    return rows
+
+
+def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: float = 2.0) -> dict:
+    """Decode steps more than threshold_ms above their floor: how many, the seconds they spend above the
+    decode steps' median excess, when they came (counts per bins_s of step time), and the run's roofline
+    as run and with them at the median excess."""
+    wall, floor = cols["wall_ms"], cols["floor_ms"]
+    excess = wall - floor
+    decode = cols["kind"] == "d"
+    median = float(np.median(excess[decode])) if decode.any() else 0.0
+    mine = decode & (excess > threshold_ms)
+    capped = wall.copy()
+    capped[mine] = floor[mine] + median
+    at = np.cumsum(wall) / 1e3  # when each step ended, in seconds of step time
+    edges = np.arange(0.0, at[-1] + bins_s, bins_s) if len(at) else np.array([0.0, bins_s])
+    return {
+        "threshold_ms": threshold_ms,
+        "steps": int(mine.sum()),
+        "median_excess_ms": median,
+        "seconds_above_median": float((excess[mine] - median).sum() / 1e3),
+        "by_time": np.histogram(at[mine], bins=edges)[0].tolist(),
+        "roofline": float(floor.sum() / wall.sum()),
+        "roofline_without": float(floor.sum() / capped.sum()),
+    }
+
+
+def report(path: str, threshold_ms: float = 1.0) -> list[str]:
+    result = json.loads(Path(path).read_text())
+    lines = [f"{Path(path).name} ({result.get('commit', '?')[:9]}, {result.get('device', '?')})"]
+    for run in result.get("runs", []):
+        if "per_step" not in run:
+            lines.append(
+                f"  n = {run['n']}: no per-step record (a result from before bench.serving kept one)"
+            )
+            continue
+        cols = step_columns(run["per_step"])
+        out = outliers(cols, threshold_ms)
+        lines.append(
+            f"  n = {run['n']}: roofline {out['roofline']:.3f}; {out['steps']} decode steps > {threshold_ms} ms "
+            f"over their floor, {out['seconds_above_median']:.2f} s above the median excess "
+            f"({out['median_excess_ms']:.2f} ms) -> {out['roofline_without']:.3f} without them; "
+            f"decode outliers by 2 s of the run: {out['by_time']}"
+        )
+        mixed = cols["kind"] == "m"
+        if mixed.any():
+            wall, floor = cols["wall_ms"][mixed], cols["floor_ms"][mixed]
+            lines.append(
+                f"    chunk steps: {int(mixed.sum())} steps, {wall.mean():.2f} ms (floor {floor.mean():.2f}), "
+                f"fraction {floor.sum() / wall.sum():.3f}, {(wall - floor).sum() / 1e3:.2f} s over"
+            )
+        for band in decode_bands(cols):
+            lines.append(
+                f"    decode rows {band['rows']:>5}: {band['steps']:5d} steps, {band['wall_ms']:.2f} ms "
+                f"(floor {band['floor_ms']:.2f}), fraction {band['fraction']:.3f}, {band['excess_s']:.2f} s over"
+            )
+    return lines
+
+
+def main() -> None:
+    for path in sys.argv[1:]:
+        print("\n".join(report(path)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""bench.trace_steps on a made-up per-step record whose figures are known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.trace_steps import decode_bands, outliers, report, step_columns
+
+
+def record() -> dict:
+    # 10 decode steps of 4 rows and 10 of 20, 5.0 ms floors, 0.5 ms over; two decode outliers 4 ms
+    # over (the 3rd and the 15th); two chunk steps of 9 ms on 5 ms floors
+    kind = "d" * 20 + "mm"
+    tokens = [4] * 10 + [20] * 10 + [200, 200]
+    floor = [5.0] * 22
+    wall = [5.5] * 20 + [9.0, 9.0]
+    wall[2] = wall[14] = 9.0
+    return {
+        "kind": kind,
+        "tokens": tokens,
+        "adapters": [1] * 22,
+        "wall_ms": wall,
+        "floor_ms": floor,
+        "blocked_ms": [3.0] * 22,
+    }
+
+
+def test_decode_bands_split_by_rows():
+    bands = decode_bands(step_columns(record()))
+    assert [b["rows"] for b in bands] == ["1-8", "17-24"]
+    assert [b["steps"] for b in bands] == [10, 10]
+    assert bands[0]["wall_ms"] == pytest.approx((9 * 5.5 + 9.0) / 10)
+    assert bands[1]["excess_s"] == pytest.approx((9 * 0.5 + 4.0) / 1e3)
+    assert bands[0]["fraction"] == pytest.approx(50.0 / (9 * 5.5 + 9.0))
+
+
+def test_outliers_counted_and_capped_at_the_median_excess():
+    cols = step_columns(record())
+    out = outliers(cols, threshold_ms=1.0, bins_s=0.05)
+    assert out["steps"] == 2
+    assert out["median_excess_ms"] == pytest.approx(0.5)
+    assert out["seconds_above_median"] == pytest.approx(2 * 3.5 / 1e3)
+    wall = np.asarray(record()["wall_ms"])
+    assert out["roofline"] == pytest.approx(110.0 / wall.sum())
+    assert out["roofline_without"] == pytest.approx(110.0 / (wall.sum() - 7.0))
+    assert sum(out["by_time"]) == 2 and out["by_time"][0] == 1  # the 3rd step ends in the first 50 ms
+
+
+def test_report_reads_a_result_file(tmp_path):
+    path = tmp_path / "slora.json"
+    path.write_text(
+        json.dumps({"commit": "abc", "device": "cpu", "runs": [{"n": 5, "per_step": record()}, {"n": 9}]})
+    )
+    lines = report(str(path))
+    assert "n = 5: roofline" in lines[1] and "2 decode steps > 1.0 ms" in lines[1]
+    assert any("chunk steps: 2 steps" in line for line in lines)
+    assert "no per-step record" in lines[-1]
