@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from typing import Any
@@ -73,8 +74,19 @@ def write_result(name: str, payload: dict[str, Any], recorded: dict[str, str] | 
     record = {"name": name, **(recorded or run_record()), **payload}
     path = os.path.join(RESULTS, f"{name}-{now.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(record, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        f.write(result_json(record))
     return path
+
+
+# a list of numbers that json.dumps spread over lines (a string's brackets hold no raw newline)
+_NUMBER_LIST = re.compile(r"\[(\n\s*-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*\n\s*)\]")
+
+
+def result_json(record: dict[str, Any]) -> str:
+    """A result as indented JSON, with lists of numbers on one line each: a run's per-step columns
+    (thousands of numbers) stay a few lines instead of one line a number."""
+    text = json.dumps(record, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
 
 
 def add_attention_tunables_argument(ap: Any) -> None:
