@@ -14,6 +14,7 @@
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
 #   JLORA_COMMIT=<sha> LORASETS='{"by_adapter_min_rank":16};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU (LORATESTS: a -k expression), then n = 5-shaped steps with each set of LoraTunables fields, then none
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch-floor   # an empty Pallas launch's cost in a chain (grid 1..2048, 1-4 warps): the floor under the LoRA launches
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora-trace     # BGMV launch shapes at slora-trace's n = 5 decode layer (17 tokens, 5 adapters, bucket 64)
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
@@ -136,6 +137,10 @@ case "${1:-}" in
   lora-trace)  # one layer's LoRA kernels at slora-trace's n = 5 decode shape: launch-shape sweep, then variants
     TAIL=16 run timeout "${SWEEP_S:-420}" python3 -m bench.kernels.lora_trace_sweep ${QUICK:+--quick}
     ;;
+  launch-floor)  # what an empty Pallas launch costs in a chain, by grid and num_warps (LAUNCHES, GRIDS, WARPS)
+    TAIL=16 run timeout 300 python3 -m bench.kernels.launch_floor --launches "${LAUNCHES:-64}" \
+      --grids "${GRIDS:-1,132,1632,2048}" --warps "${WARPS:-1,2,4}"
+    ;;
   xla-ab)  # trace-shaped steps under each ';'-separated set of XLA flags, then without
     trace_ab xla "${FLAGSETS:?set FLAGSETS}"
     ;;
@@ -188,7 +193,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash bench/device_runs.sh check | host | launch | fuse | kernels | fused | lora | slora | slora-rates | slora-cublas | mixed | cmdbuf | mg GEOMETRY" >&2
+    echo "usage: bash bench/device_runs.sh check | host | launch | launch-floor | fuse | kernels | fused | lora | slora | slora-rates | slora-cublas | mixed | cmdbuf | mg GEOMETRY" >&2
     exit 2
     ;;
 esac
