@@ -37,16 +37,17 @@ class RowAllocator:
 
 
 def adapter_rows(
-    adapter: PeftAdapter, module: str, num_layers: int, h_in: int, h_out: int
+    adapter: PeftAdapter, module: str, num_layers: int, h_in: int, h_out: int, dtype: Any = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The adapter's rows for one module: A^T rows [L, r, H_in] and scaled B rows [L, r, H_out]."""
+    """The adapter's rows for one module: A^T rows [L, r, H_in] and scaled B rows [L, r, H_out], in
+    `dtype` (B scaled in float32, then rounded once: the same values as float32 rows cast after)."""
     r = adapter.module_rank(module)
-    a = np.zeros((num_layers, r, h_in), np.float32)
-    b = np.zeros((num_layers, r, h_out), np.float32)
+    a = np.zeros((num_layers, r, h_in), dtype)
+    b = np.zeros((num_layers, r, h_out), dtype)
     for (layer, m), w in adapter.layers.items():
         if m == module:
             a[layer, : w.rank] = w.a
-            np.multiply(w.b.T, w.scaling, out=b[layer, : w.rank])
+            b[layer, : w.rank] = np.multiply(w.b.T, w.scaling, dtype=np.float32)
     return a, b
 
 

@@ -45,7 +45,11 @@ def adapter_page_data(
     dh = layout.head_dim
     data = np.zeros((n_pages, layout.num_layers, shards, layout.page_units, dh), dtype)
     flat = data.reshape(n_pages, layout.num_layers, shards, -1)  # a view: a row's units are one span
-    full = {m: adapter_rows(adapter, m, layout.num_layers, *full_shapes[m]) for m in MODULES if ranks.get(m)}
+    full = {
+        m: adapter_rows(adapter, m, layout.num_layers, *full_shapes[m], dtype=dtype)
+        for m in MODULES
+        if ranks.get(m)
+    }  # in the pool's dtype from the start: no float32 copy to cast (it was most of a load's layout time)
     for shard in range(shards):
         rows = {
             m: tuple(x.astype(dtype, copy=False) for x in shard_lora_rows(m, a, b, shard, shards))
