@@ -11,6 +11,7 @@ distinct adapters of each step, over bandwidth) against the time those steps too
 from __future__ import annotations
 
 import collections
+import shutil
 import time
 from typing import Any
 
@@ -250,6 +251,8 @@ class _WindowProfiler:
             out["kernels"] = kernel_breakdown(self.folder, steps=max(len(mine), 1), top=30)
         except Exception as e:  # a profile that cannot be read must not lose the run
             out["kernels"] = {"error": repr(e)}
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)  # a trace is hundreds of MB on a GPU
         return out
 
 

@@ -374,8 +374,7 @@ class PagedEngine:
         ids, block = empty_block(self.layout, self.shards)
         self.write_block(ids, block)
         if self._pin_device is not None:  # pinned adapters' writes take a device array: compiled apart
-            pinned = pin_pages(block.astype(self.dtype), self._pin_device).blocks[0]
-            self.pool = write_pages(self.pool, self.layout, ids, to_device(pinned, self._pin_device))
+            self.write_pinned_block(ids, pin_pages(block.astype(self.dtype), self._pin_device).blocks[0])
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
         )
@@ -437,7 +436,7 @@ class PagedEngine:
         placement = self.memory.adapters[name].placement
         if isinstance(pages, PinnedPages):  # one device, one process: DMA from pinned memory
             for ids, block in zip(block_page_ids(self.layout, placement), pages.blocks):
-                self.pool = write_pages(self.pool, self.layout, ids, to_device(block, self._pin_device))
+                self.write_pinned_block(ids, block)
             return
         for ids, block in write_blocks(self.layout, placement, pages):
             if multihost.is_multiprocess():  # the followers make the same write
@@ -447,6 +446,10 @@ class PagedEngine:
                     np.concatenate([ids.astype(np.float32), block.reshape(-1).astype(np.float32)]),
                 )
             self.write_block(ids, block)
+
+    def write_pinned_block(self, ids: np.ndarray, block: jax.Array) -> None:
+        """One write block from pinned host memory: copied to the device (DMA), then into the pool."""
+        self.pool = write_pages(self.pool, self.layout, ids, to_device(block, self._pin_device))
 
     def write_block(self, ids: np.ndarray, block: np.ndarray) -> None:
         ids, data = np.asarray(ids, np.int32), np.asarray(block, self.dtype)

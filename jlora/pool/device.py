@@ -51,10 +51,7 @@ def adapter_page_data(
         if ranks.get(m)
     }  # in the pool's dtype from the start: no float32 copy to cast (it was most of a load's layout time)
     for shard in range(shards):
-        rows = {
-            m: tuple(x.astype(dtype, copy=False) for x in shard_lora_rows(m, a, b, shard, shards))
-            for m, (a, b) in full.items()
-        }
+        rows = {m: shard_lora_rows(m, a, b, shard, shards) for m, (a, b) in full.items()}
         for m, side, j, page_index, offset in placed:
             a, b = rows[m]
             row = (a if side == "a" else b)[:, j]  # [L, width]; the rest of its last unit stays zero
