@@ -297,3 +297,32 @@ def test_write_kv_kernel_matches_reference(b, t, hkv, dh, dtype):
     got = write_kv(pool, k, v, wu, implementation=_impl())
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert not np.array_equal(np.asarray(want, np.float32), np.asarray(pool, np.float32))
+
+
+@pytest.mark.parametrize(
+    "max_table_keys,rows,small", [(0, 3, True), (32, 3, True), (16, 3, False), (32, 4, False)]
+)
+def test_small_batch_tunings_only_for_small_ragged_batches(max_table_keys, rows, small):
+    """small_batch_rows: batches of at most that many rows (3 here) whose table is ragged run blocks of
+    small_pages_per_block pages (2 of 4 keys: 8-key tiles) split by small_split_keys; larger batches
+    or longer tables blocks of pages_per_block (1 page: 4 keys), unsplit. Each gives the reference's
+    result."""
+    args = _case(np.random.default_rng(1), rows, 4, 2, 16, 4, 8, jnp.float32)
+    tunables = AttentionTunables(
+        pages_per_block=1,
+        longest_first=True,
+        ragged_max_table_keys=max_table_keys,
+        small_batch_rows=3,
+        small_pages_per_block=2,
+        small_split_keys=16,
+    )
+
+    def attend(*a):
+        return paged_attention(*a, page_size=4, implementation="interpret", tunables=tunables)
+
+    jaxpr = str(jax.make_jaxpr(attend)(*args))
+    assert ("iota[dimension=0 dtype=int32 shape=(8,)" in jaxpr) is small
+    assert ("iota[dimension=0 dtype=int32 shape=(4,)" in jaxpr) is not small
+    assert ("paged_decode_attention_split" in jaxpr) is small
+    want = paged_attention(*args, page_size=4, implementation="reference")
+    np.testing.assert_allclose(np.asarray(attend(*args)), np.asarray(want), rtol=1e-5, atol=1e-5)

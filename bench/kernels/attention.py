@@ -32,15 +32,18 @@ def trace_lengths(n: int, rows: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([lens, np.zeros(rows - n, np.int64)]).astype(np.int32)
 
 
-def _case(batch: int, context: int, hq: int, hkv: int, lens: np.ndarray | None = None):
+def _case(batch: int, context: int, hq: int, hkv: int, lens: np.ndarray | None = None, layers: int = 1):
     """batch rows of context - 1 cached keys each, or of lens[i] (rows with 0 are padding: the zero
-    page, no keys) in tables of context // PAGE pages."""
+    page, no keys) in tables of context // PAGE pages; a pool of `layers` equal layers (past 4 GB the
+    kernels' offsets are 64-bit, as in a serving engine's pool)."""
     pages_per_seq = context // PAGE
     page_units = PAGE * 2 * hkv
     n_pages = 1 + batch * pages_per_seq
     pool = (jax.random.normal(jax.random.PRNGKey(0), (1, n_pages * page_units, DH), jnp.float32)).astype(
         jnp.bfloat16
     )
+    if layers > 1:
+        pool = jnp.tile(pool, (layers, 1, 1))
     rng = np.random.default_rng(0)
     tables = (1 + rng.permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq).astype(np.int32)
     lens = np.full(batch, context - 1, np.int32) if lens is None else lens
@@ -65,11 +68,11 @@ def _case(batch: int, context: int, hq: int, hkv: int, lens: np.ndarray | None =
     return fixed, rotations, kv_bytes
 
 
-def _attend(pool, tables, pos, lens, new, q, k, v, **options):
+def _attend(pool, tables, pos, lens, new, q, k, v, layer: int = 0, **options):
     """paged_attention with the timed arguments first (chained_seconds rotates q, k, v), on the GPU
     kernels unless options say otherwise."""
     options = {"implementation": "pallas", **options}
-    return paged_attention(q, k, v, pool, jnp.int32(0), tables, pos, lens, new, page_size=PAGE, **options)
+    return paged_attention(q, k, v, pool, jnp.int32(layer), tables, pos, lens, new, page_size=PAGE, **options)
 
 
 def main() -> None:

@@ -44,6 +44,15 @@ class AttentionTunables:
     # table spans at most this many keys (0: any table). At T6's batch 64 of 2,048 keys every program is
     # long already: a 512-key split costs 6% (MHA, 509 -> 539 us) and 20% (GQA, 149 -> 178 us) there
     ragged_max_table_keys: int = 0
+    # batches of at most small_batch_rows rows (0: none) whose table is ragged as above take
+    # small_pages_per_block (0: pages_per_block) and small_split_keys instead: their programs are few and
+    # short, so larger blocks keep more bytes in flight and splits more programs busy. H200, ncu, trace
+    # lengths in a 5 GiB pool (Llama-2-7B heads): 4 rows of 8 21.2 -> 17.2 us, 9 rows of 16 33.1 -> 23.5
+    # us with 8 pages and 512-key splits; at 17 rows of 32 8 pages alone 41.7 -> 38.7 us but 512-key
+    # splits 42.2, and at 28 rows of 32 8 pages 55.2 against 4's 52.4: the 32-row bucket keeps 4 pages
+    small_batch_rows: int = 0
+    small_pages_per_block: int = 0
+    small_split_keys: int = 0
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). The ragged
@@ -55,7 +64,14 @@ class AttentionTunables:
 # kernels-attention-20261204T025947.json), so it stays within 1,536-key tables
 TUNED: dict[tuple[int, int], AttentionTunables] = {
     (16, 128): AttentionTunables(
-        pages_per_block=4, num_warps=4, mma=True, longest_first=True, ragged_max_table_keys=1536
+        pages_per_block=4,
+        num_warps=4,
+        mma=True,
+        longest_first=True,
+        ragged_max_table_keys=1536,
+        small_batch_rows=16,
+        small_pages_per_block=8,
+        small_split_keys=512,
     )
 }
 
@@ -295,6 +311,13 @@ def paged_decode_attention_kernel(
     b = page_tables.shape[0]
     hkv = k_new.shape[1]
     p = page_tables.shape[1]
+    ragged = not tunables.ragged_max_table_keys or p * page_size <= tunables.ragged_max_table_keys
+    if ragged and b <= tunables.small_batch_rows:  # a small batch: its own block and split
+        tunables = dataclasses.replace(
+            tunables,
+            pages_per_block=tunables.small_pages_per_block or tunables.pages_per_block,
+            split_keys=tunables.small_split_keys,
+        )
     ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
     while ppb * 2 <= min(tunables.pages_per_block, p):
         ppb *= 2
@@ -328,7 +351,6 @@ def paged_decode_attention_kernel(
         aliases = {len(args): 0}
         args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
-    ragged = not tunables.ragged_max_table_keys or p * page_size <= tunables.ragged_max_table_keys
     ordered = tunables.mma and tunables.longest_first and ragged
     # the sequences by decreasing cached length (ties in row order): the grid's last axis walks them
     order = [jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)] if ordered else []
