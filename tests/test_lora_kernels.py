@@ -294,12 +294,14 @@ def test_sgmv_matches_reference(batch, t, r, used, dtype):
     _check(got, want, dtype)
 
 
-@pytest.mark.parametrize("split_columns,splits", [(512, 4), (32, 2), (16, 1)])
-def test_sgmv_split_cap_keeps_results(split_columns, splits):
+@pytest.mark.parametrize(
+    "split_columns,max_splits,splits", [(512, 0, 4), (32, 0, 2), (16, 0, 1), (512, 2, 2), (512, 1, 1)]
+)
+def test_sgmv_split_cap_keeps_results(split_columns, max_splits, splits):
     """A rank-16 chunk over 4 input units with the split partials capped at 512 / 32 / 16 columns (4
-    splits of 1 unit, 2 of 2, 1 of 4: the shrink's partials have that many splits) gives the reference's
-    deltas."""
-    tunables = LoraTunables(sgmv_split_columns=split_columns)
+    splits of 1 unit, 2 of 2, 1 of 4: the shrink's partials have that many splits), or at 2 / 1 splits
+    (sgmv_max_splits), gives the reference's deltas."""
+    tunables = LoraTunables(sgmv_split_columns=split_columns, sgmv_max_splits=max_splits)
     rng = np.random.default_rng(7)
     h_in, h_out, dh, r, t = 64, 96, 16, 16, 32
     units_in, units_out = h_in // dh, h_out // dh

@@ -35,6 +35,7 @@ from pallas_kernels.lora.shapes import (
     pow2_at_least,
     projection_of,
     shrink_column_block,
+    split_cap,
 )
 
 BLOCK_TOKENS = 16  # a sequence's rows: the smallest tensor-core tile
@@ -166,7 +167,7 @@ def bgmv_by_adapter(
     row_start: int = 0,
 ) -> jax.Array:  # y with the deltas added
     """The G projections' BGMV deltas, by adapter, added into y. Launch shapes from the SGMV tunables:
-    sgmv_split_columns (splits at most that many columns over rank), sgmv_shrink_columns (columns a
+    split_cap (sgmv_split_columns over rank, sgmv_max_splits), sgmv_shrink_columns (columns a
     shrink program), sgmv_out_units and sgmv_num_warps."""
     g = len(h_outs)
     n_all, h_in = x.shape
@@ -176,7 +177,7 @@ def bgmv_by_adapter(
     n_seq, bt = rows.shape
     width = a_rows.shape[1]
     columns = shrink_column_block(width, tunables)
-    splits = largest_pow2_divisor(units_in, max(1, tunables.sgmv_split_columns // rank))
+    splits = largest_pow2_divisor(units_in, max(1, split_cap(tunables, rank)))
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
     params = pltriton.CompilerParams(num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages)

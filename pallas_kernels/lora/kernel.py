@@ -44,6 +44,7 @@ from pallas_kernels.lora.shapes import (
     pow2_at_least,
     projection_of,
     shrink_column_block,
+    split_cap,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def expand_kernel(tunables: LoraTunables):
 # prefill: SGMV
 
 SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this many programs run
-# ... but at most LoraTunables.sgmv_split_columns split partials times a member's rank columns
+# ... but at most shapes.split_cap's (sgmv_split_columns over a member's rank, sgmv_max_splits)
 
 
 def _sgmv_shrink_kernel(
@@ -508,7 +509,7 @@ def sgmv_rows(
     # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
     columns = shrink_column_block(rg, tunables)
     programs = bsz * (t // bt) * (rg // columns)
-    cap = min(SGMV_SHRINK_PROGRAMS // programs, tunables.sgmv_split_columns // rank)
+    cap = min(SGMV_SHRINK_PROGRAMS // programs, split_cap(tunables, rank))
     splits = largest_pow2_divisor(units_in, max(1, cap))
     rows = dict(seq_len=t, row_start=row_start)
     shrunk = pl.pallas_call(

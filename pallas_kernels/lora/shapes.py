@@ -23,7 +23,11 @@ class LoraTunables:
     fused_num_warps warps. sgmv_split_columns: the SGMV shrink's split-K partials times a member's rank
     columns at most - every SGMV expand program sums its token block's partials itself, so at rank 64 a
     128-token chunk's 32 splits read 256 KB a program (98 MB a layer from L2 for q/k/v: 25 us against 11
-    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32. sgmv_shrink_columns:
+    at rank 16 on the H200); 512 gives rank 64 8 splits and leaves rank 16's 32. sgmv_max_splits: the
+    SGMV shrink's split-K partials at most (0: as the program target and sgmv_split_columns give): a
+    low-rank chunk's many splits cost the expand more than they save the shrink - a 192-token rank-16
+    q/k/v + o chunk (H200, ncu, bench.kernels.sgmv_once) took 37.3 us a layer at 16 splits, 31.0 at 8,
+    34.8 at 4, 49.0 at 2; rank 64's 8 splits (512 columns) are the same cap. sgmv_shrink_columns:
     shrunk columns per SGMV shrink program (0: all of the group's; else a power of two >= 16): at rank 64
     q/k/v's 256 columns in blocks of 64 run 4x the programs, and the splits are counted against the
     program target with them (a 128-token chunk: 32 programs -> 128, the same 8 splits). expand_lanes:
@@ -51,6 +55,7 @@ class LoraTunables:
     sgmv_num_warps: int = 4
     sgmv_split_columns: int = 512
     sgmv_shrink_columns: int = 0
+    sgmv_max_splits: int = 0
     expand_lanes: int = 0
     by_adapter_min_rank: int = 0
     wide_num_warps: int = 0
@@ -82,7 +87,14 @@ TUNED: dict[int, tuple[tuple[int, LoraTunables], ...]] = {
         # expand program: a 256-token chunk's expands 0.98 -> 0.72 ms a step (mixed-step-sgmv1-*.json)
         (
             1 << 30,
-            LoraTunables(chunk_units=4, shrink_num_warps=1, out_units=1, num_warps=1, sgmv_out_units=1),
+            LoraTunables(
+                chunk_units=4,
+                shrink_num_warps=1,
+                out_units=1,
+                num_warps=1,
+                sgmv_out_units=1,
+                sgmv_max_splits=8,
+            ),
         ),
     )
 }
@@ -107,6 +119,13 @@ def shrink_column_block(width: int, tunables: LoraTunables) -> int:
     """Shrunk columns an SGMV-style shrink program computes, of a sequence's width (sgmv_shrink_columns;
     0: all of them)."""
     return min(width, tunables.sgmv_shrink_columns) if tunables.sgmv_shrink_columns else width
+
+
+def split_cap(tunables: LoraTunables, rank: int) -> int:
+    """The SGMV-style shrink's split-K partials at most for a member's rank (sgmv_split_columns over the
+    rank, and sgmv_max_splits where set)."""
+    cap = tunables.sgmv_split_columns // rank
+    return min(cap, tunables.sgmv_max_splits) if tunables.sgmv_max_splits else cap
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
