@@ -179,7 +179,9 @@ def main() -> None:
     mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
     unrolled = args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu")
     params = make_params(config, mesh, unrolled=unrolled)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    from bench.common import step_weight_bytes
+
+    weight_bytes = step_weight_bytes(params, config.tie_word_embeddings)
     ec, sched = engine_configs(
         config,
         args.mp,

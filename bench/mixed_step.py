@@ -132,7 +132,9 @@ def main() -> None:
         max_model_len=max_len,
     )
     params = make_params(config, None, unrolled=True)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    from bench.common import step_weight_bytes
+
+    weight_bytes = step_weight_bytes(params, config.tie_word_embeddings)
     bw = bandwidth()
     bps = roofline_TBps(bw) * 1e12
     start = time.perf_counter()

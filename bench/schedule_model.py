@@ -70,10 +70,14 @@ def replay(
         ),
         memory,
     )
-    if weight_bytes is None:  # bf16 weights: every projection, the norms, the embedding and the LM head
+    if weight_bytes is None:  # bf16 weights a step reads: every projection, the norms and the LM head (a
+        # tied embedding table is the head; an untied one is read only at the tokens' rows, which
+        # floor_bytes counts)
         per_layer = sum(i * o for i, o in config.module_shapes().values()) + 2 * config.hidden_size
-        embeddings = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
-        weight_bytes = 2 * (config.num_hidden_layers * per_layer + embeddings + config.hidden_size)
+        weight_bytes = 2 * (
+            config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size + config.hidden_size
+        )
+    row_bytes = 0 if config.tie_word_embeddings else 2 * config.hidden_size
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     page_bytes = layout.page_bytes(2)
     rank_of = adapter_ranks(n, ranks) if n <= mixed_up_to else [8] * n
@@ -100,7 +104,9 @@ def replay(
             now = trace[i].arrival if i < len(trace) else now + 1e-3
             continue
         chunks = s.decodes + s.prefills
-        floor = floor_bytes(chunks, memory, weight_bytes, kv_per_token, page_bytes) / (costs.copy_TBps * 1e12)
+        floor = floor_bytes(chunks, memory, weight_bytes, kv_per_token, page_bytes, row_bytes) / (
+            costs.copy_TBps * 1e12
+        )
         seconds = floor / costs.decode_share
         kind = "decode"
         if s.prefills:

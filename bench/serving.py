@@ -35,6 +35,9 @@ class StepRecorder:
         self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.kv_dim * itemsize
         self.page_bytes = self.paged.layout.page_bytes(itemsize) * self.paged.shards
         self.weight_bytes = weight_bytes
+        # an untied table is left out of weight_bytes: each token's row is read (a tied one is counted
+        # whole as the LM head, so its rows are not counted again)
+        self.embed_row_bytes = 0 if c.tie_word_embeddings else c.hidden_size * itemsize
         self.steps: list[dict[str, float]] = []
         self._originals = (self.paged.prepare, self.paged.launch, self.paged.collect)
         self._info: dict[int, dict[str, float]] = {}
@@ -48,7 +51,12 @@ class StepRecorder:
         adapters = {ch.adapter for ch in chunks if ch.adapter}
         self._info[id(calls)] = {
             "bytes": floor_bytes(
-                chunks, memory, len(calls) * self.weight_bytes, self.kv_bytes_per_token, self.page_bytes
+                chunks,
+                memory,
+                len(calls) * self.weight_bytes,
+                self.kv_bytes_per_token,
+                self.page_bytes,
+                self.embed_row_bytes,
             ),
             "tokens": sum(len(ch.tokens) for ch in chunks),
             "decodes": len(schedule.decodes),
@@ -85,13 +93,17 @@ class StepRecorder:
         self.paged.prepare, self.paged.launch, self.paged.collect = self._originals
 
 
-def floor_bytes(chunks, memory, weight_bytes: int, kv_bytes_per_token: int, page_bytes: int) -> int:
-    """A step's roofline bytes: its weights (read once per call: pass calls x the model's), the K/V of
-    every chunk's sequence up to the chunk's end, and each distinct adapter's pages once."""
+def floor_bytes(
+    chunks, memory, weight_bytes: int, kv_bytes_per_token: int, page_bytes: int, embed_row_bytes: int = 0
+) -> int:
+    """A step's roofline bytes: its weights (read once per call: pass calls x step_weight_bytes, which
+    leaves out an untied embedding table), the embedding rows of its tokens, the K/V of every chunk's
+    sequence up to the chunk's end, and each distinct adapter's pages once."""
     adapters = {ch.adapter for ch in chunks if ch.adapter}
     pages = sum(memory.adapter_pages_needed(memory.adapters[a].placement.ranks) for a in adapters)
     kv = sum(ch.start + len(ch.tokens) for ch in chunks)
-    return weight_bytes + kv * kv_bytes_per_token + pages * page_bytes
+    tokens = sum(len(ch.tokens) for ch in chunks)
+    return weight_bytes + tokens * embed_row_bytes + kv * kv_bytes_per_token + pages * page_bytes
 
 
 def _pct(values: list[float]) -> dict[str, float]:

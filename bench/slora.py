@@ -70,7 +70,9 @@ def build_engine(model: str, args):
     )
     start = time.perf_counter()
     engine = jlora.Engine(loaded, ec, scheduler_config=sched)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+    from bench.common import step_weight_bytes
+
+    weight_bytes = step_weight_bytes(loaded.params, loaded.config.tie_word_embeddings)
     if (
         ec.resolved_layer_loop() == "unrolled"
     ):  # the engine keeps its own per-layer copy: drop the stacked one
@@ -112,6 +114,9 @@ def make_payload(
         },
         "bandwidth": bw,
         "weight_bytes": weight_bytes,
+        # a step's floor: weight_bytes (no untied embedding table) + its tokens' embedding rows + K/V +
+        # distinct adapters' pages (bench.serving.floor_bytes); results without this key counted the table
+        "floor_weights": "step",
         "startup_s": startup,
         "warm_up_s": warm_up_s,
         "runs": runs,

@@ -58,3 +58,21 @@ def test_report_reads_a_result_file(tmp_path):
     assert "n = 5: roofline" in lines[1] and "2 decode steps > 1.0 ms" in lines[1]
     assert any("chunk steps: 2 steps" in line for line in lines)
     assert "no per-step record" in lines[-1]
+
+
+def test_floor_recounted_without_the_embedding_table_for_older_results():
+    """A Llama-2-7B result written before the floor left out its untied embedding table (32,000 x 4,096
+    bf16: 262 MB) is recounted: less the table once a step, plus each token's 8 KB row; a result that
+    says its floor counts a step's weights, or a model with no preset here (SmolLM2: tied), is read as
+    recorded."""
+    from bench.trace_steps import recount_floor
+
+    old = {"workload": {"model": "llama2-7b"}, "bandwidth": {"copy_TBps": 1.0}}
+    cols = step_columns(record())
+    assert recount_floor(old, cols)
+    want = 5.0 + (np.asarray(record()["tokens"]) * 8192 - 32000 * 8192) / 1e12 * 1e3
+    np.testing.assert_allclose(cols["floor_ms"], want)
+    for result in ({**old, "floor_weights": "step"}, {**old, "workload": {"model": "smollm2-135m"}}):
+        cols = step_columns(record())
+        assert not recount_floor(result, cols)
+        np.testing.assert_array_equal(cols["floor_ms"], 5.0)
