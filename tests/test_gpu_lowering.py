@@ -198,7 +198,7 @@ def _attention_shapes(b, t, hq, hkv, dtype, page_size=16, max_pages=8):
     ]
 
 
-@pytest.mark.parametrize("mma", [True, False, "split", "longest-first", "split-longest-first"])
+@pytest.mark.parametrize("mma", [True, False, "split", "longest-first", "split-longest-first", "split-items"])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 24])
 def test_decode_attention_lowers(mma, hq, hkv, window):
@@ -206,12 +206,15 @@ def test_decode_attention_lowers(mma, hq, hkv, window):
     sequences by decreasing length."""
     tun = AttentionTunables(mma=bool(mma), longest_first="longest" in str(mma))
     if str(mma).startswith("split"):
-        tun = AttentionTunables(pages_per_block=1, split_keys=16, longest_first="longest" in mma)
+        tun = AttentionTunables(
+            pages_per_block=1, split_keys=16, longest_first="longest" in mma, work_list="items" in mma
+        )
     text = _lower_for_cuda(
         lambda *a: paged_decode_attention_kernel(*a, page_size=16, sliding_window=window, tunables=tun),
         *_attention_shapes(4, None, hq, hkv, jnp.bfloat16),
     )
-    assert ("paged_decode_attention_split" in text) == str(mma).startswith("split")
+    assert ("paged_decode_attention_split" in text) == (str(mma).startswith("split") and "items" not in mma)
+    assert ("paged_decode_attention_items" in text) == ("items" in str(mma))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -58,15 +58,16 @@ def _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype, layers=2):
         (3, 4, 2, 16, 4, 8, 9),  # sliding window
     ],
 )
-@pytest.mark.parametrize("mma", [True, False, "split"])
+@pytest.mark.parametrize("mma", [True, False, "split", "items"])
 def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, window, dtype, mma):
     """mma: tensor-core tiles per KV group (the default); else the vector loop per query head; split:
-    the tensor-core tiles over splits of at most two pages each, merged after (flash-decoding)."""
+    the tensor-core tiles over splits of at most two pages each, merged after (flash-decoding); items:
+    the same splits walked as a work list of each sequence's real splits."""
     rng = np.random.default_rng(b * 31 + hq + page_size)
     args = _case(rng, b, hq, hkv, dh, page_size, max_pages, dtype)
     tunables = AttentionTunables(mma=bool(mma))
-    if mma == "split":
-        tunables = AttentionTunables(pages_per_block=1, split_keys=2 * page_size)
+    if mma in ("split", "items"):
+        tunables = AttentionTunables(pages_per_block=1, split_keys=2 * page_size, work_list=mma == "items")
     want = paged_attention(*args, page_size=page_size, sliding_window=window, implementation="reference")
     got = paged_attention(
         *args, page_size=page_size, sliding_window=window, implementation=_impl(), tunables=tunables
@@ -82,8 +83,9 @@ def test_decode_kernel_matches_reference(b, hq, hkv, dh, page_size, max_pages, w
         AttentionTunables(pages_per_block=1, split_keys=4),
         AttentionTunables(pages_per_block=1, split_keys=4, longest_first=True),
         AttentionTunables(pages_per_block=2, longest_first=True),
+        AttentionTunables(pages_per_block=1, split_keys=4, work_list=True),
     ],
-    ids=["split", "split-longest-first", "longest-first"],
+    ids=["split", "split-longest-first", "longest-first", "work-list"],
 )
 def test_decode_kernel_writes_its_rows_in_place(tunables):
     """The tensor-core kernels (split or not, launched in row order or longest sequence first) on rows
@@ -326,3 +328,17 @@ def test_small_batch_tunings_only_for_small_ragged_batches(max_table_keys, rows,
     assert ("paged_decode_attention_split" in jaxpr) is small
     want = paged_attention(*args, page_size=4, implementation="reference")
     np.testing.assert_allclose(np.asarray(attend(*args)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_work_items_pack_each_sequences_real_splits():
+    """Sequences of 0, 5, 17 and 3 cached keys, blocks of 2 keys, splits of 2 blocks (4 keys) in a
+    20-key table: 1 (the own key's), 2, 5 and 1 splits, packed in sequence order; the rest of the list
+    repeats the last entry and is not run."""
+    from pallas_kernels.paged_attention.kernel import work_items
+
+    lens = jnp.asarray([0, 5, 17, 3], jnp.int32)
+    row, split, count, per_row = work_items(lens, block_keys=2, split_blocks=2, splits=5, table_keys=20)
+    assert per_row.tolist() == [1, 2, 5, 1] and count.tolist() == [9]
+    assert row[:9].tolist() == [0, 1, 1, 2, 2, 2, 2, 2, 3]
+    assert split[:9].tolist() == [0, 0, 1, 0, 1, 2, 3, 4, 0]
+    assert set(zip(row[9:].tolist(), split[9:].tolist())) == {(3, 0)}

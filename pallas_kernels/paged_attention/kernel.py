@@ -53,6 +53,11 @@ class AttentionTunables:
     small_batch_rows: int = 0
     small_pages_per_block: int = 0
     small_split_keys: int = 0
+    # split kernels only: the grid walks a work list of (sequence, split) items, each sequence's real
+    # splits packed first (at least one a sequence, for its own key), instead of every sequence times
+    # the table's splits; programs past the list write nothing and the combine masks what they skipped.
+    # Off: not yet measured on a GPU
+    work_list: bool = False
 
 
 # (page_size, head_dim) -> tunables, from bench/kernels/attention.py on the H200 (2026-11-26). The ragged
@@ -279,9 +284,59 @@ def _decode_split_kernel(*refs, split_blocks, ordered, **static):
     denom_ref[b, sp, heads] = denom
 
 
-def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
+def _decode_items_kernel(*refs, split_blocks, **static):
+    """One program per (KV head, work item): item i is split item_split[i] of sequence item_row[i], run
+    as _decode_split_kernel runs it; items past n_items (refs[10]) write nothing."""
+    acc_ref, m_ref, denom_ref = refs[-3:]
+    row_ref, split_ref, count_ref = refs[8:11]
+    h, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i < count_ref[0])
+    def _():
+        b, sp = row_ref[i], split_ref[i]
+        heads, (m, denom, acc) = _attend_group(
+            *refs[:8],
+            b=b,
+            h=h,
+            span=lambda start, n_blocks: (
+                jnp.maximum(start, sp * split_blocks),
+                jnp.minimum(n_blocks, (sp + 1) * split_blocks),
+            ),
+            own=sp == 0,
+            **static,
+        )
+        acc_ref[b, sp, heads, :] = acc
+        m_ref[b, sp, heads] = m
+        denom_ref[b, sp, heads] = denom
+
+
+def work_items(
+    cached_lens: jax.Array, *, block_keys: int, split_blocks: int, splits: int, table_keys: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The split kernel's work list: each sequence's splits over its cached keys (at least one, which
+    holds its own key), packed sequence after sequence. (row [B*S], split [B*S], count [1], splits per
+    sequence [B]); entries past count repeat the last sequence's last split and are not run."""
+    b = cached_lens.shape[0]
+    blocks = (jnp.minimum(cached_lens, table_keys) + block_keys - 1) // block_keys
+    per_row = jnp.clip((blocks + split_blocks - 1) // split_blocks, 1, splits).astype(jnp.int32)
+    starts = jnp.cumsum(per_row) - per_row
+    i = jnp.arange(b * splits, dtype=jnp.int32)
+    row = jnp.clip(jnp.searchsorted(starts, i, side="right") - 1, 0, b - 1).astype(jnp.int32)
+    split = jnp.minimum(i - starts[row], per_row[row] - 1).astype(jnp.int32)
+    return row, split, jnp.sum(per_row).reshape(1).astype(jnp.int32), per_row
+
+
+def combine_splits(
+    acc: jax.Array, m: jax.Array, denom: jax.Array, splits_per_row: jax.Array | None = None
+) -> jax.Array:
     """The partial softmaxes of a sequence's splits merged: acc [B, S, Hq, Dh], m and denom [B, S, Hq]
-    -> [B, Hq, Dh] float32. Split 0 holds the step's own key, so every row's maximum is finite."""
+    -> [B, Hq, Dh] float32. Split 0 holds the step's own key, so every row's maximum is finite. With
+    splits_per_row [B], splits at or past a row's count were never written and are left out."""
+    if splits_per_row is not None:
+        valid = jnp.arange(m.shape[1])[None, :] < splits_per_row[:, None]  # [B, S]
+        m = jnp.where(valid[..., None], m, NEG_INF)
+        denom = jnp.where(valid[..., None], denom, 0.0)
+        acc = jnp.where(valid[..., None, None], acc, 0.0)
     top = jnp.max(m, axis=1, keepdims=True)
     w = jnp.exp(m - top)  # empty splits: m = -inf -> 0
     return jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * denom, axis=1)[..., None]
@@ -366,20 +421,40 @@ def paged_decode_attention_kernel(
     split_blocks = max(1, tunables.split_keys // common["block_keys"])
     if tunables.mma and tunables.split_keys and ragged and table_blocks > split_blocks:
         splits = -(-table_blocks // split_blocks)
-        part = functools.partial(_decode_split_kernel, **tiles, split_blocks=split_blocks)
-        acc, m, denom = pl.pallas_call(
-            part,
-            out_shape=(
-                jax.ShapeDtypeStruct((b, splits, hq, dh), jnp.float32),
-                jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
-                jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
-            ),
-            grid=(hkv, splits, b) if ordered else (b, hkv, splits),
-            compiler_params=params,
-            interpret=interpret,
-            name="paged_decode_attention_split",
-        )(*args[:8], *order)
-        merged = combine_splits(acc, m, denom).astype(q.dtype)
+        out_shape = (
+            jax.ShapeDtypeStruct((b, splits, hq, dh), jnp.float32),
+            jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
+            jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
+        )
+        per_row = None
+        if tunables.work_list:
+            row, split, count, per_row = work_items(
+                cached_lens,
+                block_keys=common["block_keys"],
+                split_blocks=split_blocks,
+                splits=splits,
+                table_keys=p * page_size,
+            )
+            items = {k: v for k, v in tiles.items() if k != "ordered"}
+            acc, m, denom = pl.pallas_call(
+                functools.partial(_decode_items_kernel, **items, split_blocks=split_blocks),
+                out_shape=out_shape,
+                grid=(hkv, b * splits),
+                compiler_params=params,
+                interpret=interpret,
+                name="paged_decode_attention_items",
+            )(*args[:8], row, split, count)
+        else:
+            part = functools.partial(_decode_split_kernel, **tiles, split_blocks=split_blocks)
+            acc, m, denom = pl.pallas_call(
+                part,
+                out_shape=out_shape,
+                grid=(hkv, splits, b) if ordered else (b, hkv, splits),
+                compiler_params=params,
+                interpret=interpret,
+                name="paged_decode_attention_split",
+            )(*args[:8], *order)
+        merged = combine_splits(acc, m, denom, per_row).astype(q.dtype)
         if out is None and row_start == 0 and b == n:
             return merged
         base = out.astype(q.dtype) if out is not None else jnp.zeros(q.shape, q.dtype)
