@@ -14,6 +14,8 @@
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
 #   JLORA_COMMIT=<sha> LORASETS='{"by_adapter_min_rank":16};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU (LORATESTS: a -k expression), then n = 5-shaped steps with each set of LoraTunables fields, then none
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh ncu-attn       # decode attention under ncu at 4-28 trace rows (SETS of AttentionTunables fields)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh ncu-sgmv       # a chunk's SGMV under ncu (CHUNKS, RANKS, SETS of LoraTunables fields)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch-floor   # an empty Pallas launch's cost in a chain (grid 1..2048, 1-4 warps): the floor under the LoRA launches
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora-trace     # BGMV launch shapes at slora-trace's n = 5 decode layer (17 tokens, 5 adapters, bucket 64)
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
@@ -136,6 +138,30 @@ case "${1:-}" in
     ;;
   lora-trace)  # one layer's LoRA kernels at slora-trace's n = 5 decode shape: launch-shape sweep, then variants
     TAIL=16 run timeout "${SWEEP_S:-420}" python3 -m bench.kernels.lora_trace_sweep ${QUICK:+--quick}
+    ;;
+  ncu-attn)  # decode attention under ncu at 4 / 9 / 17 / 28 trace-length rows (5 GiB pool): SETS, ';'-separated
+    # AttentionTunables fields (default: the tuned ones, then split and work-list variants); duration and DRAM
+    # share a launch, in the order of the sets
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    # (batches of <= 16 rows take small_split_keys, not split_keys)
+    sets=${SETS:-'{};{"split_keys":256,"small_split_keys":256};{"split_keys":256,"small_split_keys":256,"work_list":true};{"split_keys":512,"work_list":true}'}
+    for rb in "4 16" "9 16" "17 32" "28 32"; do
+      read -r rows bucket <<< "$rb"; echo "== $rows rows of $bucket"
+      timeout 120 ncu --clock-control none --kernel-name regex:paged_decode --section SpeedOfLight \
+        python3 -m bench.kernels.attention_once --layers 10 --trace-rows "$rows" --batch "$bucket" \
+        --context 1024 --calls 1 --tunables "$sets" > "$OUT/ncu-attn-$rows.txt" 2>&1
+      grep -E "^\{|Duration|DRAM Throughput" "$OUT/ncu-attn-$rows.txt" | cut -c1-150
+    done
+    ;;
+  ncu-sgmv)  # a chunk's SGMV (q/k/v + o) under ncu: CHUNKS x RANKS, SETS of LoraTunables fields
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    sets=${SETS:-'{};{"sgmv_max_splits":4}'}
+    for c in ${CHUNKS:-128 192}; do for r in ${RANKS:-16 32}; do
+      echo "== chunk $c rank $r"
+      timeout 120 ncu --clock-control none --kernel-name regex:sgmv --section SpeedOfLight \
+        python3 -m bench.kernels.sgmv_once --chunk "$c" --rank "$r" --fields "$sets" > "$OUT/ncu-sgmv-$c-$r.txt" 2>&1
+      grep -E "^  sgmv|Duration|max_abs_err" "$OUT/ncu-sgmv-$c-$r.txt" | sed -E 's/^\{.*"max_abs_err"/err/; s/, Context.*//'
+    done; done
     ;;
   launch-floor)  # what an empty Pallas launch costs in a chain, by grid and num_warps (LAUNCHES, GRIDS, WARPS)
     TAIL=16 run timeout 300 python3 -m bench.kernels.launch_floor --launches "${LAUNCHES:-64}" \
