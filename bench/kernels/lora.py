@@ -81,12 +81,12 @@ def _decode_layer_case(n_tokens: int, rng: np.random.Generator):
     return lambda tunables: decode_layer_op(tunables, r), pool, [split(rot) for rot in rotations]
 
 
-def decode_layer_op(tunables: LoraTunables, max_rank: int):
+def decode_layer_op(tunables: LoraTunables, max_rank: int, impl: str | None = None):
     """One layer's decode LoRA as the engine runs it on the GPU: q/k/v in one lora_decode_group, then o;
     op(pool, x, q/k/v's token_index, a_start, b_start, offsets, o's the same) -> [N, 4H]."""
 
     def op(pool, x, tok, a, b, off, tok_o, a_o, b_o, off_o):
-        kw = dict(implementation=KERNEL_IMPL, tunables=tunables, max_rank=max_rank)
+        kw = dict(implementation=impl or KERNEL_IMPL, tunables=tunables, max_rank=max_rank)
         qkv = lora_decode_group(x, pool, jnp.int32(0), tok, a, b, off, (H, H, H), **kw)
         o = lora_decode(x, pool, jnp.int32(0), tok_o, a_o, b_o, H, off_o, **kw)
         return jnp.concatenate([qkv, o], axis=1)

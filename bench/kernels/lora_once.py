@@ -1,5 +1,6 @@
 """One decode layer's BGMV LoRA (q/k/v group + o) at slora-trace's n = 5 shape, run a few times per set
-of LoraTunables fields, nothing timed: the launches for a hardware-counter profiler (ncu) to read.
+of LoraTunables fields, nothing timed: the launches for a hardware-counter profiler (ncu) to read, each
+checked against the reference.
 
     ncu --clock-control none --kernel-name regex:bgmv python -m bench.kernels.lora_once \
         --tokens 17 --ranks 16,32,64,16,32 --fields '{};{"num_warps": 2}'
@@ -29,12 +30,14 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     pool, rotations, bucket = shared_layer_case(args.tokens, ranks, np.random.default_rng(0))
     base = shapes.tunables_for(DH, args.tokens)
+    want = np.asarray(bench_lora.decode_layer_op(base, bucket, "reference")(pool, *rotations[0]), np.float32)
     for part in args.fields.split(";"):
         t = dataclasses.replace(base, **(json.loads(part) if part.strip() else {}))
         op = jax.jit(bench_lora.decode_layer_op(t, bucket))
         for _ in range(args.calls):
-            jax.block_until_ready(op(pool, *rotations[0]))
-        print(json.dumps(dataclasses.asdict(t)), flush=True)
+            got = jax.block_until_ready(op(pool, *rotations[0]))
+        err = float(np.abs(np.asarray(got, np.float32) - want).max())
+        print(json.dumps({**dataclasses.asdict(t), "max_abs_err": err}), flush=True)
 
 
 if __name__ == "__main__":

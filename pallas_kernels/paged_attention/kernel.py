@@ -261,13 +261,12 @@ def _decode_mma_kernel(*refs, row_start, ordered, **static):
     o_ref[row_start + b, heads, :] = (acc / denom[:, None]).astype(o_ref.dtype)
 
 
-def _decode_split_kernel(*refs, split_blocks, ordered, **static):
-    """One program per (sequence, KV head, split): the walk over the split's blocks only, written as a
-    partial softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at
-    [b, split]; the step's own key and value join split 0. Splits past the sequence write an empty
-    partial (m = -inf, denom = 0)."""
+def _write_split(refs, b, h, sp, *, split_blocks, **static) -> None:
+    """Split sp of sequence b's KV group h: the walk over the split's blocks only, written as a partial
+    softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at [b, sp]; the
+    step's own key and value join split 0. A split past the sequence writes an empty partial (m = -inf,
+    denom = 0)."""
     acc_ref, m_ref, denom_ref = refs[-3:]
-    b, (h, sp) = _grid_position(refs, ordered, 3)
     heads, (m, denom, acc) = _attend_group(
         *refs[:8],
         b=b,
@@ -284,30 +283,21 @@ def _decode_split_kernel(*refs, split_blocks, ordered, **static):
     denom_ref[b, sp, heads] = denom
 
 
-def _decode_items_kernel(*refs, split_blocks, **static):
-    """One program per (KV head, work item): item i is split item_split[i] of sequence item_row[i], run
-    as _decode_split_kernel runs it; items past n_items (refs[10]) write nothing."""
-    acc_ref, m_ref, denom_ref = refs[-3:]
+def _decode_split_kernel(*refs, ordered, **static):
+    """One program per (sequence, KV head, split), every split of every sequence (_write_split)."""
+    b, (h, sp) = _grid_position(refs, ordered, 3)
+    _write_split(refs, b, h, sp, **static)
+
+
+def _decode_items_kernel(*refs, **static):
+    """One program per (KV head, work item): item i is split refs[9][i] of sequence refs[8][i]
+    (_write_split); items past the count (refs[10]) write nothing."""
     row_ref, split_ref, count_ref = refs[8:11]
     h, i = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i < count_ref[0])
     def _():
-        b, sp = row_ref[i], split_ref[i]
-        heads, (m, denom, acc) = _attend_group(
-            *refs[:8],
-            b=b,
-            h=h,
-            span=lambda start, n_blocks: (
-                jnp.maximum(start, sp * split_blocks),
-                jnp.minimum(n_blocks, (sp + 1) * split_blocks),
-            ),
-            own=sp == 0,
-            **static,
-        )
-        acc_ref[b, sp, heads, :] = acc
-        m_ref[b, sp, heads] = m
-        denom_ref[b, sp, heads] = denom
+        _write_split(refs, row_ref[i], h, split_ref[i], **static)
 
 
 def work_items(
