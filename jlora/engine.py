@@ -32,9 +32,11 @@ from jlora.pool.device import (
     block_page_ids,
     can_pin,
     empty_block,
+    largest_write,
     new_pool,
     pin_pages,
     to_device,
+    write_block_sizes,
     write_blocks,
     write_pages,
 )
@@ -249,6 +251,13 @@ class PagedEngine:
         pin = config.resolved_pin_host_adapters() and mesh is None and not multihost.is_multiprocess()
         device = jax.devices()[0]
         self._pin_device = device if pin and can_pin(device) else None
+        # an adapter is copied and written in blocks of up to this many pages (a power of two): its
+        # largest adapter in one (the multihost followers' writes take the smallest block only)
+        self.write_largest = (
+            WRITE_CHUNK
+            if multihost.is_multiprocess()
+            else largest_write(self.layout, {m: config.max_lora_rank for m in config.lora_modules})
+        )
         self.lora_groups = config.lora_groups()
         self.mixed_steps = config.resolved_mixed_steps()  # resolved once: prepare() asks every step
         self._lora_cache: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # _decode_lora's recent results
@@ -371,10 +380,12 @@ class PagedEngine:
     def compile_all(self) -> None:
         """Compile every bucket ahead of time (and the adapter page writer)."""
         start = time.perf_counter()
-        ids, block = empty_block(self.layout, self.shards)
-        self.write_block(ids, block)
-        if self._pin_device is not None:  # pinned adapters' writes take a device array: compiled apart
-            self.write_pinned_block(ids, pin_pages(block.astype(self.dtype), self._pin_device).blocks[0])
+        for size in write_block_sizes(self.write_largest):  # the adapter page writer, every block size
+            ids, block = empty_block(self.layout, self.shards, size)
+            self.write_block(ids, block)
+            if self._pin_device is not None:  # pinned adapters' writes take a device array: compiled apart
+                pinned = pin_pages(block.astype(self.dtype), self._pin_device, self.write_largest)
+                self.write_pinned_block(ids, pinned.blocks[0])
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
         )
@@ -429,16 +440,18 @@ class PagedEngine:
         data = adapter_page_data(
             self.layout, adapter, ranks, self.model_config.module_shapes(), self.shards, self.dtype
         )
-        return pin_pages(data, self._pin_device) if self._pin_device is not None else data
+        if self._pin_device is None:
+            return data
+        return pin_pages(data, self._pin_device, self.write_largest)
 
     def copy_adapter(self, name: str, pages: np.ndarray | PinnedPages) -> None:
         """Copy a placed adapter's host pages into its device pages (queued before the next step)."""
         placement = self.memory.adapters[name].placement
         if isinstance(pages, PinnedPages):  # one device, one process: DMA from pinned memory
-            for ids, block in zip(block_page_ids(self.layout, placement), pages.blocks):
+            for ids, block in zip(block_page_ids(self.layout, placement, self.write_largest), pages.blocks):
                 self.write_pinned_block(ids, block)
             return
-        for ids, block in write_blocks(self.layout, placement, pages):
+        for ids, block in write_blocks(self.layout, placement, pages, self.write_largest):
             if multihost.is_multiprocess():  # the followers make the same write
                 multihost.announce(
                     multihost.WRITE,

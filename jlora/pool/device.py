@@ -15,7 +15,11 @@ from jlora.pool.adapters import adapter_rows
 from jlora.pool.layout import MODULES, AdapterPlacement, PoolLayout, pack_rows
 from jlora.sharding import shard_lora_rows
 
-WRITE_CHUNK = 2  # pages per compiled write (a rank-8 q/k/v/o adapter of a 7B model is 2 pages)
+WRITE_CHUNK = 2  # pages of the smallest compiled write (a rank-8 q/k/v/o adapter of a 7B model is 2 pages)
+# pages of the largest: writes come in powers of two from WRITE_CHUNK up to the engine's largest adapter
+# (capped here), so that an adapter is one copy and one write, not one per 2 pages (a rank-64 q/k/v/o
+# adapter of a 7B model is 16 pages, 134 MB)
+MAX_WRITE_PAGES = 16
 
 
 def new_pool(layout: PoolLayout, dtype: Any, shards: int = 1, sharding: Any = None) -> jax.Array:
@@ -59,44 +63,96 @@ def adapter_page_data(
     return data
 
 
-@functools.partial(jax.jit, static_argnames=("page_units",), donate_argnums=(0,))
-def _write_pages(pool: jax.Array, page_ids: jax.Array, data: jax.Array, page_units: int) -> jax.Array:
-    n_layers, units, dh = pool.shape
-    shards = data.shape[2]
-    paged = pool.reshape(n_layers, shards, units // (shards * page_units), page_units, dh)
-    data = jnp.transpose(data, (1, 2, 0, 3, 4))  # page-major host layout -> [L, shards, pages, PU, Dh]
-    paged = paged.at[:, :, page_ids].set(data.astype(pool.dtype), mode="drop")
-    return paged.reshape(n_layers, units, dh)
+@functools.partial(jax.jit, static_argnames=("page_units", "unroll"), donate_argnums=(0,))
+def _write_pages(
+    pool: jax.Array, page_ids: jax.Array, data: jax.Array, page_units: int, unroll: bool
+) -> jax.Array:
+    """Each page of the block (page-major [size, L, shards, PU, Dh]) into its place in every shard's
+    units, one dynamic_update_slice a page and shard, in place on the donated pool. Padding pages have
+    id 0, the zero page, and are zeros. H200, a rank-64 q/k/v/o 7B adapter (16 pages, 134 MB) from the
+    device: 0.64 ms as one scatter of the transposed block (bench/adapter_copy.py)."""
+    units = pool.shape[1]
+    size, _, shards = data.shape[:3]
+    data = data.astype(pool.dtype)
+
+    def page(i, pool):
+        for shard in range(shards):
+            start = shard * (units // shards) + page_ids[i] * page_units
+            pool = jax.lax.dynamic_update_slice(pool, data[i, :, shard], (0, start, 0))
+        return pool
+
+    if unroll:
+        for i in range(size):
+            pool = page(i, pool)
+        return pool
+    return jax.lax.fori_loop(0, size, page, pool)
 
 
-def host_blocks(data: np.ndarray) -> list[np.ndarray]:
-    """Page-major host data [n_pages, L, shards, PU, Dh] as write blocks [WRITE_CHUNK, ...] (the last
-    one padded with zero pages): one compiled write shape; full blocks are views, not copies."""
-    blocks = []
-    for i in range(0, data.shape[0], WRITE_CHUNK):
-        block = data[i : i + WRITE_CHUNK]
-        if block.shape[0] < WRITE_CHUNK:
-            pad = np.zeros((WRITE_CHUNK - block.shape[0], *data.shape[1:]), data.dtype)
+def write_sizes(n_pages: int, largest: int = WRITE_CHUNK) -> list[int]:
+    """Write block sizes covering n_pages: each the largest power of two from WRITE_CHUNK to `largest`
+    that the pages left fill, the last rounded up to WRITE_CHUNK (its padding pages are dropped)."""
+    sizes, left = [], n_pages
+    while left > 0:
+        size = WRITE_CHUNK
+        while size * 2 <= min(left, largest):
+            size *= 2
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def write_block_sizes(largest: int = WRITE_CHUNK) -> list[int]:
+    """Every block size write_sizes can give under `largest`: the shapes the writer compiles for."""
+    sizes = [WRITE_CHUNK]
+    while sizes[-1] * 2 <= largest:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def largest_write(layout: PoolLayout, max_ranks: dict[str, int]) -> int:
+    """The largest write block an engine needs: its largest adapter's pages rounded up to a power of
+    two, within [WRITE_CHUNK, MAX_WRITE_PAGES]."""
+    pages, size = pack_rows(layout, max_ranks)[0], WRITE_CHUNK
+    while size < min(pages, MAX_WRITE_PAGES):
+        size *= 2
+    return size
+
+
+def host_blocks(data: np.ndarray, largest: int = WRITE_CHUNK) -> list[np.ndarray]:
+    """Page-major host data [n_pages, L, shards, PU, Dh] as write blocks [size, ...] of write_sizes (the
+    last one padded with zero pages): a few compiled write shapes; full blocks are views, not copies."""
+    blocks, i = [], 0
+    for size in write_sizes(data.shape[0], largest):
+        block = data[i : i + size]
+        if block.shape[0] < size:
+            pad = np.zeros((size - block.shape[0], *data.shape[1:]), data.dtype)
             block = np.concatenate([block, pad])
         blocks.append(block)
+        i += size
     return blocks
 
 
-def block_page_ids(layout: PoolLayout, placement: AdapterPlacement) -> list[np.ndarray]:
-    """The pool page ids [WRITE_CHUNK] of each write block (padding pages out of range: dropped)."""
+def block_page_ids(
+    layout: PoolLayout, placement: AdapterPlacement, largest: int = WRITE_CHUNK
+) -> list[np.ndarray]:
+    """The pool page ids [size] of each write block (padding pages: 0, the zero page, which their
+    zeros leave as it is)."""
     pages = placement.pages
-    out = []
-    for i in range(0, len(pages), WRITE_CHUNK):
-        ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)
-        chunk = pages[i : i + WRITE_CHUNK]
+    out, i = [], 0
+    for size in write_sizes(len(pages), largest):
+        ids = np.zeros(size, np.int32)
+        chunk = pages[i : i + size]
         ids[: len(chunk)] = chunk
         out.append(ids)
+        i += size
     return out
 
 
-def write_blocks(layout: PoolLayout, placement: AdapterPlacement, data: np.ndarray):
-    """(page ids [WRITE_CHUNK], data [WRITE_CHUNK, L, shards, PU, Dh]) blocks of page-major host data."""
-    yield from zip(block_page_ids(layout, placement), host_blocks(data))
+def write_blocks(
+    layout: PoolLayout, placement: AdapterPlacement, data: np.ndarray, largest: int = WRITE_CHUNK
+):
+    """(page ids [size], data [size, L, shards, PU, Dh]) blocks of page-major host data."""
+    yield from zip(block_page_ids(layout, placement, largest), host_blocks(data, largest))
 
 
 @dataclasses.dataclass
@@ -112,9 +168,9 @@ class PinnedPages:
         return sum(b.nbytes for b in self.blocks)
 
 
-def pin_pages(data: np.ndarray, device: Any) -> PinnedPages:
+def pin_pages(data: np.ndarray, device: Any, largest: int = WRITE_CHUNK) -> PinnedPages:
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    return PinnedPages([jax.device_put(b, pinned) for b in host_blocks(data)])
+    return PinnedPages([jax.device_put(b, pinned) for b in host_blocks(data, largest)])
 
 
 def to_device(block: jax.Array, device: Any) -> jax.Array:
@@ -126,14 +182,18 @@ def can_pin(device: Any) -> bool:
     return "pinned_host" in {m.kind for m in device.addressable_memories()}
 
 
-def write_pages(pool: jax.Array, layout: PoolLayout, ids: Any, block: Any) -> jax.Array:
-    """Write one block (page ids [WRITE_CHUNK], data [WRITE_CHUNK, L, shards, PU, Dh]) into the pool."""
-    return _write_pages(pool, ids, block, layout.page_units)
+def write_pages(
+    pool: jax.Array, layout: PoolLayout, ids: Any, block: Any, unroll: bool | None = None
+) -> jax.Array:
+    """Write one block (page ids [size], data [size, L, shards, PU, Dh]) into the pool. unroll: the
+    pages as a chain of updates (None: except on the CPU, where XLA copied the pool for a chain of 16
+    - 200 ms against 5 in a loop, 2 layers of a 7B pool)."""
+    if unroll is None:
+        unroll = {d.platform for d in pool.devices()} != {"cpu"}
+    return _write_pages(pool, ids, block, layout.page_units, unroll)
 
 
-def empty_block(layout: PoolLayout, shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """A write whose page ids are all out of range (dropped): compiles the writer at start-up."""
-    ids = np.full(WRITE_CHUNK, layout.num_pages, np.int32)
-    return ids, np.zeros(
-        (WRITE_CHUNK, layout.num_layers, shards, layout.page_units, layout.head_dim), np.float32
-    )
+def empty_block(layout: PoolLayout, shards: int, size: int = WRITE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """A write of `size` zero pages into the zero page: compiles the writer at start-up."""
+    ids = np.zeros(size, np.int32)
+    return ids, np.zeros((size, layout.num_layers, shards, layout.page_units, layout.head_dim), np.float32)
