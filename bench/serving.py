@@ -308,10 +308,16 @@ def by_kind(steps: list[dict], bandwidth_Bps: float) -> dict[str, dict]:
 
 
 def cold_vs_warm(
-    engine: jlora.Engine, names: list[str], *, vocab: int, prompt_len: int = 32
+    engine: jlora.Engine,
+    names: list[str],
+    *,
+    vocab: int,
+    prompt_len: int = 32,
+    ranks: list[int] | None = None,
 ) -> dict[str, Any]:
     """T7: first-token time of a lone request whose adapter is not on the device (cold), then again
-    with it resident (warm), against the decode step time of the same engine."""
+    with it resident (warm), against the decode step time of the same engine. Each adapter's times
+    are kept with its rank (`ranks`, one per name, where given): the copy grows with it."""
     rng = np.random.default_rng(1)
     prompt_len = min(prompt_len, engine.paged.config.max_model_len - 4)  # room for the 4 new tokens
     out: dict[str, list[float]] = {"cold": [], "warm": [], "decode_step": []}
@@ -336,4 +342,8 @@ def cold_vs_warm(
         "extra_in_decode_steps": (cold - warm) / step,
         "T7_met": cold - warm <= step,
         "samples": len(names),
+        "per_adapter_ms": [
+            {"cold": c * 1e3, "warm": w * 1e3, **({"rank": ranks[i]} if ranks else {})}
+            for i, (c, w) in enumerate(zip(out["cold"], out["warm"]))
+        ],
     }

@@ -271,9 +271,12 @@ def main() -> None:
                 )
                 result["profiled_replay"] = profiled["profile"]
             if args.cold_warm:
-                cold = [nm for nm in names if not engine.paged.memory.is_resident(nm)][: args.cold_warm]
+                cold = [i for i, nm in enumerate(names) if not engine.paged.memory.is_resident(nm)]
+                cold = cold[: args.cold_warm]
                 if cold:
-                    result["T7"] = cold_vs_warm(engine, cold, vocab=c.vocab_size)
+                    result["T7"] = cold_vs_warm(
+                        engine, [names[i] for i in cold], vocab=c.vocab_size, ranks=[ranks[i] for i in cold]
+                    )
             runs.append(result)
             print(json.dumps({k: v for k, v in result.items()}), flush=True)
             if args.partial:  # what finished survives a run stopped at a time limit: --finish writes it
