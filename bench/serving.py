@@ -317,20 +317,29 @@ def cold_vs_warm(
 ) -> dict[str, Any]:
     """T7: first-token time of a lone request whose adapter is not on the device (cold), then again
     with it resident (warm), against the decode step time of the same engine. Each adapter's times
-    are kept with its rank (`ranks`, one per name, where given): the copy grows with it."""
+    are kept with its rank (`ranks`, one per name, where given): the copy grows with it; and with the
+    host's time in each runner phase (ms) and the steps it launched up to the first token."""
     rng = np.random.default_rng(1)
     prompt_len = min(prompt_len, engine.paged.config.max_model_len - 4)  # room for the 4 new tokens
     out: dict[str, list[float]] = {"cold": [], "warm": [], "decode_step": []}
+    phases: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
     for name in names:
         for label in ("cold", "warm"):
             if label == "cold":
                 assert not engine.paged.memory.is_resident(name), name
             prompt = rng.integers(0, vocab, prompt_len).tolist()
             params = jlora.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            runner = engine.runner
+            phases0, steps0 = dict(runner.phase_seconds), runner.steps
             start = time.perf_counter()
             stamps = []
             for _ in engine.stream(prompt, params, adapter=name):
                 stamps.append(time.perf_counter())
+                if len(stamps) == 1:  # the host's phases and steps up to the first token
+                    phases[label].append(
+                        {k: (v - phases0.get(k, 0.0)) * 1e3 for k, v in runner.phase_seconds.items()}
+                        | {"steps": runner.steps - steps0}
+                    )
             out[label].append(stamps[0] - start)
             out["decode_step"].append(float(np.median(np.diff(stamps))))
     cold, warm, step = (float(np.median(out[k])) for k in ("cold", "warm", "decode_step"))
@@ -343,7 +352,12 @@ def cold_vs_warm(
         "T7_met": cold - warm <= step,
         "samples": len(names),
         "per_adapter_ms": [
-            {"cold": c * 1e3, "warm": w * 1e3, **({"rank": ranks[i]} if ranks else {})}
+            {
+                "cold": c * 1e3,
+                "warm": w * 1e3,
+                **({"rank": ranks[i]} if ranks else {}),
+                "host_to_first_token": {"cold": phases["cold"][i], "warm": phases["warm"][i]},
+            }
             for i, (c, w) in enumerate(zip(out["cold"], out["warm"]))
         ],
     }

@@ -95,3 +95,18 @@ def test_write_pages_puts_every_page_in_place(shards, unroll, largest):
     for i, p in enumerate(pages):
         expected[:, :, p] = data[i]  # [L, shards, PU, Dh]
     np.testing.assert_array_equal(np.asarray(pool), expected.reshape(start.shape))
+
+
+def test_adapter_copy_bench_writes_every_adapter_whole(tmp_path, monkeypatch):
+    """bench.adapter_copy on a 2-layer pool: each rank, block size and form of the write leaves the
+    adapter's pages in the pool as the host had them (its own check, which the GPU run reports)."""
+    import bench.common
+    from bench import adapter_copy
+
+    monkeypatch.setattr(bench.common, "RESULTS", str(tmp_path))
+    out = adapter_copy.main(
+        ["--layers", "2", "--pages", "24", "--ranks", "8,32", "--largest", "2,8", "--repeats", "1"]
+    )
+    assert len(out["rows"]) == 2 * 2 * 3
+    assert all(row["written_ok"] for row in out["rows"])
+    assert {tuple(r["blocks"]) for r in out["rows"] if r["rank"] == 32} == {(2, 2, 2, 2), (8,)}

@@ -54,3 +54,25 @@ def test_replay_profiles_a_window(tiny):  # noqa: F811
     assert profile["window_s"] == [0.0, 0.3]
     assert sum(k["steps"] for k in profile["by_kind"].values()) >= 1  # the steps collected in the window
     assert "kernels" in profile  # on a GPU the kernels by name; here the trace has no GPU plane
+
+
+def test_cold_vs_warm_keeps_each_adapters_times_and_host_phases(tiny):  # noqa: F811
+    """T7's check on a tiny engine: the adapters start off the device, each is timed cold then warm, and
+    every sample keeps its rank and the host's phases up to its first token (with at least the step that
+    fed the prompt)."""
+    from bench.serving import cold_vs_warm
+
+    loaded, paths, _ = tiny
+    engine = jlora.Engine(loaded, small_config())
+    names = list(paths)[:2]
+    for name in names:
+        engine.load_adapter(name, paths[name])
+    assert not any(engine.paged.memory.is_resident(n) for n in names)
+    out = cold_vs_warm(engine, names, vocab=loaded.config.vocab_size, prompt_len=6, ranks=[4, 8])
+    assert out["samples"] == 2 and out["ttft_cold_s"] > 0 and out["ttft_warm_s"] > 0
+    assert [s["rank"] for s in out["per_adapter_ms"]] == [4, 8]
+    for sample in out["per_adapter_ms"]:
+        for label in ("cold", "warm"):
+            host = sample["host_to_first_token"][label]
+            assert host["steps"] >= 1 and {"schedule", "prepare", "launch", "wait"} <= set(host)
+    assert all(engine.paged.memory.is_resident(n) for n in names)
