@@ -56,7 +56,9 @@ class AttentionTunables:
     # split kernels only: the grid walks a work list of (sequence, split) items, each sequence's real
     # splits packed first (at least one a sequence, for its own key), instead of every sequence times
     # the table's splits; programs past the list write nothing and the combine masks what they skipped.
-    # Off: not yet measured on a GPU
+    # Off: measured slower as a whole step. H200, ncu, the kernel alone with 256-key splits: 17 rows of 32
+    # 41.1 -> 37.6 us, 4 rows of 16 18.2 -> 15.0, 28 rows 52.4 -> 53.7; but the combine's two fusions a
+    # layer cost more than that: trace-shaped 17-row decode steps 5.583 -> 5.595 ms (bench/RESULTS.md)
     work_list: bool = False
 
 
