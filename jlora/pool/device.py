@@ -91,7 +91,8 @@ def _write_pages(
 
 def write_sizes(n_pages: int, largest: int = WRITE_CHUNK) -> list[int]:
     """Write block sizes covering n_pages: each the largest power of two from WRITE_CHUNK to `largest`
-    that the pages left fill, the last rounded up to WRITE_CHUNK (its padding pages are dropped)."""
+    that the pages left fill, the last rounded up to WRITE_CHUNK (its padding pages, zeros, are written
+    into the zero page)."""
     sizes, left = [], n_pages
     while left > 0:
         size = WRITE_CHUNK
