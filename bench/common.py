@@ -63,6 +63,12 @@ def step_weight_bytes(params: Any, tie_word_embeddings: bool) -> int:
     return total - sum(x.nbytes for x in jax.tree.leaves(params["embed"]))
 
 
+def embedding_row_bytes(config: Any, itemsize: int = 2) -> int:
+    """The bytes a step reads per token beyond step_weight_bytes: its row of an untied embedding table;
+    0 for a tied table, which step_weight_bytes counts whole as the LM head."""
+    return 0 if config.tie_word_embeddings else config.hidden_size * itemsize
+
+
 def batch_filled(mean_decode_rows: float | None, batch: int) -> bool:
     """Whether a decode run's timed steps ran the batch it asked for (tail steps aside)."""
     return mean_decode_rows is not None and mean_decode_rows >= FULL_BATCH_SHARE * batch

@@ -165,7 +165,7 @@ def main() -> None:
     import jax
 
     import jlora
-    from bench.common import batch_filled, write_result
+    from bench.common import batch_filled, step_weight_bytes, write_result
     from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.profile import host_breakdown, kernel_breakdown
     from jlora.config import PRESETS, MeshConfig
@@ -179,8 +179,6 @@ def main() -> None:
     mesh = make_mesh(MeshConfig(model=args.mp)) if args.mp > 1 else None
     unrolled = args.layer_loop == "unrolled" or (args.layer_loop == "auto" and jax.default_backend() == "gpu")
     params = make_params(config, mesh, unrolled=unrolled)
-    from bench.common import step_weight_bytes
-
     weight_bytes = step_weight_bytes(params, config.tie_word_embeddings)
     ec, sched = engine_configs(
         config,

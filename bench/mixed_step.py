@@ -82,6 +82,7 @@ def main() -> None:
         lora_tiers_record,
         override_attention_tunables,
         override_lora_fields,
+        step_weight_bytes,
         write_result,
     )
     from bench.decode_7b import load_random_adapters, make_params
@@ -132,8 +133,6 @@ def main() -> None:
         max_model_len=max_len,
     )
     params = make_params(config, None, unrolled=True)
-    from bench.common import step_weight_bytes
-
     weight_bytes = step_weight_bytes(params, config.tie_word_embeddings)
     bw = bandwidth()
     bps = roofline_TBps(bw) * 1e12

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 
+from bench.common import embedding_row_bytes
 from bench.serving import floor_bytes
 from bench.trace import adapter_ranks, slora_trace
 from jlora.config import PRESETS
@@ -77,7 +78,7 @@ def replay(
         weight_bytes = 2 * (
             config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size + config.hidden_size
         )
-    row_bytes = 0 if config.tie_word_embeddings else 2 * config.hidden_size
+    row_bytes = embedding_row_bytes(config)
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     page_bytes = layout.page_bytes(2)
     rank_of = adapter_ranks(n, ranks) if n <= mixed_up_to else [8] * n

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import jlora
+from bench.common import embedding_row_bytes
 from bench.trace import TraceRequest
 
 
@@ -35,9 +36,7 @@ class StepRecorder:
         self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.kv_dim * itemsize
         self.page_bytes = self.paged.layout.page_bytes(itemsize) * self.paged.shards
         self.weight_bytes = weight_bytes
-        # an untied table is left out of weight_bytes: each token's row is read (a tied one is counted
-        # whole as the LM head, so its rows are not counted again)
-        self.embed_row_bytes = 0 if c.tie_word_embeddings else c.hidden_size * itemsize
+        self.embed_row_bytes = embedding_row_bytes(c, itemsize)
         self.steps: list[dict[str, float]] = []
         self._originals = (self.paged.prepare, self.paged.launch, self.paged.collect)
         self._info: dict[int, dict[str, float]] = {}

@@ -28,6 +28,7 @@ def build_engine(model: str, args):
     import jax.numpy as jnp
 
     import jlora
+    from bench.common import step_weight_bytes
     from jlora.config import PRESETS, EngineConfig
     from jlora.loader import LoadedModel
     from jlora.model.llama import random_params
@@ -70,8 +71,6 @@ def build_engine(model: str, args):
     )
     start = time.perf_counter()
     engine = jlora.Engine(loaded, ec, scheduler_config=sched)
-    from bench.common import step_weight_bytes
-
     weight_bytes = step_weight_bytes(loaded.params, loaded.config.tie_word_embeddings)
     if (
         ec.resolved_layer_loop() == "unrolled"

@@ -76,12 +76,13 @@ def recount_floor(result: dict, cols: dict[str, np.ndarray]) -> bool:
     each token's row. True if recounted."""
     if result.get("floor_weights") == "step":
         return False
+    from bench.common import embedding_row_bytes
     from jlora.config import PRESETS
 
     config = PRESETS.get(result.get("workload", {}).get("model", ""))
     if config is None or config.tie_word_embeddings:
         return False
-    row_bytes = config.hidden_size * 2  # the bf16 models of these runs
+    row_bytes = embedding_row_bytes(config)  # the bf16 models of these runs
     bps = result["bandwidth"]["copy_TBps"] * 1e12
     cols["floor_ms"] = (
         cols["floor_ms"] + (cols["tokens"] * row_bytes - config.vocab_size * row_bytes) / bps * 1e3

@@ -46,3 +46,12 @@ def test_floor_counts_rows_kv_and_each_adapter_once():
     got = floor_bytes(chunks, memory, 1000, kv_bytes_per_token=4, page_bytes=100, embed_row_bytes=16)
     # weights + 5 tokens' rows + K/V of 11 + 21 + 3 keys + pages of a (2) and b (4)
     assert got == 1000 + 5 * 16 + (11 + 21 + 3) * 4 + (2 + 4) * 100
+
+
+def test_embedding_row_bytes_only_for_an_untied_table():
+    from bench.common import embedding_row_bytes
+    from jlora.config import PRESETS
+
+    assert embedding_row_bytes(PRESETS["llama2-7b"]) == 4096 * 2  # untied: each token's bf16 row
+    assert embedding_row_bytes(PRESETS["llama2-7b"], itemsize=4) == 4096 * 4
+    assert embedding_row_bytes(SimpleNamespace(tie_word_embeddings=True, hidden_size=576)) == 0
