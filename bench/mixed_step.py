@@ -22,6 +22,33 @@ RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def interleave_summary(steps: list[dict]) -> dict[str, dict[str, float]]:
+    """The interleaved rounds' step periods by position: the chunk step, the first and second decode step
+    after it, and the decode steps further on (steady)."""
+    positions: dict[str, list[float]] = {
+        "chunk": [],
+        "decode_after_1": [],
+        "decode_after_2": [],
+        "decode_later": [],
+    }
+    since = None  # decode steps since the last chunk step
+    for s in steps:
+        if s["kind"] == "chunk":
+            positions["chunk"].append(s["s"])
+            since = 0
+            continue
+        if since is None:
+            continue
+        since += 1
+        key = {1: "decode_after_1", 2: "decode_after_2"}.get(since, "decode_later")
+        positions[key].append(s["s"])
+    return {
+        k: {"steps": len(v), "median_ms": float(np.median(v)) * 1e3, "mean_ms": float(np.mean(v)) * 1e3}
+        for k, v in positions.items()
+        if v
+    }
+
+
 def main() -> None:
     from bench.common import (
         add_attention_tunables_argument,
@@ -67,6 +94,14 @@ def main() -> None:
     add_lora_fields_argument(ap)
     ap.add_argument(
         "--profile-decode", action="store_true", help="also trace 10 decode-only steps: their kernels by name"
+    )
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="also time N rounds, unprofiled, of one --chunk-token prompt (one chunk step) among decode "
+        "steps, as slora-trace runs them: the chunk step's period and the decode step's after it, against "
+        "the steady decode step's",
     )
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--tag", default="")
@@ -166,6 +201,7 @@ def main() -> None:
             steps.append(
                 {
                     "kind": "chunk" if chunk else "decode",
+                    "phase": last.get("phase", "main"),
                     "calls": kinds,
                     "s": end - last["end"],
                     "kv": context,
@@ -217,6 +253,18 @@ def main() -> None:
         if decode_trace and i == 34:
             jax.block_until_ready(paged.pool)
             jax.profiler.stop_trace()
+    if args.interleave:
+        last["phase"] = "interleave"
+        for _ in range(args.interleave):  # a one-chunk prompt, then decode-only steps until the next
+            state = engine._prepare(
+                rng.integers(0, config.vocab_size, args.chunk).tolist(), sp_one, names[-1]
+            )
+            rid = runner.add(state, names[-1])
+            while rid in runner.states:
+                runner.step()
+            for _ in range(6):
+                runner.step()
+        last["phase"] = "main"
     trace = tempfile.mkdtemp()
     traced_steps = 0
     for p in range(args.prompts):  # long prompts one at a time: prompt / chunk steps with a chunk each
@@ -234,6 +282,9 @@ def main() -> None:
         runner.cancel(rid)
 
     summary = {}
+    if args.interleave:
+        summary["interleave"] = interleave_summary([s for s in steps if s["phase"] == "interleave"])
+    steps[:] = [s for s in steps if s["phase"] == "main"]
     for kind in ("decode", "chunk"):
         chosen = [s for s in steps if s["kind"] == kind][2:]  # not the first after a change
         if chosen:
@@ -273,6 +324,8 @@ def main() -> None:
                 f"{kind:6s} {s['steps']:4d} steps, {s['median_ms']:.2f} ms (floor {s['floor_ms']:.2f}, "
                 f"{s['roofline_fraction']:.2f}) host {s['host_ms_median']:.2f} ms calls {s['calls']}"
             )
+    for position, row in summary.get("interleave", {}).items():
+        print(f"interleaved {position:14s} {row['steps']:4d} steps, median {row['median_ms']:.3f} ms")
     prof = summary.get("decode_profile", {})
     if "top" in prof:
         print(f"decode steps: device busy {prof['device_busy_ms_per_step']:.2f} ms/step")

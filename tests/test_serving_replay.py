@@ -76,3 +76,16 @@ def test_cold_vs_warm_keeps_each_adapters_times_and_host_phases(tiny):  # noqa: 
             host = sample["host_to_first_token"][label]
             assert host["steps"] >= 1 and {"schedule", "prepare", "launch", "wait"} <= set(host)
     assert all(engine.paged.memory.is_resident(n) for n in names)
+
+
+def test_mixed_step_interleave_summary_sorts_periods_by_position_after_a_chunk():
+    from bench.mixed_step import interleave_summary
+
+    kinds = ["decode", "chunk", "decode", "decode", "decode", "decode", "chunk", "decode"]
+    periods = [5.0, 9.0, 6.0, 5.5, 5.1, 5.2, 11.0, 7.0]
+    steps = [{"kind": k, "s": p / 1e3} for k, p in zip(kinds, periods)]
+    out = interleave_summary(steps)
+    assert out["chunk"]["steps"] == 2 and out["chunk"]["median_ms"] == pytest.approx(10.0)
+    assert out["decode_after_1"]["steps"] == 2 and out["decode_after_1"]["median_ms"] == pytest.approx(6.5)
+    assert out["decode_after_2"]["median_ms"] == pytest.approx(5.5)
+    assert out["decode_later"]["steps"] == 2 and out["decode_later"]["mean_ms"] == pytest.approx(5.15)
