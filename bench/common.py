@@ -117,6 +117,12 @@ def add_attention_tunables_argument(ap: Any) -> None:
         help="fields of the decode attention kernel's tuned shapes for page 16, head_dim 128 to replace, "
         'as JSON (AttentionTunables fields), e.g. {"split_keys": 512}',
     )
+    ap.add_argument(
+        "--prefill-tunables",
+        default=None,
+        help="fields of the prefill attention kernel's tuned shapes for page 16, head_dim 128 (every head "
+        'group) to replace, as JSON (PrefillTunables fields), e.g. {"min_programs": 256}',
+    )
 
 
 def add_lora_fields_argument(ap: Any) -> None:
@@ -182,6 +188,30 @@ def override_attention_tunables(fields_json: str | None) -> None:
     tuned = attention_kernel.tunables_for(16, 128)
     attention_kernel.TUNED[(16, 128)] = dataclasses.replace(tuned, **json.loads(fields_json))
     print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
+
+
+def override_prefill_tunables(fields_json: str | None) -> None:
+    """The prefill attention kernel's tuned shapes for page 16, head_dim 128 (every head group) with the
+    JSON's fields (PrefillTunables) in place of theirs, before an engine traces its steps."""
+    if not fields_json:
+        return
+    import dataclasses
+
+    from pallas_kernels.paged_attention import prefill_kernel
+
+    for key, tuned in list(prefill_kernel.TUNED.items()):
+        if key[:2] == (16, 128):
+            prefill_kernel.TUNED[key] = dataclasses.replace(tuned, **json.loads(fields_json))
+    print("prefill tunables:", prefill_kernel.TUNED, flush=True)
+
+
+def prefill_tunables_record() -> dict[str, Any]:
+    """The prefill attention kernel's shapes for page 16, head_dim 128 by head group, as a run used them."""
+    import dataclasses
+
+    from pallas_kernels.paged_attention import prefill_kernel
+
+    return {str(k[2]): dataclasses.asdict(v) for k, v in prefill_kernel.TUNED.items() if k[:2] == (16, 128)}
 
 
 def attention_tunables_record() -> dict[str, Any]:

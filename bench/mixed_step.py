@@ -117,6 +117,8 @@ def main() -> None:
         lora_tiers_record,
         override_attention_tunables,
         override_lora_fields,
+        override_prefill_tunables,
+        prefill_tunables_record,
         step_weight_bytes,
         write_result,
     )
@@ -134,6 +136,7 @@ def main() -> None:
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
+    override_prefill_tunables(args.prefill_tunables)
     override_lora_fields(args.lora_fields)
     if args.decode_lengths == "trace":
         decode_prompts = [int(n) for n in trace_lengths(args.decodes, args.decodes)]
@@ -351,6 +354,7 @@ def main() -> None:
                 "decode_prompts": decode_prompts,
                 "attention_tunables": args.attention_tunables,
                 "attention_tunables_used": attention_tunables_record(),
+                "prefill_tunables_used": prefill_tunables_record(),
                 "lora_fields": args.lora_fields,
                 "lora_tiers_used": lora_tiers_record(),
                 "mixed_steps": args.mixed_steps,

@@ -83,7 +83,7 @@ def make_payload(
     args, bw: dict, weight_bytes: int, startup: float, runs: list[dict], warm_up_s: float = 0.0
 ) -> dict:
     """The slora-trace result: workload, bandwidth, the runs, and T4 over the runs at the base rate."""
-    from bench.common import attention_tunables_record, lora_tiers_record
+    from bench.common import attention_tunables_record, lora_tiers_record, prefill_tunables_record
 
     by_n = [r for r in runs if r["rate"] == args.rate]
     return {
@@ -108,6 +108,7 @@ def make_payload(
             "prefill_seqs": args.prefill_seqs,
             "attention_tunables": args.attention_tunables,
             "attention_tunables_used": attention_tunables_record(),
+            "prefill_tunables_used": prefill_tunables_record(),
             "lora_fields": args.lora_fields,
             "lora_tiers_used": lora_tiers_record(),
         },
@@ -191,7 +192,13 @@ def main() -> None:
         ap.error(f"--chunk-buckets {args.chunk_buckets} must lie in (0, --chunk = {args.chunk}]")
     args.chunk_buckets = tuple(sorted(extra | {args.chunk}))  # the compiled prompt-chunk lengths
 
-    from bench.common import override_attention_tunables, override_lora_fields, run_record, write_result
+    from bench.common import (
+        override_attention_tunables,
+        override_lora_fields,
+        override_prefill_tunables,
+        run_record,
+        write_result,
+    )
     from bench.kernels.timing import bandwidth, roofline_TBps
     from bench.plots import plot
     from bench.serving import cold_vs_warm, replay
@@ -200,6 +207,7 @@ def main() -> None:
 
     bw = bandwidth()
     override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
+    override_prefill_tunables(args.prefill_tunables)
     override_lora_fields(args.lora_fields)
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config

@@ -275,6 +275,30 @@ def test_prefill_kernel_tuned_block_sizes(block_queries, t, hq, hkv):
     assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("t,hq,hkv", [(64, 4, 4), (64, 8, 2), (50, 4, 4)])
+def test_prefill_kernel_min_programs_shrinks_query_blocks_and_matches_reference(t, hq, hkv):
+    """min_programs halves the query block (to a 16-row tile at least) until the grid is that large: few
+    sequences on few KV heads, whole blocks (the direct layout) and not, against the reference."""
+    from pallas_kernels.paged_attention.prefill_kernel import _shapes
+
+    tunables = PrefillTunables(block_queries=64, min_programs=64)
+    group = hq // hkv
+    _, block_q, _, tp = _shapes(t, group, tunables, heads=2 * hkv)
+    _, block_q0, _, tp0 = _shapes(t, group, tunables)
+    assert tp == tp0 and block_q < block_q0 and block_q * (1 << (group - 1).bit_length()) >= 16
+    assert 2 * hkv * (tp // block_q) >= 64 or block_q * (1 << (group - 1).bit_length()) == 16
+    rng = np.random.default_rng(t + hq)
+    args, new = _prefill_case(rng, 2, t, hq, hkv, 16, 8, 24, jnp.float32)
+    want = paged_attention(*args, page_size=8, implementation="reference")
+    got = paged_attention(
+        *args, page_size=8, implementation=_impl(), prefill_kernel=True, prefill_tunables=tunables
+    )
+    got, want = np.asarray(got), np.asarray(want)
+    real = np.arange(t)[None, :] < new[:, None]
+    assert np.isfinite(got[real]).all()
+    assert np.abs(got[real] - want[real]).max() / np.abs(want[real]).max() < TOL[jnp.float32]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("b,t,hkv,dh", [(3, 1, 2, 16), (2, 37, 3, 32), (1, 5, 4, 16)])
 def test_write_kv_kernel_matches_reference(b, t, hkv, dh, dtype):

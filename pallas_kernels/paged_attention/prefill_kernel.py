@@ -32,6 +32,9 @@ class PrefillTunables:
     block_keys: int = 64  # chunk keys per tile
     num_warps: int = 4
     num_stages: int = 2
+    # query blocks halve (down to a 16-row tile) until the grid has at least this many programs (0: as
+    # block_queries gives): one sequence's 128-token chunk on 32 KV heads is 64 programs at 64 queries
+    min_programs: int = 0
 
 
 # (page_size, head_dim, query heads per KV head) -> tunables, from bench/kernels/attention.py on the
@@ -146,14 +149,18 @@ def _prefill_kernel(
         o_ref[b, h, pl.ds(t0 * gp, rows), :] = out
 
 
-def _shapes(t: int, group: int, tunables: PrefillTunables) -> tuple[int, int, int, int]:
-    """(GP, query block, chunk key block, T padded to whole blocks) of a chunk of t tokens."""
+def _shapes(t: int, group: int, tunables: PrefillTunables, heads: int = 0) -> tuple[int, int, int, int]:
+    """(GP, query block, chunk key block, T padded to whole blocks) of a chunk of t tokens; heads (the
+    grid's sequences x KV heads), if given, lets tunables.min_programs shrink the query block. A smaller
+    power-of-two block divides the larger one, so T padded stays whole blocks."""
     gp = 1 << (group - 1).bit_length()
     block_q = _pow2_at_most(t, tunables.block_queries)
     while block_q * gp < 16:  # tensor-core tiles need 16+ rows
         block_q *= 2
     chunk_keys = max(16, _pow2_at_most(t, tunables.block_keys))
     tp = -(-t // max(block_q, chunk_keys)) * max(block_q, chunk_keys)  # whole query and key blocks
+    while heads and heads * (tp // block_q) < tunables.min_programs and (block_q // 2) * gp >= 16:
+        block_q //= 2
     return gp, block_q, chunk_keys, tp
 
 
@@ -172,7 +179,7 @@ def _launch(
     """The pallas_call over q/k/v as laid out for it (direct: the caller's rows; else padded and
     transposed); out, if given, is aliased to the output (its rows outside this batch's kept)."""
     b = page_tables.shape[0]
-    gp, block_q, chunk_keys, tp = _shapes(t, group, tunables)
+    gp, block_q, chunk_keys, tp = _shapes(t, group, tunables, heads=b * hkv)
     n_table = page_tables.shape[1]
     ppb = _pow2_at_most(n_table, tunables.pages_per_block)
     dh = pool.shape[2]
