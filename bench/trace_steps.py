@@ -59,7 +59,18 @@ def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: flo
     capped[mine] = floor[mine] + median
     at = np.cumsum(wall) / 1e3  # when each step ended, in seconds of step time
     edges = np.arange(0.0, at[-1] + bins_s, bins_s) if len(at) else np.array([0.0, bins_s])
+    blocked = cols.get("blocked_ms")
+    waits = {}
+    if blocked is not None and mine.any() and (decode & ~mine).any():
+        # the host's wait on a step: longer than on the others when the device itself took longer (it
+        # asked at the usual time); no longer when the host launched late (then the step's wall counts
+        # the launch call, not the device's idle time before it)
+        waits = {
+            "blocked_median_ms": float(np.median(blocked[mine])),
+            "others_blocked_median_ms": float(np.median(blocked[decode & ~mine])),
+        }
     return {
+        **waits,
         "threshold_ms": threshold_ms,
         "steps": int(mine.sum()),
         "median_excess_ms": median,
@@ -68,6 +79,31 @@ def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: flo
         "roofline": float(floor.sum() / wall.sum()),
         "roofline_without": float(floor.sum() / capped.sum()),
     }
+
+
+CHUNK_BANDS = ((1, 99), (100, 159), (160, 229), (230, 10**6))  # a chunk step's tokens, decode rows included
+
+
+def chunk_bands(cols: dict[str, np.ndarray], bands=CHUNK_BANDS) -> list[dict]:
+    """Steps that carry prompt chunks by their tokens (the 64 / 128 / 192 / 256 chunk buckets plus the
+    decode rows): steps, median wall and floor (ms), seconds above the floor."""
+    rows = []
+    mixed = cols["kind"] == "m"
+    for lo, hi in bands:
+        mine = mixed & (cols["tokens"] >= lo) & (cols["tokens"] <= hi)
+        if not mine.any():
+            continue
+        wall, floor = cols["wall_ms"][mine], cols["floor_ms"][mine]
+        rows.append(
+            {
+                "tokens": f"{lo}-{hi}" if hi < 10**6 else f"{lo}+",
+                "steps": int(mine.sum()),
+                "median_wall_ms": float(np.median(wall)),
+                "median_floor_ms": float(np.median(floor)),
+                "excess_s": float((wall - floor).sum() / 1e3),
+            }
+        )
+    return rows
 
 
 def recount_floor(result: dict, cols: dict[str, np.ndarray]) -> bool:
@@ -110,12 +146,22 @@ def report(path: str, threshold_ms: float = 1.0) -> list[str]:
             f"({out['median_excess_ms']:.2f} ms) -> {out['roofline_without']:.3f} without them; "
             f"decode outliers by 2 s of the run: {out['by_time']}"
         )
+        if "blocked_median_ms" in out:
+            lines.append(
+                f"    the host waited {out['blocked_median_ms']:.2f} ms (median) on the outliers, "
+                f"{out['others_blocked_median_ms']:.2f} on the other decode steps"
+            )
         mixed = cols["kind"] == "m"
         if mixed.any():
             wall, floor = cols["wall_ms"][mixed], cols["floor_ms"][mixed]
             lines.append(
                 f"    chunk steps: {int(mixed.sum())} steps, {wall.mean():.2f} ms (floor {floor.mean():.2f}), "
                 f"fraction {floor.sum() / wall.sum():.3f}, {(wall - floor).sum() / 1e3:.2f} s over"
+            )
+        for band in chunk_bands(cols):
+            lines.append(
+                f"      {band['tokens']:>8} tokens: {band['steps']:4d} steps, median {band['median_wall_ms']:.2f} ms "
+                f"(floor {band['median_floor_ms']:.2f}), {band['excess_s']:.2f} s over"
             )
         for band in decode_bands(cols):
             lines.append(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.trace_steps import decode_bands, outliers, report, step_columns
+from bench.trace_steps import chunk_bands, decode_bands, outliers, report, step_columns
 
 
 def record() -> dict:
@@ -24,7 +24,7 @@ def record() -> dict:
         "adapters": [1] * 22,
         "wall_ms": wall,
         "floor_ms": floor,
-        "blocked_ms": [3.0] * 22,
+        "blocked_ms": [3.0, 3.0, 6.5] + [3.0] * 11 + [6.0] + [3.0] * 7,
     }
 
 
@@ -47,6 +47,16 @@ def test_outliers_counted_and_capped_at_the_median_excess():
     assert out["roofline"] == pytest.approx(110.0 / wall.sum())
     assert out["roofline_without"] == pytest.approx(110.0 / (wall.sum() - 7.0))
     assert sum(out["by_time"]) == 2 and out["by_time"][0] == 1  # the 3rd step ends in the first 50 ms
+    assert out["blocked_median_ms"] == pytest.approx(6.25) and out["others_blocked_median_ms"] == 3.0
+
+
+def test_chunk_bands_split_by_tokens():
+    rec = record()
+    rec["tokens"][-1] = 90
+    bands = chunk_bands(step_columns(rec))
+    assert [b["tokens"] for b in bands] == ["1-99", "160-229"]
+    assert [b["steps"] for b in bands] == [1, 1]
+    assert bands[0]["excess_s"] == pytest.approx(4.0 / 1e3) and bands[1]["median_wall_ms"] == 9.0
 
 
 def test_report_reads_a_result_file(tmp_path):
@@ -57,6 +67,8 @@ def test_report_reads_a_result_file(tmp_path):
     lines = report(str(path))
     assert "n = 5: roofline" in lines[1] and "2 decode steps > 1.0 ms" in lines[1]
     assert any("chunk steps: 2 steps" in line for line in lines)
+    assert any("160-229 tokens:    2 steps" in line for line in lines)
+    assert any("waited 6.25 ms (median) on the outliers, 3.00" in line for line in lines)
     assert "no per-step record" in lines[-1]
 
 
