@@ -59,16 +59,16 @@ def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: flo
     capped[mine] = floor[mine] + median
     at = np.cumsum(wall) / 1e3  # when each step ended, in seconds of step time
     edges = np.arange(0.0, at[-1] + bins_s, bins_s) if len(at) else np.array([0.0, bins_s])
-    blocked = cols.get("blocked_ms")
     waits = {}
-    if blocked is not None and mine.any() and (decode & ~mine).any():
-        # the host's wait on a step: longer than on the others when the device itself took longer (it
-        # asked at the usual time); no longer when the host launched late (then the step's wall counts
-        # the launch call, not the device's idle time before it)
-        waits = {
-            "blocked_median_ms": float(np.median(blocked[mine])),
-            "others_blocked_median_ms": float(np.median(blocked[decode & ~mine])),
-        }
+    if mine.any() and (decode & ~mine).any():
+        # blocked: the host's wait on a step - longer than on the others when the device itself took
+        # longer (it asked at the usual time); no longer when the host launched late (then the step's
+        # wall counts the launch call, not the device's idle time before it). launch: the launch call's
+        # host time, where XLA updates the step's command buffer
+        for column, key in (("blocked_ms", "blocked"), ("launch_ms", "launch")):
+            if column in cols:
+                waits[f"{key}_median_ms"] = float(np.median(cols[column][mine]))
+                waits[f"others_{key}_median_ms"] = float(np.median(cols[column][decode & ~mine]))
     return {
         **waits,
         "threshold_ms": threshold_ms,
@@ -150,6 +150,12 @@ def report(path: str, threshold_ms: float = 1.0) -> list[str]:
             lines.append(
                 f"    the host waited {out['blocked_median_ms']:.2f} ms (median) on the outliers, "
                 f"{out['others_blocked_median_ms']:.2f} on the other decode steps"
+                + (
+                    f"; their launch calls took {out['launch_median_ms']:.2f} ms against "
+                    f"{out['others_launch_median_ms']:.2f}"
+                    if "launch_median_ms" in out
+                    else ""
+                )
             )
         mixed = cols["kind"] == "m"
         if mixed.any():

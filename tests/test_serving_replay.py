@@ -27,6 +27,7 @@ def test_replay_records_every_step(tiny):  # noqa: F811
     assert sum(steps["wall_ms"]) / 1e3 == pytest.approx(out["step_wall_s"], rel=1e-3)
     assert sum(steps["floor_ms"]) / 1e3 == pytest.approx(out["roofline_s"], rel=1e-3)
     assert all(b >= 0 for b in steps["blocked_ms"])
+    assert len(steps["launch_ms"]) == out["steps"] and all(t > 0 for t in steps["launch_ms"])
     decode = out["by_kind"]["decode"]
     walls = [w for k, w in zip(steps["kind"], steps["wall_ms"]) if k == "d"]
     assert decode["median_step_ms"] == pytest.approx(float(np.median(walls)), abs=2e-3)

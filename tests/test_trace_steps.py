@@ -48,6 +48,11 @@ def test_outliers_counted_and_capped_at_the_median_excess():
     assert out["roofline_without"] == pytest.approx(110.0 / (wall.sum() - 7.0))
     assert sum(out["by_time"]) == 2 and out["by_time"][0] == 1  # the 3rd step ends in the first 50 ms
     assert out["blocked_median_ms"] == pytest.approx(6.25) and out["others_blocked_median_ms"] == 3.0
+    assert "launch_median_ms" not in out  # a result from before the launch call was recorded
+    rec = record()
+    rec["launch_ms"] = [1.0, 1.0, 3.0] + [1.0] * 11 + [2.0] + [1.0] * 7
+    out = outliers(step_columns(rec))
+    assert out["launch_median_ms"] == pytest.approx(2.5) and out["others_launch_median_ms"] == 1.0
 
 
 def test_chunk_bands_split_by_tokens():
