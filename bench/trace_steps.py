@@ -24,26 +24,33 @@ def step_columns(per_step: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_bands(cols: dict[str, np.ndarray], bands=BANDS) -> list[dict]:
-    """Decode steps by rows: steps, mean wall and floor (ms), floor fraction, seconds above the floor."""
+def step_bands(cols: dict[str, np.ndarray], kind: str, bands) -> list[dict]:
+    """Steps of one kind ("d", "m") by their tokens, one row per (lo, hi) band holding any: the band,
+    steps, mean and median wall and floor (ms), floor fraction, seconds above the floor."""
     rows = []
-    decode = cols["kind"] == "d"
     for lo, hi in bands:
-        mine = decode & (cols["tokens"] >= lo) & (cols["tokens"] <= hi)
+        mine = (cols["kind"] == kind) & (cols["tokens"] >= lo) & (cols["tokens"] <= hi)
         if not mine.any():
             continue
         wall, floor = cols["wall_ms"][mine], cols["floor_ms"][mine]
         rows.append(
             {
-                "rows": f"{lo}-{hi}",
+                "band": f"{lo}-{hi}" if hi < 10**6 else f"{lo}+",
                 "steps": int(mine.sum()),
                 "wall_ms": float(wall.mean()),
                 "floor_ms": float(floor.mean()),
+                "median_wall_ms": float(np.median(wall)),
+                "median_floor_ms": float(np.median(floor)),
                 "fraction": float(floor.sum() / wall.sum()),
                 "excess_s": float((wall - floor).sum() / 1e3),
             }
         )
     return rows
+
+
+def decode_bands(cols: dict[str, np.ndarray], bands=BANDS) -> list[dict]:
+    """Decode steps by rows (step_bands)."""
+    return step_bands(cols, "d", bands)
 
 
 def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: float = 2.0) -> dict:
@@ -85,25 +92,9 @@ CHUNK_BANDS = ((1, 99), (100, 159), (160, 229), (230, 10**6))  # a chunk step's 
 
 
 def chunk_bands(cols: dict[str, np.ndarray], bands=CHUNK_BANDS) -> list[dict]:
-    """Steps that carry prompt chunks by their tokens (the 64 / 128 / 192 / 256 chunk buckets plus the
-    decode rows): steps, median wall and floor (ms), seconds above the floor."""
-    rows = []
-    mixed = cols["kind"] == "m"
-    for lo, hi in bands:
-        mine = mixed & (cols["tokens"] >= lo) & (cols["tokens"] <= hi)
-        if not mine.any():
-            continue
-        wall, floor = cols["wall_ms"][mine], cols["floor_ms"][mine]
-        rows.append(
-            {
-                "tokens": f"{lo}-{hi}" if hi < 10**6 else f"{lo}+",
-                "steps": int(mine.sum()),
-                "median_wall_ms": float(np.median(wall)),
-                "median_floor_ms": float(np.median(floor)),
-                "excess_s": float((wall - floor).sum() / 1e3),
-            }
-        )
-    return rows
+    """Steps that carry prompt chunks by their tokens, the 64 / 128 / 192 / 256 chunk buckets plus the
+    decode rows (step_bands)."""
+    return step_bands(cols, "m", bands)
 
 
 def recount_floor(result: dict, cols: dict[str, np.ndarray]) -> bool:
@@ -166,12 +157,12 @@ def report(path: str, threshold_ms: float = 1.0) -> list[str]:
             )
         for band in chunk_bands(cols):
             lines.append(
-                f"      {band['tokens']:>8} tokens: {band['steps']:4d} steps, median {band['median_wall_ms']:.2f} ms "
+                f"      {band['band']:>8} tokens: {band['steps']:4d} steps, median {band['median_wall_ms']:.2f} ms "
                 f"(floor {band['median_floor_ms']:.2f}), {band['excess_s']:.2f} s over"
             )
         for band in decode_bands(cols):
             lines.append(
-                f"    decode rows {band['rows']:>5}: {band['steps']:5d} steps, {band['wall_ms']:.2f} ms "
+                f"    decode rows {band['band']:>5}: {band['steps']:5d} steps, {band['wall_ms']:.2f} ms "
                 f"(floor {band['floor_ms']:.2f}), fraction {band['fraction']:.3f}, {band['excess_s']:.2f} s over"
             )
     return lines

@@ -30,7 +30,7 @@ def record() -> dict:
 
 def test_decode_bands_split_by_rows():
     bands = decode_bands(step_columns(record()))
-    assert [b["rows"] for b in bands] == ["1-8", "17-24"]
+    assert [b["band"] for b in bands] == ["1-8", "17-24"]
     assert [b["steps"] for b in bands] == [10, 10]
     assert bands[0]["wall_ms"] == pytest.approx((9 * 5.5 + 9.0) / 10)
     assert bands[1]["excess_s"] == pytest.approx((9 * 0.5 + 4.0) / 1e3)
@@ -59,7 +59,7 @@ def test_chunk_bands_split_by_tokens():
     rec = record()
     rec["tokens"][-1] = 90
     bands = chunk_bands(step_columns(rec))
-    assert [b["tokens"] for b in bands] == ["1-99", "160-229"]
+    assert [b["band"] for b in bands] == ["1-99", "160-229"]
     assert [b["steps"] for b in bands] == [1, 1]
     assert bands[0]["excess_s"] == pytest.approx(4.0 / 1e3) and bands[1]["median_wall_ms"] == 9.0
 
