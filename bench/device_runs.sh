@@ -32,6 +32,14 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 : "${JLORA_COMMIT:?set JLORA_COMMIT: the checkout travels without .git}"
 : "${OUT:?run through the device tool, which sets OUT}"
 marker=$(mktemp)
+# XLA's GEMM autotuning: AUTOTUNE=dump writes what this call's compiles chose to $OUT/xla-autotune.textproto
+# (commit it under bench/autotune/); AUTOTUNE=FILE loads such a file, so that the compiles skip the search
+# and every run of a shape gets the same GEMM kernels
+case "${AUTOTUNE:-}" in
+  "") ;;
+  dump) export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dump_autotune_results_to=$OUT/xla-autotune.textproto" ;;
+  *) export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_load_autotune_results_from=$(realpath "$AUTOTUNE")" ;;
+esac
 save() { find bench/results -newer "$marker" -type f -exec cp {} "$OUT/" \; ; }
 run() { echo "== $*"; "$@" 2>&1 | grep -vE "Warning|warn\(" | tail -"${TAIL:-12}"; save; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -60,7 +68,7 @@ trace_ab() {
   read -ra base <<< "${BASE:-}"  # mixed_step flags every run takes, e.g. --adapters 5 --ranks 16,32,64
   for i in "${!sets[@]}"; do
     if [ "$kind" = xla ]; then
-      XLA_FLAGS="${sets[$i]}" TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
+      XLA_FLAGS="${XLA_FLAGS:-} ${sets[$i]}" TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
         --tag="-xla-$i"
     else  # shellcheck disable=SC2086  # a set holds several flags
       TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
@@ -75,7 +83,7 @@ trace_ab() {
 
 # the optimised HLO of a 2-layer step (decode and chunk steps), for reading its fusions
 step_hlo() {
-  XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*" TAIL=2 \
     run python3 -m bench.mixed_step --layers 2 --decodes 17 --prompt 256 --prompts 1 --chunk 128 --tag=-ab-hlo
   find "$OUT/hlo" -type f ! -name "*after_optimizations.txt" -delete 2>/dev/null; ls -la "$OUT/hlo" | head
 }
@@ -192,7 +200,7 @@ case "${1:-}" in
       --lora-tunables "$OUT/lora.json" --tag=-tiers
     ;;
   slora-cublas)  # slora with XLA's cuBLAS GEMMs instead of its Triton GEMM fusions (decode-7b: 6.67 vs 6.85 ms base)
-    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false slora_trace
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" slora_trace
     ;;
   slora)  # RATE (default 8) offered at every n; CHUNK (default 256) prompt tokens per step; BATCH (32) rows
     slora_trace
@@ -206,7 +214,7 @@ case "${1:-}" in
     for m in on off; do TAIL=22 run python3 -m bench.mixed_step --mixed-steps $m --tag=-$m; done
     ;;
   cmdbuf)
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL TAIL=30 \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL" TAIL=30 \
       run python3 -m bench.decode_7b --impl auto --layer-loop unrolled --profile --tag=-cmdbuf
     ;;
   mg)
