@@ -10,7 +10,9 @@ chunks takes that plus --chunk-fixed-ms plus --row-us per computed row (decode r
 rows) past --ridge-rows, where the weight GEMMs turn compute-bound. Host time is not modelled (the
 runner overlaps it). The defaults are refitted to slora-trace-llama2-7b-20261204T181332.json at n = 1,000
 (rank 8: 0.904 predicted, 0.903 measured; chunk steps 8.85 against 8.90 ms); its n = 5 (ranks 16-64)
-fits --decode-share 0.93 --chunk-fixed-ms 2.0 (0.872 predicted, 0.876 measured).
+fits --decode-share 0.93 --chunk-fixed-ms 2.0 (0.872 predicted, 0.876 measured). With --pad-row-us 20 each
+decode row a step pads to its bucket (--decode-buckets, --mixed-decode-buckets) is priced apart: n = 5
+then fits --decode-share 0.95 (0.870), and decode buckets 8,16,24,32 predict 0.878.
 
 python -m bench.schedule_model [--n 1000] [--chunk 256] [--chunk-buckets 64,128,192] [--prefill-seqs 1]
 """
@@ -40,6 +42,9 @@ class StepCosts:
     chunk_fixed_ms: float = 1.5  # what carrying prompt chunks adds to a step, whatever their length
     row_us: float = 19.0  # each computed row past the ridge (2 x 6.7 GFLOP at ~700 TFLOP/s)
     ridge_rows: int = 130
+    # each decode row a step pads to its bucket (0: not modelled apart, inside decode_share); the
+    # per-step records of slora-trace put it at ~20 us (a step's excess over its floor by row count)
+    pad_row_us: float = 0.0
 
 
 def replay(
@@ -56,6 +61,8 @@ def replay(
     ranks: tuple[int, ...] = (8, 16, 32, 64),
     mixed_up_to: int = 100,
     weight_bytes: int | None = None,
+    decode_buckets: tuple[int, ...] = (16, 32),
+    mixed_decode_buckets: tuple[int, ...] = (16, 32),
 ) -> dict:
     """Replay the trace; the modelled steps, their floors and times, and the roofline fraction."""
     config = PRESETS[model]
@@ -109,6 +116,11 @@ def replay(
             costs.copy_TBps * 1e12
         )
         seconds = floor / costs.decode_share
+        if s.decodes and costs.pad_row_us:
+            rows_bucket = min(
+                b for b in (mixed_decode_buckets if s.prefills else decode_buckets) if b >= len(s.decodes)
+            )
+            seconds += costs.pad_row_us * 1e-6 * (rows_bucket - len(s.decodes))
         kind = "decode"
         if s.prefills:
             kind = "mixed" if s.decodes else "prefill"
@@ -153,13 +165,21 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--chunk-buckets", default="64,128,192")
     ap.add_argument("--prefill-seqs", type=int, default=1, choices=(1, 2, 4))
+    ap.add_argument(
+        "--decode-buckets", default="16,32", help="decode-only steps' row buckets (with --pad-row-us)"
+    )
+    ap.add_argument("--mixed-decode-buckets", default="16,32", help="mixed steps' decode-row buckets")
     for field in dataclasses.fields(StepCosts):
         ap.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = ap.parse_args()
     costs = StepCosts(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StepCosts)})
     buckets = tuple(int(v) for v in args.chunk_buckets.split(",") if v)
+    rows = {
+        key: tuple(int(v) for v in getattr(args, key).split(",") if v)
+        for key in ("decode_buckets", "mixed_decode_buckets")
+    }
     result = replay(
-        args.model, args.n, args.rate, args.duration, args.chunk, buckets, args.prefill_seqs, costs
+        args.model, args.n, args.rate, args.duration, args.chunk, buckets, args.prefill_seqs, costs, **rows
     )
     print(json.dumps({"costs": dataclasses.asdict(costs), **result}, indent=1))
 

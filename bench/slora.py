@@ -23,6 +23,11 @@ DISTINCT = 4  # distinct folders per rank
 LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
+def row_buckets(spec: str, batch: int) -> tuple[int, ...]:
+    """A comma list of row buckets as the engine takes them: those under batch, and batch."""
+    return tuple(sorted({int(v) for v in spec.split(",") if v and int(v) < batch} | {batch}))
+
+
 def build_engine(model: str, args):
     import jax
     import jax.numpy as jnp
@@ -47,7 +52,8 @@ def build_engine(model: str, args):
         num_pages=args.pages,
         max_model_len=max_len,
         max_batch=args.batch,
-        decode_batch_buckets=tuple(sorted({min(16, args.batch), args.batch})),
+        decode_batch_buckets=row_buckets(args.decode_buckets, args.batch),
+        mixed_decode_batch_buckets=row_buckets(args.mixed_decode_buckets, args.batch),
         # a lone chunk computes its own rows, not four (mixed steps)
         prefill_batch_buckets=tuple(b for b in (1, 2, 4) if b <= args.prefill_seqs),
         prefill_chunk_buckets=args.chunk_buckets,
@@ -105,6 +111,8 @@ def make_payload(
             "materialize_norms": args.materialize_norms,
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
+            "decode_buckets": row_buckets(args.decode_buckets, args.batch),
+            "mixed_decode_buckets": row_buckets(args.mixed_decode_buckets, args.batch),
             "prefill_seqs": args.prefill_seqs,
             "attention_tunables": args.attention_tunables,
             "attention_tunables_used": attention_tunables_record(),
@@ -151,6 +159,17 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="prompt tokens per step, all sequences together")
     ap.add_argument(
         "--prefill-seqs", type=int, default=4, choices=(1, 2, 4), help="sequences whose prompts share a step"
+    )
+    ap.add_argument(
+        "--decode-buckets",
+        default="8,16,24,32",
+        help="decode-only steps' row buckets (those under --batch, and --batch): a padded row costs ~20 us "
+        "a step on the H200, and each bucket a compile per rank bucket",
+    )
+    ap.add_argument(
+        "--mixed-decode-buckets",
+        default="16,32",
+        help="the decode rows' buckets in mixed steps (as --decode-buckets; each a compile per chunk bucket)",
     )
     ap.add_argument(
         "--chunk-buckets",

@@ -211,6 +211,11 @@ class EngineConfig:
     max_model_len: int = 2048
     max_batch: int = 8  # running sequences
     decode_batch_buckets: tuple[int, ...] = (1, 8)
+    # the decode rows' buckets in mixed steps (None: decode_batch_buckets). A padded decode row costs
+    # ~20 us a step on the H200 (slora-trace's per-step records, bench/RESULTS.md), so decode-only steps
+    # want fine buckets; a mixed step's buckets multiply with the prompt-chunk buckets, so they can
+    # stay coarse
+    mixed_decode_batch_buckets: tuple[int, ...] | None = None
     prefill_batch_buckets: tuple[int, ...] = (1,)
     prefill_chunk_buckets: tuple[int, ...] = (128,)  # the largest is the per-step prefill budget
     page_buckets: tuple[int, ...] | None = None  # pages per sequence; None: powers of 4 up to the max
@@ -299,9 +304,19 @@ class EngineConfig:
             p *= 4
         return (*buckets, top)
 
+    def resolved_mixed_decode_buckets(self) -> tuple[int, ...]:
+        """The decode rows' buckets in mixed steps."""
+        return self.mixed_decode_batch_buckets or self.decode_batch_buckets
+
     def validate(self) -> None:
         if max(self.decode_batch_buckets) < self.max_batch:
             raise ValueError("the largest decode batch bucket must hold max_batch")
+        mixed = self.resolved_mixed_decode_buckets()
+        if not self.max_batch <= max(mixed) <= max(self.decode_batch_buckets):
+            raise ValueError(
+                f"the largest mixed-step decode bucket ({max(mixed)}) must hold max_batch "
+                f"({self.max_batch}) and be at most the largest decode bucket ({max(self.decode_batch_buckets)})"
+            )
         if self.num_pages < 2:
             raise ValueError("num_pages must be >= 2 (page 0 is reserved)")
         if self.layer_loop not in ("scan", "unrolled", "auto"):

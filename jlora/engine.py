@@ -322,7 +322,7 @@ class PagedEngine:
                     if self.mixed_steps:
                         out += [
                             Bucket("mixed", d, t, p, r, draw, prefill_batch=b)
-                            for d in c.decode_batch_buckets
+                            for d in c.resolved_mixed_decode_buckets()
                             for b in c.prefill_batch_buckets
                             for t in c.prefill_chunk_buckets
                         ]
@@ -538,9 +538,10 @@ class PagedEngine:
         """One call over (kind, chunks) parts: one part, or decode rows then prefill chunks (mixed)."""
         c = self.config
         shapes = []  # (rows, tokens per row) of each part's bucket
+        decode_buckets = c.decode_batch_buckets if len(parts) == 1 else c.resolved_mixed_decode_buckets()
         for kind, chunks in parts:
             if kind == "decode":
-                shapes.append((_smallest(c.decode_batch_buckets, len(chunks)), 1))
+                shapes.append((_smallest(decode_buckets, len(chunks)), 1))
             else:
                 t = _smallest(c.prefill_chunk_buckets, max(len(ch.tokens) for ch in chunks))
                 shapes.append((_smallest(c.prefill_batch_buckets, len(chunks)), t))

@@ -226,6 +226,42 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     memory.check_invariants()
 
 
+def test_decode_steps_take_finer_buckets_than_mixed_steps(tiny, monkeypatch):
+    """mixed_decode_batch_buckets: decode-only steps pad their rows to the fine decode buckets, mixed
+    steps' decode rows to their own coarser ones (fewer mixed executables); tokens and log-probs as the
+    reference's."""
+    loaded, paths, reference = tiny
+    config = small_config(
+        decode_batch_buckets=(2, 4),
+        mixed_decode_batch_buckets=(4,),
+        mixed_steps="on",
+        lora_rank_buckets=(64,),
+    )
+    engine = jlora.Engine(loaded, config)
+    names = set(engine.paged.compiled)
+    assert {n for n in names if n.startswith("mixed_")} == {n for n in names if n.startswith("mixed_b4+")}
+    assert any(n.startswith("decode_b2_") for n in names) and any(n.startswith("decode_b4_") for n in names)
+    used = []
+    launch = engine.paged.launch
+    monkeypatch.setattr(
+        engine.paged, "launch", lambda calls: used.extend(c.bucket for c in calls) or launch(calls)
+    )
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    reqs = requests(8, seed=5)
+    got = run_staggered(engine, reqs)
+    for (prompt, p, adapter), state in zip(reqs, got):
+        want = reference.generate([prompt], p, adapters=[adapter])[0]
+        assert state.generated == want.token_ids, (adapter, len(prompt))
+        assert np.abs(np.array(state.logprobs) - np.array(want.logprobs)).max() < 1e-4
+    assert any(b.startswith("decode_b2_") for b in used)
+    assert any(b.startswith("mixed_b4+") for b in used)
+    with pytest.raises(ValueError, match="mixed-step decode bucket"):
+        small_config(decode_batch_buckets=(2, 4), mixed_decode_batch_buckets=(2,)).validate()
+    with pytest.raises(ValueError, match="mixed-step decode bucket"):
+        small_config(decode_batch_buckets=(4,), mixed_decode_batch_buckets=(8,)).validate()
+
+
 @pytest.mark.parametrize(
     "modules,norms",
     [

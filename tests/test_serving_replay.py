@@ -90,3 +90,12 @@ def test_mixed_step_interleave_summary_sorts_periods_by_position_after_a_chunk()
     assert out["decode_after_1"]["steps"] == 2 and out["decode_after_1"]["median_ms"] == pytest.approx(6.5)
     assert out["decode_after_2"]["median_ms"] == pytest.approx(5.5)
     assert out["decode_later"]["steps"] == 2 and out["decode_later"]["mean_ms"] == pytest.approx(5.15)
+
+
+def test_slora_row_buckets_keep_those_under_the_batch_and_the_batch():
+    from bench.slora import row_buckets
+
+    assert row_buckets("8,16,24,32", 32) == (8, 16, 24, 32)
+    assert row_buckets("8,16,24,32", 16) == (8, 16)
+    assert row_buckets("16,32", 8) == (8,)
+    assert row_buckets("", 12) == (12,)
