@@ -116,6 +116,10 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
     assert [r["n"] for r in out["runs"]] == [5, 2000]
     assert out["T4"] == {"roofline_fraction_min": 0.53, "slo_at_largest_n": 1.0, "met": False}
     assert list(tmp_path.glob("slora-trace-llama2-7b-*-adapters.png"))
+    assert "decode_buckets" not in out["workload"]  # a partial file from before the row-bucket flags
+    newer = types.SimpleNamespace(**vars(args), decode_buckets="8,16,24,32", mixed_decode_buckets="16,32")
+    workload = make_payload(newer, {"copy_TBps": 2.9}, 1, 9.0, runs)["workload"]
+    assert workload["decode_buckets"] == (8, 16, 24, 32) and workload["mixed_decode_buckets"] == (16, 32)
 
 
 def _fake_trace(monkeypatch, tmp_path):
