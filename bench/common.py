@@ -110,7 +110,8 @@ def result_json(record: dict[str, Any]) -> str:
 
 def add_attention_tunables_argument(ap: Any) -> None:
     """--attention-tunables on an argparse parser: JSON fields of the decode attention kernel's tuned
-    shapes to replace for the run (override_attention_tunables applies them)."""
+    shapes to replace for the run, and --prefill-tunables likewise for the prefill kernel
+    (override_attention_tunables applies both)."""
     ap.add_argument(
         "--attention-tunables",
         default=None,
@@ -176,33 +177,25 @@ def add_step_form_arguments(ap: Any) -> None:
     )
 
 
-def override_attention_tunables(fields_json: str | None) -> None:
-    """The decode attention kernel's tuned shapes for page 16, head_dim 128 with the JSON's fields
-    (AttentionTunables) in place of theirs, before an engine traces its steps; None leaves them."""
-    if not fields_json:
-        return
+def override_attention_tunables(args: Any) -> None:
+    """The attention kernels' tuned shapes for page 16, head_dim 128 with the fields of the run's
+    --attention-tunables (decode, AttentionTunables) and --prefill-tunables (prefill, PrefillTunables,
+    every head group) in place of theirs, before an engine traces its steps; a flag not given leaves
+    its kernel's shapes as they are."""
     import dataclasses
 
     from pallas_kernels.paged_attention import kernel as attention_kernel
-
-    tuned = attention_kernel.tunables_for(16, 128)
-    attention_kernel.TUNED[(16, 128)] = dataclasses.replace(tuned, **json.loads(fields_json))
-    print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
-
-
-def override_prefill_tunables(fields_json: str | None) -> None:
-    """The prefill attention kernel's tuned shapes for page 16, head_dim 128 (every head group) with the
-    JSON's fields (PrefillTunables) in place of theirs, before an engine traces its steps."""
-    if not fields_json:
-        return
-    import dataclasses
-
     from pallas_kernels.paged_attention import prefill_kernel
 
-    for key, tuned in list(prefill_kernel.TUNED.items()):
-        if key[:2] == (16, 128):
-            prefill_kernel.TUNED[key] = dataclasses.replace(tuned, **json.loads(fields_json))
-    print("prefill tunables:", prefill_kernel.TUNED, flush=True)
+    if args.attention_tunables:
+        tuned = attention_kernel.tunables_for(16, 128)
+        attention_kernel.TUNED[(16, 128)] = dataclasses.replace(tuned, **json.loads(args.attention_tunables))
+        print("attention tunables:", attention_kernel.TUNED[(16, 128)], flush=True)
+    if args.prefill_tunables:
+        for key, tuned in list(prefill_kernel.TUNED.items()):
+            if key[:2] == (16, 128):
+                prefill_kernel.TUNED[key] = dataclasses.replace(tuned, **json.loads(args.prefill_tunables))
+        print("prefill tunables:", prefill_kernel.TUNED, flush=True)
 
 
 def prefill_tunables_record() -> dict[str, Any]:

@@ -117,7 +117,6 @@ def main() -> None:
         lora_tiers_record,
         override_attention_tunables,
         override_lora_fields,
-        override_prefill_tunables,
         prefill_tunables_record,
         step_weight_bytes,
         write_result,
@@ -135,8 +134,7 @@ def main() -> None:
     n_adapters = min(args.adapters or args.decodes, args.decodes)
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
-    override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
-    override_prefill_tunables(args.prefill_tunables)
+    override_attention_tunables(args)  # before the engine traces its steps
     override_lora_fields(args.lora_fields)
     if args.decode_lengths == "trace":
         decode_prompts = [int(n) for n in trace_lengths(args.decodes, args.decodes)]

@@ -218,7 +218,6 @@ def main() -> None:
     from bench.common import (
         override_attention_tunables,
         override_lora_fields,
-        override_prefill_tunables,
         run_record,
         write_result,
     )
@@ -229,8 +228,7 @@ def main() -> None:
     from checkpoints.peft import write_random_peft_adapter
 
     bw = bandwidth()
-    override_attention_tunables(args.attention_tunables)  # before the engine traces its steps
-    override_prefill_tunables(args.prefill_tunables)
+    override_attention_tunables(args)  # before the engine traces its steps
     override_lora_fields(args.lora_fields)
     engine, weight_bytes, startup = build_engine(args.model, args)
     c = engine.config
