@@ -89,35 +89,30 @@ def _write_pages(
     return jax.lax.fori_loop(0, size, page, pool)
 
 
-def write_sizes(n_pages: int, largest: int = WRITE_CHUNK) -> list[int]:
-    """Write block sizes covering n_pages: each the largest power of two from WRITE_CHUNK to `largest`
-    that the pages left fill, the last rounded up to WRITE_CHUNK (its padding pages, zeros, are written
-    into the zero page)."""
-    sizes, left = [], n_pages
-    while left > 0:
-        size = WRITE_CHUNK
-        while size * 2 <= min(left, largest):
-            size *= 2
-        sizes.append(size)
-        left -= size
-    return sizes
-
-
 def write_block_sizes(largest: int = WRITE_CHUNK) -> list[int]:
-    """Every block size write_sizes can give under `largest`: the shapes the writer compiles for."""
+    """The write block sizes under `largest`: powers of two from WRITE_CHUNK, the shapes the writer
+    compiles for."""
     sizes = [WRITE_CHUNK]
     while sizes[-1] * 2 <= largest:
         sizes.append(sizes[-1] * 2)
     return sizes
 
 
+def write_sizes(n_pages: int, largest: int = WRITE_CHUNK) -> list[int]:
+    """Write block sizes covering n_pages: each the largest of write_block_sizes(largest) that the pages
+    left fill, the last WRITE_CHUNK at least (its padding pages, zeros, are written into the zero page)."""
+    ladder, sizes, left = write_block_sizes(largest), [], n_pages
+    while left > 0:
+        sizes.append(max((size for size in ladder if size <= left), default=WRITE_CHUNK))
+        left -= sizes[-1]
+    return sizes
+
+
 def largest_write(layout: PoolLayout, max_ranks: dict[str, int]) -> int:
-    """The largest write block an engine needs: its largest adapter's pages rounded up to a power of
-    two, within [WRITE_CHUNK, MAX_WRITE_PAGES]."""
-    pages, size = pack_rows(layout, max_ranks)[0], WRITE_CHUNK
-    while size < min(pages, MAX_WRITE_PAGES):
-        size *= 2
-    return size
+    """The largest write block an engine needs: the smallest block size that holds its largest adapter's
+    pages, MAX_WRITE_PAGES at most."""
+    pages, ladder = pack_rows(layout, max_ranks)[0], write_block_sizes(MAX_WRITE_PAGES)
+    return next((size for size in ladder if size >= pages), ladder[-1])
 
 
 def host_blocks(data: np.ndarray, largest: int = WRITE_CHUNK) -> list[np.ndarray]:
