@@ -111,12 +111,8 @@ def make_payload(
             "materialize_norms": args.materialize_norms,
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
-            # (a partial file from before these flags has neither)
-            **{
-                key: row_buckets(getattr(args, key), args.batch)
-                for key in ("decode_buckets", "mixed_decode_buckets")
-                if hasattr(args, key)
-            },
+            "decode_buckets": row_buckets(args.decode_buckets, args.batch),
+            "mixed_decode_buckets": row_buckets(args.mixed_decode_buckets, args.batch),
             "prefill_seqs": args.prefill_seqs,
             "attention_tunables": args.attention_tunables,
             "attention_tunables_used": attention_tunables_record(),

@@ -99,7 +99,7 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
         model="llama2-7b", rate=8.0, cv=1.0, alpha=1.0, duration=20.0, input=(8, 512), output=(8, 512),
         batch=32, pages=3000, impl="auto", layer_loop="unrolled", mixed_steps="auto", chunk=256,
         chunk_buckets=(128, 256), prefill_seqs=1, rows_in_place="mixed", materialize_norms="off", attention_tunables=None,
-        lora_fields=None,
+        lora_fields=None, decode_buckets="8,16,24,32", mixed_decode_buckets="16,32",
     )  # fmt: skip
     recorded = {"device": "gpu: NVIDIA H100 80GB HBM3", "date": "2026-11-26T08:45:59+00:00"}
     recorded |= {"commit": "76c12a1", "command": "python3 -m bench.slora --partial p.json"}
@@ -116,10 +116,10 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
     assert [r["n"] for r in out["runs"]] == [5, 2000]
     assert out["T4"] == {"roofline_fraction_min": 0.53, "slo_at_largest_n": 1.0, "met": False}
     assert list(tmp_path.glob("slora-trace-llama2-7b-*-adapters.png"))
-    assert "decode_buckets" not in out["workload"]  # a partial file from before the row-bucket flags
-    newer = types.SimpleNamespace(**vars(args), decode_buckets="8,16,24,32", mixed_decode_buckets="16,32")
-    workload = make_payload(newer, {"copy_TBps": 2.9}, 1, 9.0, runs)["workload"]
-    assert workload["decode_buckets"] == (8, 16, 24, 32) and workload["mixed_decode_buckets"] == (16, 32)
+    assert out["workload"]["decode_buckets"] == [8, 16, 24, 32]  # the row buckets under --batch 32
+    smaller = types.SimpleNamespace(**{**vars(args), "batch": 16})
+    workload = make_payload(smaller, {"copy_TBps": 2.9}, 1, 9.0, runs)["workload"]
+    assert workload["decode_buckets"] == (8, 16) and workload["mixed_decode_buckets"] == (16,)
 
 
 def _fake_trace(monkeypatch, tmp_path):
