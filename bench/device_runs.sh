@@ -139,7 +139,7 @@ case "${1:-}" in
     trace_ab args "${ARGSETS:?set ARGSETS}"
     ;;
   lora-ab)  # the LoRA kernel tests on the GPU, then slora-trace's n = 5 shape with each set of LoRA fields and without
-    run python3 -m pytest -q -x tests/test_lora_kernels.py ${LORATESTS:+-k "$LORATESTS"}
+    run python3 -m pytest -q -x tests/test_lora_kernels.py tests/test_mixed_rows.py ${LORATESTS:+-k "$LORATESTS"}
     sets=""
     IFS=';' read -ra lora_sets <<< "${LORASETS:?set LORASETS}"
     for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-LORA_KERNELS = ("bgmv", "sgmv")  # kernel names that are LoRA launches (bgmv_by_adapter_* included)
+LORA_KERNELS = ("bgmv", "sgmv", "mixed_lora")  # LoRA launches (bgmv_by_adapter_*, the mixed step's one launch)
 
 
 def lora_ms(profile: dict | None) -> float | None:

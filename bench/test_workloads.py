@@ -229,7 +229,7 @@ def test_schedule_model_charges_what_it_models():
 
 def test_step_summary_sums_the_lora_launches():
     """bench.step_summary: a mixed-step result's medians, floor fractions and LoRA launches a step (the
-    BGMV, SGMV and by-adapter kernels, not the others)."""
+    BGMV, SGMV, by-adapter and mixed-step one-launch kernels, not the others)."""
     from bench.step_summary import summary_row, table
 
     top = [
@@ -237,6 +237,7 @@ def test_step_summary_sums_the_lora_launches():
         {"kernel": "bgmv_expand", "ms_per_step": 0.25},
         {"kernel": "bgmv_by_adapter_shrink", "ms_per_step": 0.05},
         {"kernel": "sgmv_shrink_", "ms_per_step": 0.15},
+        {"kernel": "mixed_lora_expand_add", "ms_per_step": 0.1},
     ]
     result = {
         "name": "mixed-step-args-0",
@@ -247,7 +248,7 @@ def test_step_summary_sums_the_lora_launches():
         "profile": {"top": top},
     }
     row = summary_row(result)
-    assert row["decode_lora_ms"] == pytest.approx(0.30) and row["chunk_lora_ms"] == pytest.approx(0.45)
+    assert row["decode_lora_ms"] == pytest.approx(0.30) and row["chunk_lora_ms"] == pytest.approx(0.55)
     assert row["varied"] == '{"by_adapter_min_rank":64}' and row["decode_ms"] == 5.5
     assert row["ranks"] == "16,32,64" and row["name"] == "mixed-step-args-0"
     without = summary_row({"name": "n", "decode": {"median_ms": 1.0}})

@@ -21,6 +21,7 @@ from pallas_kernels.lora.kernel import (
     lora_prefill_kernel,
     sgmv_rows,
 )
+from pallas_kernels.lora.mixed_kernel import bgmv_sgmv_rows_add
 from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
 from pallas_kernels.paged_attention.prefill_kernel import (
@@ -307,3 +308,49 @@ def test_mixed_step_row_kernels_lower():
         *pre[3:],
         flat[0],
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "tunables",
+    [LoraTunables(mixed_launch=True), LoraTunables(mixed_launch=True, mixed_num_warps=1, out_units=2)],
+)
+def test_mixed_lora_launches_lower(dtype, tunables):
+    """A mixed step's BGMV and SGMV in one shrink and one expand launch (q/k/v of GQA: 17 decode rows of
+    rank bucket 64, then a 128-token chunk of rank 64)."""
+    h_outs, n_dec, k, t = (512, 128, 128), 17, 17 * 64, 128
+    n_all = n_dec + t
+    text = _lower_for_cuda(
+        lambda y, x, pool, layer, tok, a, b, off, ap, bp: bgmv_sgmv_rows_add(
+            y,
+            x,
+            pool,
+            layer,
+            tok,
+            a,
+            b,
+            off,
+            ap,
+            bp,
+            h_outs=h_outs,
+            max_rank=64,
+            rank=64,
+            seq_len=t,
+            decode_row_start=0,
+            prefill_row_start=n_dec,
+            decode_tunables=tunables,
+            prefill_tunables=tunables,
+        ),  # fmt: skip
+        S((n_all, sum(h_outs)), dtype),
+        S((n_all, 512), dtype),
+        S((LAYERS, UNITS, DH), dtype),
+        S((), I32),
+        S((3 * k,), I32),
+        S((3 * k,), I32),
+        S((3 * k,), I32),
+        S((3 * (n_dec + 1),), I32),
+        S((1, 256), I32),
+        S((1, 256), I32),
+    )
+    assert text.count("xla.gpu.triton") == 2
+    assert "mixed_lora_shrink" in text and "mixed_lora_expand_add" in text

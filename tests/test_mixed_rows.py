@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lora import (
+    LoraTunables,
     decode_offsets,
     lora_decode_group,
     lora_decode_group_add,
+    lora_mixed_group_add,
     lora_prefill_group,
     lora_prefill_group_add,
+    mixed_supported,
     prefill_group_width,
 )
 from pallas_kernels.paged_attention import paged_attention, paged_attention_rows
@@ -191,3 +194,92 @@ def test_rows_outside_the_arrays_raise():
             row_start=2,
             page_size=16,
         )
+
+
+def _prefill_starts(rng, batch, r, widths, used, h_in, dh, first_unit):
+    """A prompt batch's PrefillGroup columns (member m's used rows at [m * r, ...)) from first_unit on,
+    and the units they take."""
+    units_in, g = h_in // dh, len(widths)
+    width = prefill_group_width(g, r) if g > 1 else r
+    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    unit = first_unit
+    for m, h_out in enumerate(widths):
+        for i in range(batch):
+            for j in range(used[m][i]):
+                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
+                unit += units_in + h_out // dh
+    return jnp.asarray(a), jnp.asarray(b), unit - first_unit
+
+
+@pytest.mark.parametrize(
+    "widths,ranks,max_rank,batch,t,r,used,tunables",
+    [
+        # q/k/v of GQA: 7 decode rows of mixed ranks (one without), 2 chunks of 16 at rank 16
+        (
+            (64, 32, 32),
+            (0, 1, 4, 16),
+            16,
+            2,
+            16,
+            16,
+            ((16, 3), (5, 0), (16, 16)),
+            LoraTunables(mixed_launch=True),
+        ),
+        # o alone: 5 decode rows, one 32-token chunk at rank 32, both launches on 2 warps
+        ((64,), (2, 8), 8, 1, 32, 32, ((32,),), LoraTunables(mixed_launch=True, mixed_num_warps=2)),
+        # a chunk too short for the SGMV kernel: each batch's own launches
+        ((64,), (2, 8), 8, 2, 8, 16, ((4, 16),), LoraTunables(mixed_launch=True)),
+        # mixed_launch off: each batch's own launches
+        ((64, 32, 32), (1, 4), 4, 1, 16, 16, ((3,), (16,), (1,)), LoraTunables()),
+    ],
+)
+def test_mixed_launch_equals_each_batch_apart(widths, ranks, max_rank, batch, t, r, used, tunables):
+    """A mixed step's rows: decode rows first, then the prompt batch, then 3 rows of neither (kept). The
+    BGMV and SGMV deltas added in one shrink and one expand launch (lora_mixed_group_add) equal the
+    reference's, each batch apart, on the same pool."""
+    rng = np.random.default_rng(len(widths) * 100 + t)
+    h_in, dh, n_dec = 64, 16, 7 if len(widths) > 1 else 5
+    dec_ranks = [int(rng.choice(ranks)) for _ in range(n_dec)]
+    x_dec, pool, tok, a_all, b_all = _grouped_case(n_dec, dec_ranks, h_in, widths)
+    decode = (
+        jnp.concatenate(tok),
+        jnp.concatenate(a_all),
+        jnp.concatenate(b_all),
+        jnp.concatenate([decode_offsets(t_i, n_dec) for t_i in tok]),
+    )
+    a_pre, b_pre, used_units = _prefill_starts(rng, batch, r, widths, used, h_in, dh, pool.shape[1])
+    pool = jnp.concatenate([pool, _pool(rng, pool.shape[0], used_units, dh, jnp.float32)], axis=1)
+    layer = jnp.int32(1)
+    n_pre = batch * t
+    x_pre = jnp.asarray(rng.standard_normal((n_pre, h_in)), jnp.float32)
+    n_all = n_dec + n_pre + 3
+    x = _embed(rng, jnp.concatenate([x_dec, x_pre]), n_all, 0)
+    y = jnp.asarray(rng.standard_normal((n_all, sum(widths))), jnp.float32)
+    want_dec = lora_decode_group(
+        x_dec, pool, layer, *decode, widths, implementation="reference", max_rank=max_rank
+    )
+    want_pre = lora_prefill_group(
+        x_pre.reshape(batch, t, h_in), pool, layer, a_pre, b_pre, widths, r, implementation="reference"
+    ).reshape(n_pre, -1)
+
+    def mixed(y, x, pool):
+        return lora_mixed_group_add(
+            y, x, pool, layer, decode, (a_pre, b_pre), widths, decode_row_start=0, prefill_row_start=n_dec,
+            max_rank=max_rank, rank=r, seq_len=t, implementation=_impl(), tunables=tunables,
+        )  # fmt: skip
+
+    one_launch = mixed_supported(n_dec, max_rank, t, r, tunables, tunables)
+    assert ("mixed_lora_expand_add" in str(jax.make_jaxpr(mixed)(y, x, pool))) == one_launch
+    got = mixed(y, x, pool)
+    want = y[: n_dec + n_pre] + jnp.concatenate([want_dec, want_pre])
+    _check_rows(got, want, 0, n_dec + n_pre, y)
+
+
+def test_mixed_launch_only_where_both_batches_run_their_plain_kernels():
+    plain = LoraTunables(mixed_launch=True)
+    assert mixed_supported(17, 64, 128, 64, plain, plain)
+    assert not mixed_supported(17, 64, 128, 64, plain, LoraTunables())  # off in the chunk's tier
+    assert not mixed_supported(17, 64, 8, 16, plain, plain)  # chunk shorter than a tile
+    assert not mixed_supported(4, 16, 128, 16, LoraTunables(fused_max_tokens=8), plain)  # fused decode
+    assert not mixed_supported(17, 64, 128, 16, LoraTunables(by_adapter_min_rank=64), plain)
+    assert not mixed_supported(17, 16, 128, 16, LoraTunables(expand_backend="mosaic"), plain)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jlora
+import pallas_kernels.lora as lora_api
 from jlora import loader
 from jlora.config import EngineConfig
 from jlora.engine import PagedEngine
@@ -109,6 +110,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_by_adapter",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_lora_launch",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
         "kernels_interpret_lora_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
@@ -152,6 +154,17 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         lora_kernel, "bgmv_by_adapter", lambda *a, **k: by_adapter_calls.append(1) or real_by_adapter(*a, **k)
     )
     variant = variant.removesuffix("_by_adapter")
+    # _lora_launch: a mixed step's decode rows and prompt chunks in one shrink and one expand launch
+    lora_launch = variant.endswith("_lora_launch")
+    mixed_launches = []  # traced one-launch LoRA of a mixed step's two batches
+    if lora_launch:
+        tunables = LoraTunables(mixed_launch=True)
+        monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
+    real_mixed = lora_api.bgmv_sgmv_rows_add
+    monkeypatch.setattr(
+        lora_api, "bgmv_sgmv_rows_add", lambda *a, **k: mixed_launches.append(1) or real_mixed(*a, **k)
+    )
+    variant = variant.removesuffix("_lora_launch")
     # _rows_off: mixed steps split and join their batches; _rows_all: every step's kernels on rows in
     # place (default: mixed steps only)
     rows_in_place = (
@@ -182,6 +195,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         cpu_matmul="xla" if xla_matmul else "auto",
         rows_in_place=rows_in_place,
         materialize_norms=materialize_norms,
+        **({"prefill_chunk_buckets": (16,)} if lora_launch else {}),  # the SGMV kernel's 16-row tiles
     )
     import jlora.model.paged as paged_model
 
@@ -221,6 +235,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         assert stats["preemptions"] > 0 and stats["adapter_evictions"] > 0
     assert ("mixed" in kinds) == mixed and ("decode" in kinds and "prefill" in kinds)
     assert bool(by_adapter_calls) == by_adapter
+    assert bool(mixed_launches) == lora_launch
     memory = engine.paged.memory
     assert not memory.page_tables
     memory.check_invariants()

@@ -29,6 +29,7 @@ from pallas_kernels.lora import (
     lora_decode,
     lora_decode_group,
     lora_decode_group_add,
+    lora_mixed_group_add,
     lora_prefill,
     lora_prefill_group,
     lora_prefill_group_add,
@@ -92,11 +93,14 @@ class _BatchLora:
     """One batch's LoRA in a layer. deltas(modules, x [B, T, in], pool as of this point of the layer)
     -> the modules' deltas side by side, or None. add_rows(modules, x [N, in], y [N, out], pool,
     row_start, (B, T)) -> y with the deltas of the batch's rows [row_start, row_start + B*T) added (a
-    mixed step's batch; the kernels read x and add into y in place)."""
+    mixed step's batch; the kernels read x and add into y in place). direct(modules): the metadata that
+    add_rows hands to the kernels as it is (a group asked for whole, or one ungrouped projection), else
+    None."""
 
-    def __init__(self, deltas: Callable, add_rows: Callable):
+    def __init__(self, deltas: Callable, add_rows: Callable, direct: Callable):
         self.deltas = deltas
         self.add_rows = add_rows
+        self.direct = direct
 
 
 def _rank_bucket(meta: Any, members: int, n_tokens: int) -> int:
@@ -162,14 +166,17 @@ def _lora_for(
 
     row_inputs: dict[int, tuple[jax.Array, jax.Array]] = {}  # row_start -> (x, its rows as [B, T, in])
 
+    def direct(names: tuple[str, ...]) -> Any:
+        group = groups.get(names[0])
+        if group is not None and group.modules == names:
+            return group
+        return lora.get(names[0]) if len(names) == 1 and names[0] not in groups else None
+
     def add_rows(names, x, y, rows_pool, row_start: int, shape: tuple[int, int]) -> jax.Array:
         b, t = shape
-        group = groups.get(names[0])
-        meta = group if group is not None and group.modules == names else None
+        meta = direct(names)
         if meta is None and len(names) == 1 and names[0] not in groups:
-            meta = lora.get(names[0])
-            if meta is None:
-                return y
+            return y  # no LoRA on this projection
         if meta is None:  # members of a group asked for apart, or several ungrouped projections
             rows = slice(row_start, row_start + b * t)
             if row_inputs.get(row_start, (None,))[0] is not x:  # one slice, so a group launches once
@@ -186,7 +193,40 @@ def _lora_for(
         pairs = (meta.token_index, meta.a_start, meta.b_start, meta.offsets)
         return lora_decode_group_add(y, x, rows_pool, layer, *pairs, widths, max_rank=rank, **kw)
 
-    return _BatchLora(lora_fn, add_rows)
+    return _BatchLora(lora_fn, add_rows, direct)
+
+
+def _add_mixed_rows(fns, batches, starts, names, shapes, x, y, rows_pool, layer, impl) -> jax.Array | None:
+    """y with a mixed step's LoRA deltas added when its two batches are decode rows and prompt chunks
+    whose metadata go to the kernels as they are (lora_mixed_group_add: one shrink and one expand launch
+    for both where the tuned shapes say so); None otherwise."""
+    if len(fns) != 2 or any(fn is None for fn in fns):
+        return None
+    metas = [fn.direct(names) for fn in fns]
+    kinds = [isinstance(m, DecodeGroup | DecodeLora) for m in metas]
+    if not all(isinstance(m, DecodeGroup | DecodeLora | PrefillGroup | PrefillLora) for m in metas):
+        return None
+    if kinds.count(True) != 1:
+        return None
+    i_dec, i_pre = (0, 1) if kinds[0] else (1, 0)
+    dec, pre = metas[i_dec], metas[i_pre]
+    n_dec = batches[i_dec].tokens.shape[0] * batches[i_dec].tokens.shape[1]
+    b, t = batches[i_pre].tokens.shape
+    return lora_mixed_group_add(
+        y,
+        x,
+        rows_pool,
+        layer,
+        (dec.token_index, dec.a_start, dec.b_start, dec.offsets),
+        (pre.a_start, pre.b_start),
+        tuple(shapes[m][1] for m in names),
+        decode_row_start=starts[i_dec],
+        prefill_row_start=starts[i_pre],
+        max_rank=_rank_bucket(dec, len(names), n_dec),
+        rank=_rank_bucket(pre, len(names), b * t),
+        seq_len=t,
+        implementation=impl,
+    )
 
 
 class _Parts:
@@ -349,6 +389,11 @@ def forward_paged(
                     if last_split[0] is not x:  # the same flat array, so a group's slice is made once
                         last_split[:] = [x, x.reshape(n, -1)]
                     xf, yf = last_split[1], y.reshape(n, -1)
+                    mixed = _add_mixed_rows(
+                        fns, batches, parts.starts, names, shapes, xf, yf, rows_pool, layer, impl
+                    )
+                    if mixed is not None:
+                        return mixed.reshape(y.shape)
                     for fn, b, start in zip(fns, batches, parts.starts):
                         if fn is not None:
                             yf = fn.add_rows(names, xf, yf, rows_pool, start, b.tokens.shape)

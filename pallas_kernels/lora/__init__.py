@@ -5,6 +5,8 @@
 - lora_prefill: SGMV, one adapter per sequence chunk, rows read straight from the unified pool.
 - lora_decode_group_add / lora_prefill_group_add: the same deltas added into the rows of a larger
   output that one batch of a mixed step owns (the kernels read x and write y at a row offset, in place).
+- lora_mixed_group_add: both of a mixed step's batches (decode rows, prompt chunks) at once: one shrink
+  and one expand launch for the two where LoraTunables.mixed_launch says so (mixed_kernel.py).
 
 `implementation` is one of pallas_kernels.backend.IMPLEMENTATIONS.
 """
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import cpu_kernels, resolve
 from pallas_kernels.cpu import bgmv_group, lora_supported, sgmv
+from pallas_kernels.lora.grouped_kernel import by_adapter_supported
 from pallas_kernels.lora.kernel import (
     bgmv_shrink,
     expand_kernel,
@@ -24,6 +27,7 @@ from pallas_kernels.lora.kernel import (
     sgmv_rows,
     sgmv_supported,
 )
+from pallas_kernels.lora.mixed_kernel import bgmv_sgmv_rows_add
 from pallas_kernels.lora.reference import (
     lora_decode_expand_reference,
     lora_decode_reference,
@@ -41,6 +45,8 @@ __all__ = [
     "lora_decode_group",
     "lora_decode_group_add",
     "lora_decode_shrink",
+    "lora_mixed_group_add",
+    "mixed_supported",
     "lora_decode_reference",
     "lora_prefill",
     "lora_prefill_group",
@@ -468,3 +474,67 @@ def lora_prefill_group_add(
         row_start=row_start,
         interpret=path == "interpret",
     )
+
+
+def mixed_supported(
+    n_decode: int, max_rank: int, seq_len: int, rank: int, decode: LoraTunables, prefill: LoraTunables
+) -> bool:
+    """Whether a mixed step's decode rows and prompt chunks take one shrink and one expand launch: the
+    chunk's tier asks for it (prefill.mixed_launch), the chunks would run the SGMV kernels, and the
+    decode rows the plain BGMV shrink and Triton expand (not by adapter, not fused, not Mosaic)."""
+    by_adapter = 0 < decode.by_adapter_min_rank <= max_rank and by_adapter_supported(max_rank)
+    plain_bgmv = not by_adapter and n_decode > decode.fused_max_tokens and decode.expand_backend == "triton"
+    return prefill.mixed_launch and plain_bgmv and sgmv_supported(seq_len, rank, prefill)
+
+
+def lora_mixed_group_add(
+    y,
+    x,
+    pool,
+    layer,
+    decode: tuple,
+    prefill: tuple,
+    h_outs: tuple[int, ...],
+    *,
+    decode_row_start: int,
+    prefill_row_start: int,
+    max_rank: int,
+    rank: int,
+    seq_len: int,
+    implementation: str = "reference",
+    tunables: LoraTunables | None = None,
+) -> jax.Array:
+    """y [N_all, sum(h_outs)] with both batches of a mixed step added to their rows: decode = (token_index,
+    a_start, b_start, offsets) of lora_decode_group_add (rows decode_row_start .. + N), prefill = (a_start,
+    b_start) of lora_prefill_group_add (B sequences of seq_len rows from prefill_row_start). One shrink
+    and one expand launch for both where mixed_supported, else each batch's own launches. tunables: for
+    both batches (None: each batch's tier by its tokens)."""
+    g = len(h_outs)
+    token_index, a_dec, b_dec, offsets = decode
+    a_pre, b_pre = prefill
+    n_dec, n_pre = offsets.shape[0] // g - 1, a_pre.shape[0] * seq_len
+    dh = pool.shape[2]
+    dec_t = tunables or tunables_for(dh, n_dec)
+    pre_t = tunables or tunables_for(dh, n_pre)
+    path = resolve(implementation)
+    if path == "reference" or not mixed_supported(n_dec, max_rank, seq_len, rank, dec_t, pre_t):
+        y = lora_decode_group_add(
+            y, x, pool, layer, *decode, h_outs, row_start=decode_row_start, implementation=implementation,
+            tunables=tunables, max_rank=max_rank,
+        )  # fmt: skip
+        return lora_prefill_group_add(
+            y, x, pool, layer, *prefill, h_outs, rank, row_start=prefill_row_start, seq_len=seq_len,
+            implementation=implementation, tunables=tunables,
+        )  # fmt: skip
+    _check_rows(y, x, decode_row_start, n_dec, sum(h_outs))
+    _check_rows(y, x, prefill_row_start, n_pre, sum(h_outs))
+    _check_decode_group(n_dec, x, pool, token_index, a_dec, b_dec, offsets, h_outs)
+    width = rank if g == 1 else prefill_group_width(g, rank)
+    if a_pre.shape != b_pre.shape or a_pre.shape[1] != width:
+        raise ValueError(f"a_start {a_pre.shape} / b_start {b_pre.shape} must be [B, {width}]")
+    return bgmv_sgmv_rows_add(
+        y, x, pool, layer, token_index, a_dec, b_dec, offsets, a_pre, b_pre, h_outs=tuple(h_outs),
+        max_rank=max_rank, rank=rank, seq_len=seq_len, decode_row_start=decode_row_start,
+        prefill_row_start=prefill_row_start, decode_tunables=dec_t, prefill_tunables=pre_t,
+        interpret=path == "interpret",
+    )  # fmt: skip

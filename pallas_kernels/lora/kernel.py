@@ -26,6 +26,7 @@ multiple of Dh work; the lowering switches to 64-bit offsets itself when the poo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -70,11 +71,14 @@ def _shrink_pair(k, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, n_tokens, 
         s_ref[k] = jnp.sum(jnp.sum(acc, axis=1), axis=0)
 
 
-def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, pairs, **kw):
+def bgmv_shrink_program(p, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, *, pairs, **kw):
     """Program p: pairs p*pairs .. + pairs, unrolled so that their loads are in flight together."""
-    layer = layer_ref[0]
     for i in range(pairs):
-        _shrink_pair(pl.program_id(0) * pairs + i, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw)
+        _shrink_pair(p * pairs + i, layer, tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw)
+
+
+def _bgmv_shrink_kernel(layer_ref, tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw):
+    bgmv_shrink_program(pl.program_id(0), layer_ref[0], tok_ref, a_ref, x_ref, pool_ref, s_ref, **kw)
 
 
 def _pair_lanes(start, end, c, lane, m, n_pairs):
@@ -99,13 +103,25 @@ def _expand_into(accs, pool_ref, layer, base, local, s, out_units, valid, masked
     return tuple(out)
 
 
-def _bgmv_expand_kernel(
-    layer_ref,
+def _bgmv_expand_kernel(layer_ref, off_ref, b_ref, s_ref, pool_ref, *refs, **kw):
+    """Grid (token, block of output units). refs: (o_ref,), or (y_ref, o_ref) with y aliased to the
+    output: the deltas are added to y's rows from row_start on."""
+    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+    ids = (pl.program_id(0), pl.program_id(1))
+    bgmv_expand_program(*ids, layer_ref[0], off_ref, b_ref, s_ref, pool_ref, y_ref, o_ref, **kw)
+
+
+def bgmv_expand_program(
+    n,
+    j,
+    layer,
     off_ref,
     b_ref,
     s_ref,
     pool_ref,
-    *refs,
+    y_ref,
+    o_ref,
+    *,
     out_units,
     pairs_per_load,
     n_pairs,
@@ -114,15 +130,10 @@ def _bgmv_expand_kernel(
     row_start,
     masked,
 ):
-    """Grid (token, block of output units). With several projections (block_starts: where each one's
-    blocks start, statically) a program first finds its projection m: its pairs are the m-th K of
-    b_ref and of the shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own
-    first block. refs: (o_ref,), or (y_ref, o_ref) with y aliased to the output: the deltas are added
-    to y's rows from row_start on."""
-    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
-    n = pl.program_id(0)
-    j = pl.program_id(1)
-    layer = layer_ref[0]
+    """Token n's output block j. With several projections (block_starts: where each one's blocks start,
+    statically) the program first finds its projection m: its pairs are the m-th K of b_ref and of the
+    shrunk values, its offsets the m-th N + 1, its B rows' units counted from its own first block. With
+    y_ref (None or aliased to o_ref) the deltas are added to y's rows from row_start on."""
     m, local = projection_of(j, block_starts)
     start = off_ref[m * (n_tokens + 1) + n]
     end = off_ref[m * (n_tokens + 1) + n + 1]
@@ -143,6 +154,14 @@ def _bgmv_expand_kernel(
         o_ref[row_start + n, col, :] = out.astype(o_ref.dtype)
 
 
+def bgmv_shrink_launch(units_in: int, k: int, n: int, tunables: LoraTunables, row_start: int):
+    """The BGMV shrink's grid and program arguments: K pairs over n tokens from row row_start on."""
+    chunk = largest_pow2_divisor(units_in, tunables.chunk_units)
+    pairs = largest_pow2_divisor(k, tunables.shrink_pairs)
+    kw = dict(n_tokens=n, n_chunks=units_in // chunk, chunk=chunk, pairs=pairs, row_start=row_start)
+    return (k // pairs,), kw
+
+
 @functools.partial(jax.jit, static_argnames=("tunables", "interpret", "row_start", "n_tokens"))
 def bgmv_shrink(
     x: jax.Array,  # [N_all, H_in]: the tokens are rows [row_start, row_start + N)
@@ -157,29 +176,47 @@ def bgmv_shrink(
     n_tokens: int | None = None,  # N; None: all of x's rows
 ) -> jax.Array:  # [K] float32: x[row_start + token] . A row of every pair
     n_all, h_in = x.shape
-    n = n_all if n_tokens is None else n_tokens
     dh = pool.shape[2]
-    units_in = h_in // dh
-    chunk = largest_pow2_divisor(units_in, tunables.chunk_units)
     k = token_index.shape[0]
-    pairs = largest_pow2_divisor(k, tunables.shrink_pairs)
+    grid, kw = bgmv_shrink_launch(h_in // dh, k, n_all if n_tokens is None else n_tokens, tunables, row_start)
     return pl.pallas_call(
-        functools.partial(
-            _bgmv_shrink_kernel,
-            n_tokens=n,
-            n_chunks=units_in // chunk,
-            chunk=chunk,
-            pairs=pairs,
-            row_start=row_start,
-        ),
+        functools.partial(_bgmv_shrink_kernel, **kw),
         out_shape=jax.ShapeDtypeStruct((k,), jnp.float32),
-        grid=(k // pairs,),
+        grid=grid,
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.shrink_num_warps or tunables.num_warps, num_stages=tunables.num_stages
         ),
         interpret=interpret,
         name="bgmv_shrink",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), token_index, a_start, x.reshape(n_all, units_in, dh), pool)
+    )(
+        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        token_index,
+        a_start,
+        x.reshape(n_all, h_in // dh, dh),
+        pool,
+    )
+
+
+def bgmv_expand_launch(
+    h_outs: tuple[int, ...], dh: int, n_pairs: int, n: int, tunables: LoraTunables, max_rank: int, row_start: int,
+    interpret: bool,
+):  # fmt: skip
+    """The Triton BGMV expand's grid, program arguments and warps: n tokens' deltas of the projections
+    h_outs, n_pairs pairs each."""
+    _, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
+    pairs_per_load = pow2_at_least(max_rank)
+    if tunables.expand_lanes:
+        pairs_per_load = min(pairs_per_load, tunables.expand_lanes)
+    kw = dict(
+        out_units=out_units,
+        pairs_per_load=pairs_per_load,
+        n_pairs=n_pairs,
+        n_tokens=n,
+        block_starts=starts,
+        row_start=row_start,
+        masked=not interpret,
+    )
+    return (n, sum(blocks)), kw, expand_num_warps(tunables, pairs_per_load)
 
 
 @functools.partial(
@@ -203,34 +240,23 @@ def bgmv_expand(
     g = len(h_outs)
     n = offsets.shape[0] // g - 1
     dh = pool.shape[2]
-    units, out_units, blocks, starts = output_blocks(h_outs, dh, tunables.out_units)
-    pairs_per_load = pow2_at_least(max_rank)
-    if tunables.expand_lanes:
-        pairs_per_load = min(pairs_per_load, tunables.expand_lanes)
+    units_out = sum(h_outs) // dh
+    grid, kw, warps = bgmv_expand_launch(
+        h_outs, dh, b_start.shape[0] // g, n, tunables, max_rank, row_start, interpret
+    )
     args = [jnp.reshape(layer, (1,)).astype(jnp.int32), offsets, b_start, shrunk, pool]
     out_rows, aliases = n, {}
     if y is not None:
         out_rows, dtype, aliases = y.shape[0], y.dtype, {len(args): 0}
-        args.append(y.reshape(out_rows, sum(units), dh))
+        args.append(y.reshape(out_rows, units_out, dh))
     elif row_start:
         raise ValueError("row_start needs y")
     out = pl.pallas_call(
-        functools.partial(
-            _bgmv_expand_kernel,
-            out_units=out_units,
-            pairs_per_load=pairs_per_load,
-            n_pairs=b_start.shape[0] // g,
-            n_tokens=n,
-            block_starts=starts,
-            row_start=row_start,
-            masked=not interpret,
-        ),
-        out_shape=jax.ShapeDtypeStruct((out_rows, sum(units), dh), dtype),
-        grid=(n, sum(blocks)),
+        functools.partial(_bgmv_expand_kernel, **kw),
+        out_shape=jax.ShapeDtypeStruct((out_rows, units_out, dh), dtype),
+        grid=grid,
         input_output_aliases=aliases,
-        compiler_params=pltriton.CompilerParams(
-            num_warps=expand_num_warps(tunables, pairs_per_load), num_stages=tunables.num_stages
-        ),
+        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=tunables.num_stages),
         interpret=interpret,
         name="bgmv_expand_add" if y is not None else "bgmv_expand",
     )(*args)
@@ -417,18 +443,20 @@ SGMV_SHRINK_PROGRAMS = 128  # split the shrink's input units until about this ma
 # ... but at most shapes.split_cap's (sgmv_split_columns over a member's rank, sgmv_max_splits)
 
 
-def _sgmv_shrink_kernel(
-    layer_ref, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, columns, f32_dot, seq_len, row_start
-):
-    """One block of a sequence's tokens against its adapter's A rows (one block of columns of them:
-    the grid's last axis), over one split of the input units (split-K: a lone long chunk would
-    otherwise run only T / block_tokens programs). x: [rows, units, Dh], sequence b's tokens at rows
-    row_start + b * seq_len .. + seq_len."""
-    b = pl.program_id(0)
-    t0 = pl.program_id(1) * block_tokens
-    k = pl.program_id(2)
-    c0 = pl.program_id(3) * columns
-    layer = layer_ref[0]
+def _sgmv_shrink_kernel(layer_ref, a_ref, x_ref, pool_ref, s_ref, **kw):
+    ids = tuple(pl.program_id(i) for i in range(4))
+    sgmv_shrink_program(*ids, layer_ref[0], a_ref, x_ref, pool_ref, s_ref, **kw)
+
+
+def sgmv_shrink_program(
+    b, tb, k, cb, layer, a_ref, x_ref, pool_ref, s_ref, *, block_tokens, units_per, columns, f32_dot, seq_len,
+    row_start,
+):  # fmt: skip
+    """Token block tb of sequence b against its adapter's A rows (column block cb of them), over split
+    k of the input units (split-K: a lone long chunk would otherwise run only T / block_tokens
+    programs). x: [rows, units, Dh], sequence b's tokens at rows row_start + b * seq_len .. + seq_len."""
+    t0 = tb * block_tokens
+    c0 = cb * columns
     rows_a = a_ref[b, pl.ds(c0, columns)]  # [R]: this program's columns
     r = rows_a.shape[0]
     row0 = row_start + b * seq_len + t0
@@ -443,12 +471,24 @@ def _sgmv_shrink_kernel(
     s_ref[b, pl.ds(t0, block_tokens), k, pl.ds(c0, columns)] = acc
 
 
-def _sgmv_expand_kernel(
-    layer_ref,
+def _sgmv_expand_kernel(layer_ref, b_ref, s_ref, pool_ref, *refs, **kw):
+    """refs: (o_ref,), or (y_ref, o_ref) with y aliased to the output."""
+    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+    ids = tuple(pl.program_id(i) for i in range(3))
+    sgmv_expand_program(*ids, layer_ref[0], b_ref, s_ref, pool_ref, y_ref, o_ref, **kw)
+
+
+def sgmv_expand_program(
+    b,
+    tb,
+    j,
+    layer,
     b_ref,
     s_ref,
     pool_ref,
-    *refs,
+    y_ref,
+    o_ref,
+    *,
     block_tokens,
     out_units,
     splits,
@@ -458,20 +498,52 @@ def _sgmv_expand_kernel(
     seq_len,
     row_start,
 ):
-    """One block of tokens times out_units output units of one projection of the group (member m owns
-    the shrunk columns and B rows [m * rank, (m + 1) * rank)). refs: (o_ref,), or (y_ref, o_ref) with y
-    aliased to the output: the deltas are added to y's rows (sequence b's at row_start + b * seq_len)."""
-    y_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
-    b = pl.program_id(0)
-    t0 = pl.program_id(1) * block_tokens
-    j = pl.program_id(2)
-    layer = layer_ref[0]
+    """Token block tb of sequence b times out_units output units (block j) of one projection of the
+    group (member m owns the shrunk columns and B rows [m * rank, (m + 1) * rank)). With y_ref (None or
+    aliased to o_ref) the deltas are added to y's rows (sequence b's at row_start + b * seq_len)."""
+    t0 = tb * block_tokens
     row0 = row_start + b * seq_len + t0
     m, jm = projection_of(j, block_starts)  # the member, and the block within its own output
     rows_b = b_ref[b, pl.ds(m * rank, rank)]  # [R]
     sums = summed_splits(s_ref, b, pl.ds(t0, block_tokens), splits, pl.ds(m * rank, rank))  # [BT, R]
     rows = pl.ds(row0, block_tokens)
     expand_units(pool_ref, y_ref, o_ref, layer, rows_b, sums, rows, j, jm, out_units, f32_dot)
+
+
+@dataclasses.dataclass(frozen=True)
+class SgmvLaunches:
+    """The SGMV shrink's and expand's grids and program arguments, and the shrunk partials' shape."""
+
+    shrink_grid: tuple[int, ...]
+    shrink_kw: dict
+    shrunk_shape: tuple[int, ...]
+    expand_grid: tuple[int, ...]
+    expand_kw: dict
+
+
+def sgmv_launches(
+    units_in: int, starts_shape: tuple[int, int], h_outs: tuple[int, ...], dh: int, rank: int, tunables: LoraTunables,
+    seq_len: int, row_start: int, f32_dot: bool,
+) -> SgmvLaunches:  # fmt: skip
+    """Launch shapes of sgmv_rows: B sequences of seq_len tokens (starts_shape [B, RG])."""
+    bsz, rg = starts_shape
+    t = seq_len
+    _, out_units, blocks, block_starts = output_blocks(h_outs, dh, tunables.sgmv_out_units)
+    bt = min(tunables.block_tokens, t)
+    # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
+    # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
+    columns = shrink_column_block(rg, tunables)
+    programs = bsz * (t // bt) * (rg // columns)
+    cap = min(SGMV_SHRINK_PROGRAMS // programs, split_cap(tunables, rank))
+    splits = largest_pow2_divisor(units_in, max(1, cap))
+    rows = dict(block_tokens=bt, f32_dot=f32_dot, seq_len=t, row_start=row_start)
+    return SgmvLaunches(
+        shrink_grid=(bsz, t // bt, splits, rg // columns),
+        shrink_kw=dict(units_per=units_in // splits, columns=columns, **rows),
+        shrunk_shape=(bsz, t, splits, rg),
+        expand_grid=(bsz, t // bt, sum(blocks)),
+        expand_kw=dict(out_units=out_units, splits=splits, rank=rank, block_starts=block_starts, **rows),
+    )
 
 
 @functools.partial(
@@ -495,60 +567,33 @@ def sgmv_rows(
     """SGMV of G projections that read the same x (one shrink launch and one expand launch for all):
     member m's rows are columns [m * rank, (m + 1) * rank) of a_start/b_start (RG >= G * rank, a power
     of two; the rest padding)."""
-    bsz, t = a_start.shape[0], seq_len
     n_all, h_in = x.shape
     dh = pool.shape[2]
-    units_in = h_in // dh
-    _, out_units, blocks, block_starts = output_blocks(h_outs, dh, tunables.sgmv_out_units)
     units_out = sum(h_outs) // dh
-    rg = a_start.shape[1]
-    bt = min(tunables.block_tokens, t)
     f32_dot = x.dtype == jnp.float32 or pool.dtype == jnp.float32
+    plan = sgmv_launches(h_in // dh, a_start.shape, h_outs, dh, rank, tunables, seq_len, row_start, f32_dot)
     layer_arr = jnp.reshape(layer, (1,)).astype(jnp.int32)
-    # split-K: enough shrink programs to fill the GPU when there are few token blocks (one 256-token
-    # chunk: 8 blocks of 32, each over all of H_in, took 22 us per projection on the H100)
-    columns = shrink_column_block(rg, tunables)
-    programs = bsz * (t // bt) * (rg // columns)
-    cap = min(SGMV_SHRINK_PROGRAMS // programs, split_cap(tunables, rank))
-    splits = largest_pow2_divisor(units_in, max(1, cap))
-    rows = dict(seq_len=t, row_start=row_start)
     shrunk = pl.pallas_call(
-        functools.partial(
-            _sgmv_shrink_kernel,
-            block_tokens=bt,
-            units_per=units_in // splits,
-            columns=columns,
-            f32_dot=f32_dot,
-            **rows,
-        ),
-        out_shape=jax.ShapeDtypeStruct((bsz, t, splits, rg), jnp.float32),
-        grid=(bsz, t // bt, splits, rg // columns),
+        functools.partial(_sgmv_shrink_kernel, **plan.shrink_kw),
+        out_shape=jax.ShapeDtypeStruct(plan.shrunk_shape, jnp.float32),
+        grid=plan.shrink_grid,
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages
         ),
         interpret=interpret,
         name="sgmv_shrink",
-    )(layer_arr, a_start, x.reshape(n_all, units_in, dh), pool)
+    )(layer_arr, a_start, x.reshape(n_all, h_in // dh, dh), pool)
     args = [layer_arr, b_start, shrunk, pool]
-    out_rows, dtype, aliases = bsz * t, x.dtype, {}
+    out_rows, dtype, aliases = a_start.shape[0] * seq_len, x.dtype, {}
     if y is not None:
         out_rows, dtype, aliases = y.shape[0], y.dtype, {len(args): 0}
         args.append(y.reshape(out_rows, units_out, dh))
     elif row_start:
         raise ValueError("row_start needs y")
     out = pl.pallas_call(
-        functools.partial(
-            _sgmv_expand_kernel,
-            block_tokens=bt,
-            out_units=out_units,
-            splits=splits,
-            rank=rank,
-            block_starts=block_starts,
-            f32_dot=f32_dot,
-            **rows,
-        ),
+        functools.partial(_sgmv_expand_kernel, **plan.expand_kw),
         out_shape=jax.ShapeDtypeStruct((out_rows, units_out, dh), dtype),
-        grid=(bsz, t // bt, sum(blocks)),
+        grid=plan.expand_grid,
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(
             num_warps=tunables.sgmv_num_warps, num_stages=tunables.num_stages

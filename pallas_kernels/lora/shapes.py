@@ -42,7 +42,10 @@ class LoraTunables:
     wide_num_warps: the Triton BGMV expand's warps where a load is at least wide_lanes pairs wide (0:
     num_warps everywhere): a [64, Dh] tile of B rows is 256 values a thread on one warp; at slora-trace's
     n = 5 decode layer (bucket 64) 2 warps took 7.8 us against 9.1 on 1, where at bucket 8 1 warp is the
-    faster (5.4 us against 6.3; kernels-lora-trace-20261204T104641/104724.json)."""
+    faster (5.4 us against 6.3; kernels-lora-trace-20261204T104641/104724.json). mixed_launch (read from
+    the prompt chunk's tier): a mixed step's decode rows and prompt chunk run their BGMV and SGMV in one
+    shrink and one expand launch (mixed_kernel.py) where both would run the plain two-launch kernels;
+    mixed_num_warps: both launches' warps (0: sgmv_num_warps). Off: not yet measured."""
 
     chunk_units: int = 8
     out_units: int = 4
@@ -65,6 +68,8 @@ class LoraTunables:
     fused_out_units: int = 8
     fused_chunk_units: int = 8
     fused_num_warps: int = 4
+    mixed_launch: bool = False
+    mixed_num_warps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sgmv_shrink_columns", "expand_lanes", "wide_num_warps", "wide_lanes"):
