@@ -24,6 +24,7 @@ from pallas_kernels.lora.kernel import (
 from pallas_kernels.lora.mixed_kernel import bgmv_sgmv_rows_add
 from pallas_kernels.lora.shapes import LoraTunables
 from pallas_kernels.paged_attention.kernel import AttentionTunables, paged_decode_attention_kernel
+from pallas_kernels.paged_attention.mixed_kernel import paged_attention_mixed_kernel
 from pallas_kernels.paged_attention.prefill_kernel import (
     PrefillTunables,
     paged_prefill_attention_kernel,
@@ -354,3 +355,35 @@ def test_mixed_lora_launches_lower(dtype, tunables):
     )
     assert text.count("xla.gpu.triton") == 2
     assert "mixed_lora_shrink" in text and "mixed_lora_expand_add" in text
+
+
+@pytest.mark.parametrize(
+    "decode_tunables",
+    [
+        AttentionTunables(),
+        AttentionTunables(longest_first=True),
+        AttentionTunables(split_keys=64, longest_first=True),
+    ],
+)
+@pytest.mark.parametrize("hq,hkv,block_queries", [(8, 8, 64), (8, 2, 32)])
+@pytest.mark.parametrize("given_out", [False, True])
+def test_mixed_attention_launch_lowers(decode_tunables, hq, hkv, block_queries, given_out):
+    """A mixed step's 17 decode rows and one 128-token chunk in one attention launch (bf16, page 16)."""
+    b_dec, t, p = 17, 128, 8
+    n = b_dec + t
+    dt = jnp.bfloat16
+    pool = S((LAYERS, (1 + 32 * p) * 16 * 2 * hkv, DH), dt)
+    qkv = [S((n, hq, DH), dt), S((n, hkv, DH), dt), S((n, hkv, DH), dt)]
+    decode = (S((b_dec, p), I32), S((b_dec,), I32), S((b_dec,), I32))
+    prefill = (S((1, p), I32), S((1, t), I32), S((1,), I32), S((1,), I32))
+    pre_t = PrefillTunables(block_queries=block_queries, mixed_launch=True)
+
+    def fn(q, k, v, pool, layer, decode, prefill, out):
+        return paged_attention_mixed_kernel(
+            q, k, v, pool, layer, decode, prefill, out, page_size=16, sliding_window=None,
+            decode_tunables=decode_tunables, prefill_tunables=pre_t, decode_row_start=0, prefill_row_start=b_dec,
+        )  # fmt: skip
+
+    out = S((n, hq, DH), dt) if given_out else None
+    text = _lower_for_cuda(fn, *qkv, pool, S((), I32), decode, prefill, out)
+    assert text.count("xla.gpu.triton") == 1 and "paged_attention_mixed" in text

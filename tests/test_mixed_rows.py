@@ -21,7 +21,15 @@ from pallas_kernels.lora import (
     mixed_supported,
     prefill_group_width,
 )
-from pallas_kernels.paged_attention import paged_attention, paged_attention_rows
+from pallas_kernels.paged_attention import (
+    AttentionTunables,
+    PrefillTunables,
+    paged_attention,
+    paged_attention_mixed_rows,
+    paged_attention_rows,
+    prefill_kernel,
+)
+from pallas_kernels.paged_attention import kernel as attention_kernel
 from tests.test_lora_kernels import FUSED, _check, _grouped_case, _pool
 from tests.test_paged_attention_kernel import TOL, _case, _prefill_case
 
@@ -283,3 +291,61 @@ def test_mixed_launch_only_where_both_batches_run_their_plain_kernels():
     assert not mixed_supported(4, 16, 128, 16, LoraTunables(fused_max_tokens=8), plain)  # fused decode
     assert not mixed_supported(17, 64, 128, 16, LoraTunables(by_adapter_min_rank=64), plain)
     assert not mixed_supported(17, 16, 128, 16, LoraTunables(expand_backend="mosaic"), plain)
+
+
+@pytest.mark.parametrize(
+    "decode_tunables",
+    [
+        AttentionTunables(),  # (sequence, KV head), unsplit
+        AttentionTunables(longest_first=True),  # longest first
+        AttentionTunables(split_keys=32),  # two 32-key splits of 48-key tables, combined after
+        AttentionTunables(
+            split_keys=32, longest_first=True, pages_per_block=2
+        ),  # 16-key blocks, 2 splits of 2
+        AttentionTunables(work_list=True, split_keys=32),  # not joined: each batch's own launch
+    ],
+)
+@pytest.mark.parametrize("given_out", [False, True])
+def test_attention_mixed_launch_equals_each_batch_apart(decode_tunables, given_out, monkeypatch):
+    """A mixed step's decode rows and prompt chunks (GQA 4: 8/2 heads, 2 chunks of 32) in one attention
+    launch (PrefillTunables.mixed_launch, paged_attention_mixed_rows) against each batch's reference;
+    with an out given, the 3 rows of neither batch keep its values."""
+    b_dec, b_pre, t, hq, hkv, dh, page_size, dtype = 5, 2, 32, 8, 2, 16, 8, jnp.float32
+    monkeypatch.setitem(attention_kernel.TUNED, (page_size, dh), decode_tunables)
+    pre_t = PrefillTunables(block_queries=16, mixed_launch=True)
+    monkeypatch.setitem(prefill_kernel.TUNED, (page_size, dh, hq // hkv), pre_t)
+    rng = np.random.default_rng(11)
+    dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
+    pre, new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
+    pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
+    dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
+    pre = (*pre[:3], pool, *pre[4:])
+    want_dec = paged_attention(*dec, page_size=page_size, implementation="reference")
+    want_pre = paged_attention(*pre, page_size=page_size, implementation="reference")
+    n_pre = b_pre * t
+    n_all = b_dec + n_pre + 3
+    flat = [
+        jnp.concatenate([d.reshape(b_dec, *d.shape[2:]), p.reshape(n_pre, *p.shape[2:])])
+        for d, p in zip(dec[:3], pre[:3])
+    ]
+    q, k, v = (_embed(rng, x, n_all, 0) for x in flat)
+    out = jnp.asarray(rng.standard_normal(q.shape), dtype) if given_out else None
+
+    def mixed(q, k, v, out):
+        return paged_attention_mixed_rows(
+            q, k, v, pool, dec[4], dec[5:], pre[5:], out, decode_row_start=0, prefill_row_start=b_dec,
+            page_size=page_size, implementation=_impl(),
+        )  # fmt: skip
+
+    one_launch = not decode_tunables.work_list
+    assert ("paged_attention_mixed" in str(jax.make_jaxpr(mixed)(q, k, v, out))) == one_launch
+    got = np.asarray(mixed(q, k, v, out), np.float32)
+    want_dec = np.asarray(want_dec, np.float32).reshape(b_dec, hq, dh)
+    assert np.abs(got[:b_dec] - want_dec).max() / np.abs(want_dec).max() < TOL[dtype]
+    real = (np.arange(t)[None, :] < new[:, None]).reshape(-1)
+    got_pre = got[b_dec : b_dec + n_pre][real]
+    want_pre = np.asarray(want_pre, np.float32).reshape(n_pre, hq, dh)[real]
+    assert np.isfinite(got_pre).all()
+    assert np.abs(got_pre - want_pre).max() / np.abs(want_pre).max() < TOL[dtype]
+    if given_out:
+        np.testing.assert_array_equal(got[b_dec + n_pre :], np.asarray(out, np.float32)[b_dec + n_pre :])

@@ -13,6 +13,7 @@ import pytest
 
 import jlora
 import pallas_kernels.lora as lora_api
+import pallas_kernels.paged_attention as attention_api
 from jlora import loader
 from jlora.config import EngineConfig
 from jlora.engine import PagedEngine
@@ -20,6 +21,7 @@ from pallas_kernels.cpu import kernel_available as cpu_kernels_built
 from pallas_kernels.lora import LoraTunables
 from pallas_kernels.lora import kernel as lora_kernel
 from pallas_kernels.lora import shapes as lora_shapes
+from pallas_kernels.paged_attention import PrefillTunables, prefill_kernel
 from tests.helpers import tiny_hf_model
 from tests.test_multi_lora import adapter_specs, build_peft
 
@@ -110,7 +112,7 @@ def run_staggered(engine: jlora.Engine, reqs, per_step: int = 2):
         "unrolled_write_at_end_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_by_adapter",
-        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_lora_launch",
+        "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_one_launch_each",
         "kernels_interpret_unrolled_lora_fused_projections_fused_mixed_rows_off",
         "kernels_interpret_lora_fused_mixed",
         "kernels_interpret_unrolled_lora_fused_projections_fused_rows_all",
@@ -154,17 +156,27 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         lora_kernel, "bgmv_by_adapter", lambda *a, **k: by_adapter_calls.append(1) or real_by_adapter(*a, **k)
     )
     variant = variant.removesuffix("_by_adapter")
-    # _lora_launch: a mixed step's decode rows and prompt chunks in one shrink and one expand launch
-    lora_launch = variant.endswith("_lora_launch")
-    mixed_launches = []  # traced one-launch LoRA of a mixed step's two batches
-    if lora_launch:
+    # _one_launch_each: a mixed step's decode rows and prompt chunks in one LoRA shrink, one LoRA expand
+    # and one attention launch
+    one_launch_each = variant.endswith("_one_launch_each")
+    mixed_launches = []  # traced one-launch LoRA and attention of a mixed step's two batches
+    if one_launch_each:
         tunables = LoraTunables(mixed_launch=True)
         monkeypatch.setitem(lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, tunables),))
+        cfg = loaded.config
+        key = (8, cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
+        monkeypatch.setitem(prefill_kernel.TUNED, key, PrefillTunables(mixed_launch=True))
     real_mixed = lora_api.bgmv_sgmv_rows_add
     monkeypatch.setattr(
-        lora_api, "bgmv_sgmv_rows_add", lambda *a, **k: mixed_launches.append(1) or real_mixed(*a, **k)
+        lora_api, "bgmv_sgmv_rows_add", lambda *a, **k: mixed_launches.append("lora") or real_mixed(*a, **k)
     )
-    variant = variant.removesuffix("_lora_launch")
+    real_attention = attention_api.paged_attention_mixed_kernel
+    monkeypatch.setattr(
+        attention_api,
+        "paged_attention_mixed_kernel",
+        lambda *a, **k: mixed_launches.append("attention") or real_attention(*a, **k),
+    )
+    variant = variant.removesuffix("_one_launch_each")
     # _rows_off: mixed steps split and join their batches; _rows_all: every step's kernels on rows in
     # place (default: mixed steps only)
     rows_in_place = (
@@ -195,7 +207,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         cpu_matmul="xla" if xla_matmul else "auto",
         rows_in_place=rows_in_place,
         materialize_norms=materialize_norms,
-        **({"prefill_chunk_buckets": (16,)} if lora_launch else {}),  # the SGMV kernel's 16-row tiles
+        **({"prefill_chunk_buckets": (16,)} if one_launch_each else {}),  # the kernels' 16-row tiles
     )
     import jlora.model.paged as paged_model
 
@@ -204,10 +216,9 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     monkeypatch.setattr(jax.lax, "optimization_barrier", lambda x: barriers.append(1) or real_barrier(x))
 
     on_rows = []  # traced calls of the attention kernels on a batch's rows of the step's arrays
-    real_rows = paged_model.paged_attention_rows
-    monkeypatch.setattr(
-        paged_model, "paged_attention_rows", lambda *a, **k: on_rows.append(1) or real_rows(*a, **k)
-    )
+    for name in ("paged_attention_rows", "paged_attention_mixed_rows"):
+        real = getattr(paged_model, name)
+        monkeypatch.setattr(paged_model, name, lambda *a, real=real, **k: on_rows.append(1) or real(*a, **k))
     engine = jlora.Engine(loaded, config)
     rows_expected = impl == "interpret" and (rows_in_place == "all" or (mixed and rows_in_place == "mixed"))
     assert bool(on_rows) == rows_expected
@@ -235,7 +246,7 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
         assert stats["preemptions"] > 0 and stats["adapter_evictions"] > 0
     assert ("mixed" in kinds) == mixed and ("decode" in kinds and "prefill" in kinds)
     assert bool(by_adapter_calls) == by_adapter
-    assert bool(mixed_launches) == lora_launch
+    assert sorted(set(mixed_launches)) == (["attention", "lora"] if one_launch_each else [])
     memory = engine.paged.memory
     assert not memory.page_tables
     memory.check_invariants()

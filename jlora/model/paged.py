@@ -34,7 +34,13 @@ from pallas_kernels.lora import (
     lora_prefill_group,
     lora_prefill_group_add,
 )
-from pallas_kernels.paged_attention import paged_attention, paged_attention_rows, write_kv, write_kv_layer
+from pallas_kernels.paged_attention import (
+    paged_attention,
+    paged_attention_mixed_rows,
+    paged_attention_rows,
+    write_kv,
+    write_kv_layer,
+)
 
 
 def unstack_layers(params: dict[str, Any], fuse: bool = False) -> dict[str, Any]:
@@ -340,6 +346,24 @@ def forward_paged(
             if rows_mode:  # every batch's kernels on its rows of the step's q/k/v, into one output
                 n = q.shape[0] * q.shape[1]
                 qf, kf, vf = (x.reshape(n, *x.shape[2:]) for x in (q, k, v))
+                lens = [b.tokens.shape[1] for b in batches]
+                if len(batches) == 2 and sorted(lens)[0] == 1 < sorted(lens)[1]:  # decode rows and chunks
+                    i_dec = lens.index(1)
+                    dec, pre = batches[i_dec], batches[1 - i_dec]
+                    out = paged_attention_mixed_rows(
+                        qf,
+                        kf,
+                        vf,
+                        pages,
+                        layer,
+                        (dec.page_tables, dec.positions, dec.cached_lens, dec.new_lens),
+                        (pre.page_tables, pre.positions, pre.cached_lens, pre.new_lens),
+                        decode_row_start=parts.starts[i_dec],
+                        prefill_row_start=parts.starts[1 - i_dec],
+                        prefill_kernel=prefill_kernel,
+                        **window,
+                    )
+                    return out.reshape(*q.shape[:2], -1), new_state
                 out = None
                 for b, start in zip(batches, parts.starts):
                     out = paged_attention_rows(

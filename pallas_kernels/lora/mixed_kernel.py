@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.grids import grid_index, grid_programs
 from pallas_kernels.lora.kernel import (
     bgmv_expand_launch,
     bgmv_expand_program,
@@ -30,23 +31,6 @@ from pallas_kernels.lora.kernel import (
     sgmv_shrink_program,
 )
 from pallas_kernels.lora.shapes import LoraTunables
-
-
-def grid_index(q, grid: tuple[int, ...]) -> tuple:
-    """Program q of a 1-D run over `grid` as its row-major index into grid (the last axis fastest)."""
-    ids = []
-    for size in reversed(grid[1:]):
-        ids.append(q % size)
-        q = q // size
-    ids.append(q)
-    return tuple(reversed(ids))
-
-
-def _programs(grid: tuple[int, ...]) -> int:
-    out = 1
-    for size in grid:
-        out *= size
-    return out
 
 
 def _mixed_shrink_kernel(
@@ -65,7 +49,7 @@ def _mixed_shrink_kernel(
 ):
     p = pl.program_id(0)
     layer = layer_ref[0]
-    pre_programs = _programs(pre_grid)
+    pre_programs = grid_programs(pre_grid)
 
     @pl.when(p < pre_programs)
     def _():
@@ -83,7 +67,7 @@ def _mixed_expand_kernel(
 ):  # fmt: skip
     p = pl.program_id(0)
     layer = layer_ref[0]
-    pre_programs = _programs(pre_grid)
+    pre_programs = grid_programs(pre_grid)
 
     @pl.when(p < pre_programs)
     def _():
@@ -167,7 +151,7 @@ def bgmv_sgmv_rows_add(
             jax.ShapeDtypeStruct(pre.shrunk_shape, jnp.float32),
             jax.ShapeDtypeStruct((k,), jnp.float32),
         ),
-        grid=(_programs(pre.shrink_grid) + _programs(dec_shrink_grid),),
+        grid=(grid_programs(pre.shrink_grid) + grid_programs(dec_shrink_grid),),
         compiler_params=params,
         interpret=interpret,
         name="mixed_lora_shrink",
@@ -181,7 +165,7 @@ def bgmv_sgmv_rows_add(
             dec_kw=dec_expand_kw,
         ),
         out_shape=jax.ShapeDtypeStruct((n_all, units_out, dh), y.dtype),
-        grid=(_programs(pre.expand_grid) + _programs(dec_expand_grid),),
+        grid=(grid_programs(pre.expand_grid) + grid_programs(dec_expand_grid),),
         input_output_aliases={7: 0},
         compiler_params=params,
         interpret=interpret,

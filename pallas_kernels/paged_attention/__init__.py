@@ -4,7 +4,8 @@ the kernel or the reference (pallas_kernels.backend.IMPLEMENTATIONS).
 Decode steps (one query per sequence) take the Pallas kernel on GPU, and so does the write of a
 step's new K/V into the pool (write_kv). Prefill chunks take the
 flash-style prefill kernel where `prefill_kernel` says so (default PREFILL_KERNEL: on the GPU and in
-interpret mode), else the reference, as every other backend.
+interpret mode), else the reference, as every other backend. A mixed step's decode rows and prompt
+chunk take one launch where PrefillTunables.mixed_launch says so (paged_attention_mixed_rows).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from pallas_kernels.paged_attention.kernel import (
     AttentionTunables,
     paged_decode_attention_kernel,
     tunables_for,
+)
+from pallas_kernels.paged_attention.mixed_kernel import (
+    mixed_attention_supported,
+    paged_attention_mixed_kernel,
 )
 from pallas_kernels.paged_attention.prefill_kernel import (
     PrefillTunables,
@@ -44,6 +49,7 @@ __all__ = [
     "AttentionTunables",
     "PrefillTunables",
     "paged_attention",
+    "paged_attention_mixed_rows",
     "paged_attention_reference",
     "paged_attention_rows",
     "write_kv",
@@ -239,3 +245,70 @@ def paged_attention_rows(
     )
     base = out if out is not None else jnp.zeros(q.shape, q.dtype)
     return base.at[rows].set(res.reshape(b * t, *q.shape[1:]).astype(q.dtype))
+
+
+def paged_attention_mixed_rows(
+    q,
+    k_new,
+    v_new,
+    pool,
+    layer,
+    decode: tuple,
+    prefill: tuple,
+    out=None,
+    *,
+    decode_row_start: int,
+    prefill_row_start: int,
+    page_size: int,
+    sliding_window: int | None = None,
+    implementation: str = "reference",
+    prefill_kernel: bool | None = None,
+) -> jax.Array:
+    """paged_attention_rows of a mixed step's two batches: decode = (page_tables, positions [B, 1],
+    cached_lens, new_lens) of rows decode_row_start .., prefill = the same of [B, T] chunks from
+    prefill_row_start. One launch for both where the chunk's tunables ask for it
+    (PrefillTunables.mixed_launch) and both batches take their tensor-core kernels in place; else each
+    batch's own."""
+    window = dict(page_size=page_size, sliding_window=sliding_window)
+    rows = dict(implementation=implementation, prefill_kernel=prefill_kernel, **window)
+    path = resolve(implementation)
+    t_dec, t = decode[1].shape[1], prefill[1].shape[1]
+    group = q.shape[1] // k_new.shape[1]
+    dec_t = tunables_for(page_size, q.shape[2])
+    pre_t = prefill_tunables_for(page_size, q.shape[2], group)
+    on = PREFILL_KERNEL.get(path, False) if prefill_kernel is None else prefill_kernel
+    if (
+        path == "reference"
+        or t_dec != 1
+        or not on
+        or not prefill_direct(t, group, pre_t)
+        or not mixed_attention_supported(dec_t, pre_t)
+    ):
+        out = paged_attention_rows(
+            q, k_new, v_new, pool, layer, *decode, out, row_start=decode_row_start, **rows
+        )
+        return paged_attention_rows(
+            q, k_new, v_new, pool, layer, *prefill, out, row_start=prefill_row_start, **rows
+        )
+    for batch, start in ((decode, decode_row_start), (prefill, prefill_row_start)):
+        b, tb = batch[1].shape
+        if start < 0 or start + b * tb > q.shape[0]:
+            raise ValueError(f"rows [{start}, {start + b * tb}) are not within q's {q.shape[0]} rows")
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+    return paged_attention_mixed_kernel(
+        q,
+        k_new,
+        v_new,
+        pool,
+        layer,
+        (decode[0], decode[1][:, 0], decode[2]),
+        prefill,
+        out,
+        **window,
+        decode_tunables=dec_t,
+        prefill_tunables=pre_t,
+        decode_row_start=decode_row_start,
+        prefill_row_start=prefill_row_start,
+        interpret=path == "interpret",
+    )

@@ -245,14 +245,12 @@ def _grid_position(refs, ordered: bool, n_axes: int):
     return refs[8][pl.program_id(n_axes - 1)], [pl.program_id(i) for i in range(n_axes - 1)]
 
 
-def _decode_mma_kernel(*refs, row_start, ordered, **static):
-    """One program per (sequence, KV head): the group's query heads read and written in place, so no
-    padded copy of q and no slice of the output outside the kernel. Sequence b's query, key, value and
-    output are row row_start + b of q, k_new, v_new and the output."""
-    o_ref = refs[-1]  # (..., o_ref) or (..., out_ref, o_ref): out aliased to o, its other rows kept
-    b, (h,) = _grid_position(refs, ordered, 2)
+def decode_mma_program(refs, o_ref, b, h, *, row_start, **static) -> None:
+    """Sequence b's KV group h (refs: the kernel's eight inputs): the group's query heads read and
+    written in place, so no padded copy of q and no slice of the output outside the kernel. Sequence b's
+    query, key, value and output are row row_start + b of q, k_new, v_new and the output."""
     heads, (_, denom, acc) = _attend_group(
-        *refs[:8],
+        *refs,
         b=b,
         h=h,
         span=lambda start, n_blocks: (start, n_blocks),
@@ -263,7 +261,14 @@ def _decode_mma_kernel(*refs, row_start, ordered, **static):
     o_ref[row_start + b, heads, :] = (acc / denom[:, None]).astype(o_ref.dtype)
 
 
-def _write_split(refs, b, h, sp, *, split_blocks, **static) -> None:
+def _decode_mma_kernel(*refs, ordered, **static):
+    """One program per (sequence, KV head) (decode_mma_program)."""
+    o_ref = refs[-1]  # (..., o_ref) or (..., out_ref, o_ref): out aliased to o, its other rows kept
+    b, (h,) = _grid_position(refs, ordered, 2)
+    decode_mma_program(refs[:8], o_ref, b, h, **static)
+
+
+def write_split(refs, b, h, sp, *, split_blocks, **static) -> None:
     """Split sp of sequence b's KV group h: the walk over the split's blocks only, written as a partial
     softmax (unnormalised acc [GP, Dh], running max m and sum denom per query head) at [b, sp]; the
     step's own key and value join split 0. A split past the sequence writes an empty partial (m = -inf,
@@ -286,20 +291,20 @@ def _write_split(refs, b, h, sp, *, split_blocks, **static) -> None:
 
 
 def _decode_split_kernel(*refs, ordered, **static):
-    """One program per (sequence, KV head, split), every split of every sequence (_write_split)."""
+    """One program per (sequence, KV head, split), every split of every sequence (write_split)."""
     b, (h, sp) = _grid_position(refs, ordered, 3)
-    _write_split(refs, b, h, sp, **static)
+    write_split(refs, b, h, sp, **static)
 
 
 def _decode_items_kernel(*refs, **static):
     """One program per (KV head, work item): item i is split refs[9][i] of sequence refs[8][i]
-    (_write_split); items past the count (refs[10]) write nothing."""
+    (write_split); items past the count (refs[10]) write nothing."""
     row_ref, split_ref, count_ref = refs[8:11]
     h, i = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i < count_ref[0])
     def _():
-        _write_split(refs, row_ref[i], h, split_ref[i], **static)
+        write_split(refs, row_ref[i], h, split_ref[i], **static)
 
 
 def work_items(
@@ -334,6 +339,67 @@ def combine_splits(
     return jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * denom, axis=1)[..., None]
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """A decode batch's launch: the tunables it takes (a small ragged batch's own), the kernels' static
+    arguments (common: every kernel's; tiles: the tensor-core kernels', with `ordered`), whether the
+    grid walks the sequences longest first, and the key splits (splits 0: unsplit)."""
+
+    tunables: AttentionTunables
+    common: dict
+    tiles: dict
+    ordered: bool
+    split_blocks: int
+    splits: int
+
+
+def decode_plan(
+    hq: int, hkv: int, dh: int, b: int, p: int, pool_dtype, page_size: int, sliding_window: int | None,
+    tunables: AttentionTunables, row_start: int,
+) -> DecodePlan:  # fmt: skip
+    """The launch of B sequences' decode attention over [B, P] page tables."""
+    ragged = not tunables.ragged_max_table_keys or p * page_size <= tunables.ragged_max_table_keys
+    if ragged and b <= tunables.small_batch_rows:  # a small batch: its own block and split
+        tunables = dataclasses.replace(
+            tunables,
+            pages_per_block=tunables.small_pages_per_block or tunables.pages_per_block,
+            split_keys=tunables.small_split_keys,
+        )
+    ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
+    while ppb * 2 <= min(tunables.pages_per_block, p):
+        ppb *= 2
+    group = hq // hkv
+    common = dict(
+        page_size=page_size,
+        page_units=page_size * 2 * hkv,
+        n_kv=hkv,
+        block_keys=ppb * page_size,
+        n_table=p,
+        window=sliding_window,
+        scale=1.0 / float(dh) ** 0.5,
+        row_start=row_start,
+    )
+    ordered = tunables.mma and tunables.longest_first and ragged
+    # the tensor-core kernels' shared arguments: the group's query heads as a tile of 16+ rows
+    tiles = dict(
+        common,
+        f32_dot=pool_dtype == jnp.float32,
+        group=group,
+        gp=max(16, 1 << (group - 1).bit_length()),
+        ordered=ordered,
+    )
+    table_blocks = -(-p * page_size // common["block_keys"])
+    split_blocks = max(1, tunables.split_keys // common["block_keys"])
+    split = tunables.mma and tunables.split_keys and ragged and table_blocks > split_blocks
+    splits = -(-table_blocks // split_blocks) if split else 0
+    return DecodePlan(tunables, common, tiles, ordered, split_blocks, splits)
+
+
+def decode_order(cached_lens: jax.Array) -> jax.Array:
+    """The sequences by decreasing cached length (ties in row order): an ordered grid walks them."""
+    return jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)
+
+
 @functools.partial(
     jax.jit, static_argnames=("page_size", "sliding_window", "tunables", "interpret", "row_start")
 )
@@ -358,27 +424,8 @@ def paged_decode_attention_kernel(
     b = page_tables.shape[0]
     hkv = k_new.shape[1]
     p = page_tables.shape[1]
-    ragged = not tunables.ragged_max_table_keys or p * page_size <= tunables.ragged_max_table_keys
-    if ragged and b <= tunables.small_batch_rows:  # a small batch: its own block and split
-        tunables = dataclasses.replace(
-            tunables,
-            pages_per_block=tunables.small_pages_per_block or tunables.pages_per_block,
-            split_keys=tunables.small_split_keys,
-        )
-    ppb = 1  # pages per block: a power of two (Triton tiles); the last block may run past the table
-    while ppb * 2 <= min(tunables.pages_per_block, p):
-        ppb *= 2
-    group = hq // hkv
-    common = dict(
-        page_size=page_size,
-        page_units=page_size * 2 * hkv,
-        n_kv=hkv,
-        block_keys=ppb * page_size,
-        n_table=p,
-        window=sliding_window,
-        scale=1.0 / float(dh) ** 0.5,
-        row_start=row_start,
-    )
+    plan = decode_plan(hq, hkv, dh, b, p, pool.dtype, page_size, sliding_window, tunables, row_start)
+    tunables, common, tiles, ordered = plan.tunables, plan.common, plan.tiles, plan.ordered
     if row_start < 0 or row_start + b > n:
         raise ValueError(f"rows [{row_start}, {row_start + b}) are not within q's {n} rows")
     args = [
@@ -398,21 +445,9 @@ def paged_decode_attention_kernel(
         aliases = {len(args): 0}
         args.append(out.astype(q.dtype))
     params = pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages)
-    ordered = tunables.mma and tunables.longest_first and ragged
-    # the sequences by decreasing cached length (ties in row order): the grid's last axis walks them
-    order = [jnp.argsort(-cached_lens, stable=True).astype(jnp.int32)] if ordered else []
-    # the tensor-core kernels' shared arguments: the group's query heads as a tile of 16+ rows
-    tiles = dict(
-        common,
-        f32_dot=pool.dtype == jnp.float32,
-        group=group,
-        gp=max(16, 1 << (group - 1).bit_length()),
-        ordered=ordered,
-    )
-    table_blocks = -(-p * page_size // common["block_keys"])
-    split_blocks = max(1, tunables.split_keys // common["block_keys"])
-    if tunables.mma and tunables.split_keys and ragged and table_blocks > split_blocks:
-        splits = -(-table_blocks // split_blocks)
+    order = [decode_order(cached_lens)] if ordered else []
+    split_blocks, splits = plan.split_blocks, plan.splits
+    if splits:
         out_shape = (
             jax.ShapeDtypeStruct((b, splits, hq, dh), jnp.float32),
             jax.ShapeDtypeStruct((b, splits, hq), jnp.float32),
@@ -455,7 +490,7 @@ def paged_decode_attention_kernel(
         kernel = functools.partial(_decode_mma_kernel, **tiles)
         name = "paged_decode_attention_mma"
     else:
-        kernel = functools.partial(_decode_kernel, group=group, **common)
+        kernel = functools.partial(_decode_kernel, group=hq // hkv, **common)
         name = "paged_decode_attention"
     if ordered:  # the order goes after the eight inputs, before the aliased output
         args = args[:8] + order + args[8:]

@@ -35,6 +35,9 @@ class PrefillTunables:
     # query blocks halve (down to a 16-row tile) until the grid has at least this many programs (0: as
     # block_queries gives): one sequence's 128-token chunk on 32 KV heads is 64 programs at 64 queries
     min_programs: int = 0
+    # a mixed step's decode rows and this chunk's queries in one launch (mixed_kernel.py) where both take
+    # their tensor-core kernels in place; off: not yet measured
+    mixed_launch: bool = False
 
 
 # (page_size, head_dim, query heads per KV head) -> tunables, from bench/kernels/attention.py on the
@@ -58,7 +61,17 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return p
 
 
-def _prefill_kernel(
+def _prefill_kernel(*refs, **static):
+    """One program per (sequence, KV head, query block) (prefill_program)."""
+    o_ref = refs[-1]  # (..., o_ref) or (..., out_ref, o_ref): out aliased to o, its other rows kept
+    ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    prefill_program(*ids, *refs[:9], o_ref, **static)
+
+
+def prefill_program(
+    b,
+    h,
+    qb,
     layer_ref,
     pt_ref,
     pos_ref,
@@ -68,7 +81,8 @@ def _prefill_kernel(
     kn_ref,
     vn_ref,
     pool_ref,
-    *refs,
+    o_ref,
+    *,
     gp,
     block_q,
     page_size,
@@ -84,8 +98,7 @@ def _prefill_kernel(
     seq_len,
     row_start,
 ):
-    o_ref = refs[-1]  # (o_ref,) or (out_ref, o_ref): out aliased to o, its other rows kept
-    b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    """Query block qb of sequence b's KV group h."""
     row0 = row_start + b * seq_len  # direct: sequence b's first row in q, k_new, v_new and the output
     layer = layer_ref[0]
     clen, nlen = clen_ref[b], nlen_ref[b]
@@ -172,19 +185,16 @@ def prefill_direct(t: int, group: int, tunables: PrefillTunables) -> bool:
     return tp == t and gp == group
 
 
-def _launch(
-    qg, kn, vn, pool, layer, page_tables, pos, cached_lens, new_lens, out, *, t, hkv, group, row_start,
-    direct, out_shape, page_size, sliding_window, tunables, interpret,
-):  # fmt: skip
-    """The pallas_call over q/k/v as laid out for it (direct: the caller's rows; else padded and
-    transposed); out, if given, is aliased to the output (its rows outside this batch's kept)."""
-    b = page_tables.shape[0]
+def prefill_plan(
+    t: int, hkv: int, group: int, table_shape: tuple[int, int], dh: int, pool_dtype, page_size: int,
+    sliding_window: int | None, tunables: PrefillTunables, row_start: int, direct: bool,
+) -> tuple[tuple[int, int, int], dict]:  # fmt: skip
+    """The grid (sequence, KV head, query block) and prefill_program's static arguments of B chunks of t
+    tokens over [B, P] page tables."""
+    b, n_table = table_shape
     gp, block_q, chunk_keys, tp = _shapes(t, group, tunables, heads=b * hkv)
-    n_table = page_tables.shape[1]
     ppb = _pow2_at_most(n_table, tunables.pages_per_block)
-    dh = pool.shape[2]
-    kernel = functools.partial(
-        _prefill_kernel,
+    static = dict(
         gp=gp,
         block_q=block_q,
         page_size=page_size,
@@ -195,11 +205,25 @@ def _launch(
         n_table=n_table,
         window=sliding_window,
         scale=1.0 / float(dh) ** 0.5,
-        f32_dot=pool.dtype == jnp.float32,
+        f32_dot=pool_dtype == jnp.float32,
         direct=direct,
         seq_len=t,
         row_start=row_start,
     )
+    return (b, hkv, tp // block_q), static
+
+
+def _launch(
+    qg, kn, vn, pool, layer, page_tables, pos, cached_lens, new_lens, out, *, t, hkv, group, row_start,
+    direct, out_shape, page_size, sliding_window, tunables, interpret,
+):  # fmt: skip
+    """The pallas_call over q/k/v as laid out for it (direct: the caller's rows; else padded and
+    transposed); out, if given, is aliased to the output (its rows outside this batch's kept)."""
+    grid, static = prefill_plan(
+        t, hkv, group, page_tables.shape, pool.shape[2], pool.dtype, page_size, sliding_window, tunables, row_start,
+        direct,
+    )  # fmt: skip
+    kernel = functools.partial(_prefill_kernel, **static)
     args = [
         jnp.reshape(layer, (1,)).astype(jnp.int32),
         page_tables,
@@ -218,7 +242,7 @@ def _launch(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(out_shape, qg.dtype),
-        grid=(b, hkv, tp // block_q),
+        grid=grid,
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=tunables.num_warps, num_stages=tunables.num_stages),
         interpret=interpret,
