@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-LORA_KERNELS = ("bgmv", "sgmv", "mixed_lora")  # LoRA launches (bgmv_by_adapter_*, the mixed step's one launch)
+# LoRA launches by name: BGMV (bgmv_by_adapter_* included), SGMV, a mixed step's one launch for both
+LORA_KERNELS = ("bgmv", "sgmv", "mixed_lora")
 
 
 def lora_ms(profile: dict | None) -> float | None:
