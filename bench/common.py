@@ -161,8 +161,8 @@ def lora_tiers_record() -> list:
 
 
 def add_step_form_arguments(ap: Any) -> None:
-    """--rows-in-place and --materialize-norms on an argparse parser: how the engine forms its steps
-    (EngineConfig.rows_in_place, EngineConfig.materialize_norms)."""
+    """--rows-in-place, --materialize-norms and --command-buffer-scheduling on an argparse parser: how the
+    engine forms its steps (EngineConfig.rows_in_place, materialize_norms, command_buffer_scheduling)."""
     ap.add_argument(
         "--rows-in-place",
         default="mixed",
@@ -174,6 +174,12 @@ def add_step_form_arguments(ap: Any) -> None:
         default="on",
         choices=("on", "off"),
         help="the scaled output of each norm feeding LoRA written once for the matmul and LoRA (EngineConfig.materialize_norms)",
+    )
+    ap.add_argument(
+        "--command-buffer-scheduling",
+        default="auto",
+        choices=("auto", "concurrent", "serialize", "lhs"),
+        help="how a GPU step's CUDA graph orders its kernels (EngineConfig.command_buffer_scheduling)",
     )
 
 

@@ -14,7 +14,7 @@
 #   JLORA_COMMIT=<sha> TAG=-x bash bench/device_runs.sh step  # trace-shaped steps, profiled, and a 2-layer step's optimised HLO
 #   JLORA_COMMIT=<sha> ARGSETS='--materialize-norms off;...' bash bench/device_runs.sh args-ab  # trace-shaped steps with each set of mixed_step flags, then none (BASE: flags for every run)
 #   JLORA_COMMIT=<sha> LORASETS='{"by_adapter_min_rank":16};{"chunk_units":32}' bash bench/device_runs.sh lora-ab  # LoRA kernel tests on the GPU (LORATESTS: a -k expression), then n = 5-shaped steps with each set of LoraTunables fields, then none
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed-ab       # a mixed step's LoRA / attention / both in one launch each (mixed_launch), then neither: tests compiled, trace-shaped steps
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed-ab       # trace-shaped steps: LoRA and attention in one launch each (mixed_launch), concurrent CUDA-graph scheduling, neither (MIXEDSETS: other sets)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh ncu-attn       # decode attention under ncu at 4-28 trace rows (SETS of AttentionTunables fields)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh ncu-sgmv       # a chunk's SGMV under ncu (CHUNKS, RANKS, SETS of LoraTunables fields)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh launch-floor   # an empty Pallas launch's cost in a chain (grid 1..2048, 1-4 warps): the floor under the LoRA launches
@@ -22,7 +22,7 @@
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, CBUF=concurrent CUDA-graph scheduling, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -56,7 +56,8 @@ slora_trace() {
     --rate "${RATE:-8}" --duration "${DURATION:-20}" --batch "${BATCH:-32}" --chunk "${CHUNK:-256}" \
     --cold-warm "${COLD:-4}" --rows-in-place "${ROWS:-mixed}" --prefill-seqs "${SEQS:-1}" \
     --chunk-buckets "${BUCKETS-$below}" ${ATTN:+--attention-tunables "$ATTN"} ${NORMS:+--materialize-norms "$NORMS"} \
-    ${LORA:+--lora-fields "$LORA"} ${PREFILL:+--prefill-tunables "$PREFILL"} ${PROFILE:+--profile-window "$PROFILE"} \
+    ${LORA:+--lora-fields "$LORA"} ${PREFILL:+--prefill-tunables "$PREFILL"} ${CBUF:+--command-buffer-scheduling "$CBUF"} \
+    ${PROFILE:+--profile-window "$PROFILE"} \
     ${DECODE_BUCKETS:+--decode-buckets "$DECODE_BUCKETS"} ${MIXED_BUCKETS:+--mixed-decode-buckets "$MIXED_BUCKETS"}
 }
 
@@ -146,11 +147,12 @@ case "${1:-}" in
     for f in "${lora_sets[@]}"; do sets="$sets${sets:+;}--lora-fields $f"; done
     BASE="${LORABASE:---adapters 5 --ranks 16,32,64}" trace_ab args "$sets"  # LORABASE: another shape
     ;;
-  mixed-ab)  # a mixed step's LoRA and attention each in one launch: their tests compiled, then trace-shaped
-    # steps (n = 5's adapters) with the LoRA's, the attention's, both, and neither
-    run python3 -m pytest -q -x tests/test_mixed_rows.py
+  mixed-ab)  # a mixed step's LoRA and attention each in one launch, and XLA's concurrent CUDA-graph
+    # scheduling: the one-launch kernels' tests compiled, then trace-shaped steps (n = 5's adapters) with
+    # both one-launch kernels, with concurrent scheduling, and with neither (~3 min a run: 3 fit a call)
+    run python3 -m pytest -q -x tests/test_mixed_rows.py -k "mixed_launch or attention_mixed"
     lora='--lora-fields {"mixed_launch":true}' attn='--prefill-tunables {"mixed_launch":true}'
-    BASE="${BASE:---adapters 5 --ranks 16,32,64}" trace_ab args "$lora;$attn;$lora $attn"
+    BASE="${BASE:---adapters 5 --ranks 16,32,64}" trace_ab args "${MIXEDSETS:-$lora $attn;--command-buffer-scheduling concurrent}"
     ;;
   lora-trace)  # one layer's LoRA kernels at slora-trace's n = 5 decode shape: launch-shape sweep, then variants
     TAIL=16 run timeout "${SWEEP_S:-420}" python3 -m bench.kernels.lora_trace_sweep ${QUICK:+--quick}

@@ -160,6 +160,7 @@ def main() -> None:
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
         materialize_norms=args.materialize_norms == "on",
+        command_buffer_scheduling=args.command_buffer_scheduling,
     )
     sched = SchedulerConfig(
         max_batch=args.decodes + 1,
@@ -358,6 +359,7 @@ def main() -> None:
                 "mixed_steps": args.mixed_steps,
                 "rows_in_place": args.rows_in_place,
                 "materialize_norms": args.materialize_norms,
+                "command_buffer_scheduling": args.command_buffer_scheduling,
                 "adapter_ranks": adapter_ranks,
             },
             "bandwidth": bw,

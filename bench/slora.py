@@ -67,6 +67,7 @@ def build_engine(model: str, args):
         mixed_steps=args.mixed_steps,
         rows_in_place=args.rows_in_place,
         materialize_norms=args.materialize_norms == "on",
+        command_buffer_scheduling=args.command_buffer_scheduling,
     )
     sched = SchedulerConfig(
         max_batch=args.batch,
@@ -109,6 +110,7 @@ def make_payload(
             "mixed_steps": args.mixed_steps,
             "rows_in_place": args.rows_in_place,
             "materialize_norms": args.materialize_norms,
+            "command_buffer_scheduling": args.command_buffer_scheduling,
             "chunk": args.chunk,
             "chunk_buckets": args.chunk_buckets,
             "decode_buckets": row_buckets(args.decode_buckets, args.batch),

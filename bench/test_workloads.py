@@ -99,6 +99,7 @@ def test_slora_partial_file_is_finished_with_the_runs_own_record(tmp_path, monke
         model="llama2-7b", rate=8.0, cv=1.0, alpha=1.0, duration=20.0, input=(8, 512), output=(8, 512),
         batch=32, pages=3000, impl="auto", layer_loop="unrolled", mixed_steps="auto", chunk=256,
         chunk_buckets=(128, 256), prefill_seqs=1, rows_in_place="mixed", materialize_norms="off", attention_tunables=None,
+        command_buffer_scheduling="auto",
         lora_fields=None, decode_buckets="8,16,24,32", mixed_decode_buckets="16,32",
     )  # fmt: skip
     recorded = {"device": "gpu: NVIDIA H100 80GB HBM3", "date": "2026-11-26T08:45:59+00:00"}

@@ -282,6 +282,11 @@ class EngineConfig:
     # run (a GPU loads a step's kernels on its first launch): "on", "off", or "auto" (on with a GPU in
     # one process)
     warm_up: str = "auto"
+    # how a GPU step's CUDA graph orders its kernels (XLA's xla_gpu_command_buffer_scheduling_mode, given
+    # to every step's compile): "concurrent" (kernels without data conflicts may run side by side, e.g. a
+    # LoRA shrink beside its projection's GEMM), "serialize", "lhs", or "auto" (XLA's own default, LHS,
+    # which runs them one after another). Ignored off the GPU. Not yet measured.
+    command_buffer_scheduling: str = "auto"
 
     @property
     def max_lora_rank(self) -> int:
@@ -343,11 +348,22 @@ class EngineConfig:
             raise ValueError(f"rows_in_place must be 'mixed', 'all' or 'off', not {self.rows_in_place!r}")
         if self.warm_up not in ("on", "off", "auto"):
             raise ValueError(f"warm_up must be 'on', 'off' or 'auto', not {self.warm_up!r}")
+        if self.command_buffer_scheduling not in ("concurrent", "serialize", "lhs", "auto"):
+            raise ValueError(
+                "command_buffer_scheduling must be 'concurrent', 'serialize', 'lhs' or 'auto', "
+                f"not {self.command_buffer_scheduling!r}"
+            )
         if self.kv_write not in ("end", "per_layer", "auto"):
             raise ValueError(f"kv_write must be 'end', 'per_layer' or 'auto', not {self.kv_write!r}")
         unknown = set(self.lora_modules) - set(ALL_LORA_MODULES)
         if unknown:
             raise ValueError(f"unknown lora_modules {sorted(unknown)}")
+
+    def compiler_options(self, backend: str) -> dict[str, str]:
+        """XLA options for every step's compile on this backend (jax.default_backend())."""
+        if backend != "gpu" or self.command_buffer_scheduling == "auto":
+            return {}
+        return {"xla_gpu_command_buffer_scheduling_mode": self.command_buffer_scheduling.upper()}
 
     def lora_groups(self) -> tuple[tuple[str, ...], ...]:
         """The projection groups whose decode LoRA launches are shared (empty when not fused)."""

@@ -392,13 +392,14 @@ class PagedEngine:
         pool = jax.ShapeDtypeStruct(self.pool.shape, self.pool.dtype, sharding=self.pool.sharding)
         carry = jax.ShapeDtypeStruct(self.carry.shape, self.carry.dtype, sharding=self.carry.sharding)
         packed_sharding = replicated(self.mesh) if self.mesh is not None else None
+        options = self.config.compiler_options(jax.default_backend())
         for bucket in self.buckets():
             if bucket.name not in self.compiled:
                 spec = spec_of(self._abstract_args(bucket))
                 packed = jax.ShapeDtypeStruct((spec.size,), jnp.int32, sharding=packed_sharding)
                 self.compiled[bucket.name] = self._step_fn.lower(
                     params, pool, carry, packed, spec=spec, draw=bucket.draw
-                ).compile()
+                ).compile(compiler_options=options or None)
                 self._specs[bucket.name] = spec
         self.bucket_names = sorted(self.compiled)  # the order the multihost leader and followers share
         self._bucket_index = {name: i for i, name in enumerate(self.bucket_names)}

@@ -576,11 +576,24 @@ def test_async_engine_concurrent_streams_and_cancel(tiny):
         ("prefill_attention", "flash", "prefill_attention"),
         ("fuse_lora", "yes", "fuse_lora"),
         ("num_pages", 1, "num_pages"),
+        ("command_buffer_scheduling", "parallel", "command_buffer_scheduling"),
     ],
 )
 def test_bad_engine_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         small_config(**{field: value}).validate()
+
+
+def test_command_buffer_scheduling_goes_to_every_gpu_compile(tiny, monkeypatch):
+    """command_buffer_scheduling becomes XLA's option on the GPU only, and the engine hands its options to
+    each step's compile (an option XLA does not know fails there)."""
+    config = small_config(command_buffer_scheduling="concurrent")
+    assert config.compiler_options("gpu") == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+    assert config.compiler_options("cpu") == {} and small_config().compiler_options("gpu") == {}
+    loaded, _, _ = tiny
+    monkeypatch.setattr(EngineConfig, "compiler_options", lambda self, backend: {"xla_no_such_option": "1"})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        jlora.Engine(loaded, small_config(warm_up="off"))
 
 
 @pytest.mark.parametrize(
