@@ -22,7 +22,7 @@
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, CBUF=concurrent CUDA-graph scheduling, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, CBUF=concurrent CUDA-graph scheduling, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps, SMI=1: the GPU's clocks sampled to $OUT/smi.csv)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -213,7 +213,17 @@ case "${1:-}" in
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" slora_trace
     ;;
   slora)  # RATE (default 8) offered at every n; CHUNK (default 256) prompt tokens per step; BATCH (32) rows
+    # SMI=1: the GPU's clocks, power and clock-event reasons every 100 ms to $OUT/smi.csv (python -m
+    # bench.clocks RESULT smi.csv lines the decode outliers up with them)
+    if [ -n "${SMI:-}" ]; then
+      fields=$(python3 -c 'import bench.clocks as c; print(c.SMI_FIELDS)')
+      # newer drivers name the reasons clocks_event_reasons
+      nvidia-smi --help-query-gpu | grep -q clocks_event_reasons.active && fields=${fields/throttle/event}
+      TZ=UTC nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>&1 &
+      smi_pid=$!
+    fi
     slora_trace
+    [ -n "${SMI:-}" ] && kill "$smi_pid"
     ;;
   slora-rates)  # latency against offered rate at n = 100 (ranks 8..64): RATE first, then SWEEP
     TAIL=60 run timeout 560 python3 -m bench.slora "${slora_common[@]}" --n 100 --rate "${RATE:-12}" \

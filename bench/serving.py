@@ -86,6 +86,7 @@ class StepRecorder:
         # how long the host waited for the step: near 0, the device had finished before the host asked
         # (the host was the slower side, and the step's wall includes host time)
         info["blocked"] = end - asked
+        info["end_unix"] = time.time()  # the wall clock, to line steps up with samples of the GPU's clocks
         self._last_end = end
         self.steps.append(info)
         return out
@@ -220,7 +221,8 @@ def replay(
 
 def per_step(steps: list[dict], bandwidth_Bps: float) -> dict[str, list]:
     """Every step in order, as columns: kind (d decode, m mixed, p prefill), tokens, distinct adapters,
-    wall and floor ms, how long the host waited for it and how long its launch call took (ms)."""
+    wall and floor ms, how long the host waited for it and how long its launch call took (ms), and when
+    it ended (Unix seconds: bench.clocks lines the steps up with nvidia-smi's samples)."""
     return {
         "kind": "".join(s["kind"][0] for s in steps),
         "tokens": [s["tokens"] for s in steps],
@@ -229,6 +231,7 @@ def per_step(steps: list[dict], bandwidth_Bps: float) -> dict[str, list]:
         "floor_ms": [round(s["bytes"] / bandwidth_Bps * 1e3, 3) for s in steps],
         "blocked_ms": [round(s.get("blocked", float("nan")) * 1e3, 3) for s in steps],
         "launch_ms": [round(s.get("launch", float("nan")) * 1e3, 3) for s in steps],
+        "end_s": [round(s.get("end_unix", float("nan")), 4) for s in steps],
     }
 
 

@@ -3,6 +3,8 @@ per-step columns add up to the run's totals, and the summaries' medians and host
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,8 @@ def test_replay_records_every_step(tiny):  # noqa: F811
     assert sum(steps["floor_ms"]) / 1e3 == pytest.approx(out["roofline_s"], rel=1e-3)
     assert all(b >= 0 for b in steps["blocked_ms"])
     assert len(steps["launch_ms"]) == out["steps"] and all(t > 0 for t in steps["launch_ms"])
+    ends = np.asarray(steps["end_s"])
+    assert len(ends) == out["steps"] and np.all(np.diff(ends) >= 0) and abs(ends[-1] - time.time()) < 600
     decode = out["by_kind"]["decode"]
     walls = [w for k, w in zip(steps["kind"], steps["wall_ms"]) if k == "d"]
     assert decode["median_step_ms"] == pytest.approx(float(np.median(walls)), abs=2e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import numpy as np
@@ -93,3 +94,50 @@ def test_floor_recounted_without_the_embedding_table_for_older_results():
         cols = step_columns(record())
         assert not recount_floor(result, cols)
         np.testing.assert_array_equal(cols["floor_ms"], 5.0)
+
+
+def test_clocks_line_up_outliers_with_the_gpu_samples(tmp_path):
+    """bench.clocks: nvidia-smi's UTC samples matched to each step's end; the decode outliers, which ran in
+    a stretch of lower SM clock under the power cap, read that clock and reason, the others do not."""
+    from bench.clocks import compare, read_smi, report, sample_at
+
+    t0 = 1_780_000_000.0  # 2026-05-28
+    lines = ["garbage line", "2026/05/28 00:00:00.000, [N/A], 1, 2, 3, 0x0"]  # unparsable, then a [N/A]
+    for i in range(40):  # 0.1 s apart; from 1.0 to 2.0 s the SM clock drops under the power cap
+        t = datetime.datetime.fromtimestamp(t0 + 0.1 * i, datetime.UTC).strftime("%Y/%m/%d %H:%M:%S.%f")
+        low = 10 <= i < 20
+        sm, reason = (1500, "0x0000000000000004") if low else (1980, "0x0000000000000000")
+        lines.append(f"{t[:-3]}, {sm}, 3201, {690 if low else 520}, 50, {reason}")
+    smi_path = tmp_path / "smi.csv"
+    smi_path.write_text("\n".join(lines) + "\n")
+    smi = read_smi(smi_path)
+    assert len(smi["t"]) == 41 and np.isnan(smi["sm"][0])
+    assert list(sample_at(np.array([t0 - 5, t0 + 0.15, t0 + 60]), smi)) == [
+        -1,
+        2,
+        -1,
+    ]  # none / 2nd / too late
+    ends = t0 + 0.05 + 0.1 * np.arange(36)
+    slow = (ends > t0 + 1.0) & (ends < t0 + 2.0)
+    run = {
+        "n": 5,
+        "per_step": {
+            "kind": "d" * 30 + "m" * 6,
+            "wall_ms": list(np.where(slow, 7.5, 5.8)),
+            "floor_ms": [5.5] * 36,
+            "end_s": list(ends),
+        },
+    }
+    cmp = compare(run, smi)
+    assert cmp["outliers"]["steps"] == 10 and cmp["other_decode"]["steps"] == 20
+    assert cmp["outliers"]["sm_median"] == 1500 and cmp["other_decode"]["sm_median"] == 1980
+    assert (
+        cmp["outliers"]["reasons"]["sw_power_cap"] == 1.0
+        and cmp["other_decode"]["reasons"]["sw_power_cap"] == 0
+    )
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"runs": [run]}))
+    text = "\n".join(report(str(result), str(smi_path)))
+    assert "SM 1500 MHz" in text and "sw_power_cap 1.00" in text
+    with pytest.raises(ValueError, match="end_s"):
+        compare({"per_step": {"kind": "d", "wall_ms": [1.0], "floor_ms": [1.0]}}, smi)
