@@ -12,7 +12,6 @@ import pytest
 
 from pallas_kernels.lora import (
     LoraTunables,
-    decode_offsets,
     lora_decode_group,
     lora_decode_group_add,
     lora_mixed_group_add,
@@ -30,7 +29,7 @@ from pallas_kernels.paged_attention import (
     prefill_kernel,
 )
 from pallas_kernels.paged_attention import kernel as attention_kernel
-from tests.test_lora_kernels import FUSED, _check, _grouped_case, _pool
+from tests.test_lora_kernels import FUSED, _check, _group_pairs, _grouped_case, _pool
 from tests.test_paged_attention_kernel import TOL, _case, _prefill_case
 
 
@@ -62,12 +61,7 @@ def test_decode_group_add_equals_deltas_on_its_rows(tunables):
     ranks = [int(rng.choice((0, 1, 4, 16))) for _ in range(n_tokens)]
     layer = jnp.int32(0)
     x, pool, tok, a_all, b_all = _grouped_case(n_tokens, ranks, h_in, widths)
-    meta = (
-        jnp.concatenate(tok),
-        jnp.concatenate(a_all),
-        jnp.concatenate(b_all),
-        jnp.concatenate([decode_offsets(t, n_tokens) for t in tok]),
-    )
+    meta = _group_pairs(tok, a_all, b_all, n_tokens)
     want = lora_decode_group(x, pool, layer, *meta, widths, implementation="reference", max_rank=16)
     x_all = _embed(rng, x, n_all, start)
     y = jnp.asarray(rng.standard_normal((n_all, sum(widths))), jnp.float32)
@@ -86,6 +80,21 @@ def test_decode_group_add_equals_deltas_on_its_rows(tunables):
     _check_rows(got, y[start : start + n_tokens] + want, start, n_tokens, y)
 
 
+def _prefill_starts(batch, r, widths, used, h_in, dh, first_unit):
+    """A prompt batch's PrefillGroup columns (member m's used rows at [m * r, ...)) from first_unit on,
+    and the units they take."""
+    units_in, g = h_in // dh, len(widths)
+    width = prefill_group_width(g, r) if g > 1 else r
+    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
+    unit = first_unit
+    for m, h_out in enumerate(widths):
+        for i in range(batch):
+            for j in range(used[m][i]):
+                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
+                unit += units_in + h_out // dh
+    return jnp.asarray(a), jnp.asarray(b), unit - first_unit
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     "batch,t,r,widths,used,start,n_all",
@@ -100,17 +109,9 @@ def test_prefill_group_add_equals_deltas_on_its_rows(batch, t, r, widths, used, 
     h_in, dh, g = 64, 16, len(widths)
     units_in = h_in // dh
     pool = _pool(rng, 3, 8 + g * batch * r * (units_in + max(widths) // dh), dh, dtype)
-    width = prefill_group_width(g, r) if g > 1 else r
-    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
-    unit = 8
-    for m, h_out in enumerate(widths):
-        for i in range(batch):
-            for j in range(used[m][i]):
-                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
-                unit += units_in + h_out // dh
+    a, b, _ = _prefill_starts(batch, r, widths, used, h_in, dh, 8)
     x = jnp.asarray(rng.standard_normal((batch, t, h_in)), dtype)
     layer = jnp.int32(1)
-    a, b = jnp.asarray(a), jnp.asarray(b)
     want = lora_prefill_group(x, pool, layer, a, b, widths, r, implementation="reference")
     x_all = _embed(rng, x.reshape(batch * t, h_in), n_all, start)
     y = jnp.asarray(rng.standard_normal((n_all, sum(widths))), dtype)
@@ -130,6 +131,40 @@ def _shared_pool(decode_args, prefill_args, page_units: int):
     return pool, tables
 
 
+class _MixedAttentionCase:
+    """A mixed step's attention inputs: b_dec decode rows first, then b_pre chunks of t tokens, then 3 rows
+    of neither, in one pool; and each batch's reference output."""
+
+    def __init__(self, rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype):
+        dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
+        pre, self.new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
+        pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
+        self.dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
+        self.pre = (*pre[:3], pool, *pre[4:])
+        self.want_dec = paged_attention(*self.dec, page_size=page_size, implementation="reference")
+        self.want_pre = paged_attention(*self.pre, page_size=page_size, implementation="reference")
+        self.b_dec, self.n_pre, self.t, self.hq, self.dh, self.dtype = b_dec, b_pre * t, t, hq, dh, dtype
+        self.n_all = b_dec + self.n_pre + 3
+        flat = [
+            jnp.concatenate([d.reshape(b_dec, *d.shape[2:]), p.reshape(self.n_pre, *p.shape[2:])])
+            for d, p in zip(self.dec[:3], self.pre[:3])
+        ]
+        self.q, self.k, self.v = (_embed(rng, x, self.n_all, 0) for x in flat)
+
+    def check(self, out) -> np.ndarray:
+        """Both batches' rows of the step's output close to their references (the chunks' real tokens)."""
+        got = np.asarray(out, np.float32)
+        b_dec, n_pre, tol = self.b_dec, self.n_pre, TOL[self.dtype]
+        want_dec = np.asarray(self.want_dec, np.float32).reshape(b_dec, self.hq, self.dh)
+        assert np.abs(got[:b_dec] - want_dec).max() / np.abs(want_dec).max() < tol
+        real = (np.arange(self.t)[None, :] < self.new[:, None]).reshape(-1)
+        got_pre = got[b_dec : b_dec + n_pre][real]
+        want_pre = np.asarray(self.want_pre, np.float32).reshape(n_pre, self.hq, self.dh)[real]
+        assert np.isfinite(got_pre).all()
+        assert np.abs(got_pre - want_pre).max() / np.abs(want_pre).max() < tol
+        return got
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     "b_dec,b_pre,t,hq,hkv,dh,page_size",
@@ -142,34 +177,15 @@ def _shared_pool(decode_args, prefill_args, page_units: int):
 def test_attention_rows_equal_each_batch_apart(b_dec, b_pre, t, hq, hkv, dh, page_size, dtype):
     """A mixed step's layout: decode rows first, then the prefill batch, then 3 rows of neither (kept);
     the decode kernel writes a new output and the prefill kernel writes into it."""
-    rng = np.random.default_rng(b_dec * 10 + t)
-    dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
-    pre, new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
-    pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
-    dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
-    pre = (*pre[:3], pool, *pre[4:])
-    window = dict(page_size=page_size)
-    want_dec = paged_attention(*dec, **window, implementation="reference")
-    want_pre = paged_attention(*pre, **window, implementation="reference")
-    n_pre = b_pre * t
-    n_all = b_dec + n_pre + 3
-    flat = [
-        jnp.concatenate([d.reshape(b_dec, *d.shape[2:]), p.reshape(n_pre, *p.shape[2:])])
-        for d, p in zip(dec[:3], pre[:3])
-    ]
-    q, k, v = (_embed(rng, x, n_all, 0) for x in flat)
-    out = paged_attention_rows(q, k, v, *dec[3:], None, row_start=0, **window, implementation=_impl())
+    case = _MixedAttentionCase(
+        np.random.default_rng(b_dec * 10 + t), b_dec, b_pre, t, hq, hkv, dh, page_size, dtype
+    )
+    q, k, v, window = case.q, case.k, case.v, dict(page_size=page_size, implementation=_impl())
+    out = paged_attention_rows(q, k, v, *case.dec[3:], None, row_start=0, **window)
     before = out
-    out = paged_attention_rows(q, k, v, *pre[3:], out, row_start=b_dec, **window, implementation=_impl())
-    got = np.asarray(out, np.float32)
+    out = paged_attention_rows(q, k, v, *case.pre[3:], out, row_start=b_dec, **window)
+    got = case.check(out)
     np.testing.assert_array_equal(got[:b_dec], np.asarray(before, np.float32)[:b_dec])  # kept
-    want_dec = np.asarray(want_dec, np.float32).reshape(b_dec, hq, dh)
-    assert np.abs(got[:b_dec] - want_dec).max() / np.abs(want_dec).max() < TOL[dtype]
-    real = (np.arange(t)[None, :] < new[:, None]).reshape(-1)
-    got_pre = got[b_dec : b_dec + n_pre][real]
-    want_pre = np.asarray(want_pre, np.float32).reshape(n_pre, hq, dh)[real]
-    assert np.isfinite(got_pre).all()
-    assert np.abs(got_pre - want_pre).max() / np.abs(want_pre).max() < TOL[dtype]
 
 
 def test_rows_outside_the_arrays_raise():
@@ -204,21 +220,6 @@ def test_rows_outside_the_arrays_raise():
         )
 
 
-def _prefill_starts(rng, batch, r, widths, used, h_in, dh, first_unit):
-    """A prompt batch's PrefillGroup columns (member m's used rows at [m * r, ...)) from first_unit on,
-    and the units they take."""
-    units_in, g = h_in // dh, len(widths)
-    width = prefill_group_width(g, r) if g > 1 else r
-    a, b = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
-    unit = first_unit
-    for m, h_out in enumerate(widths):
-        for i in range(batch):
-            for j in range(used[m][i]):
-                a[i, m * r + j], b[i, m * r + j] = unit, unit + units_in
-                unit += units_in + h_out // dh
-    return jnp.asarray(a), jnp.asarray(b), unit - first_unit
-
-
 @pytest.mark.parametrize(
     "widths,ranks,max_rank,batch,t,r,used,tunables",
     [
@@ -249,13 +250,8 @@ def test_mixed_launch_equals_each_batch_apart(widths, ranks, max_rank, batch, t,
     h_in, dh, n_dec = 64, 16, 7 if len(widths) > 1 else 5
     dec_ranks = [int(rng.choice(ranks)) for _ in range(n_dec)]
     x_dec, pool, tok, a_all, b_all = _grouped_case(n_dec, dec_ranks, h_in, widths)
-    decode = (
-        jnp.concatenate(tok),
-        jnp.concatenate(a_all),
-        jnp.concatenate(b_all),
-        jnp.concatenate([decode_offsets(t_i, n_dec) for t_i in tok]),
-    )
-    a_pre, b_pre, used_units = _prefill_starts(rng, batch, r, widths, used, h_in, dh, pool.shape[1])
+    decode = _group_pairs(tok, a_all, b_all, n_dec)
+    a_pre, b_pre, used_units = _prefill_starts(batch, r, widths, used, h_in, dh, pool.shape[1])
     pool = jnp.concatenate([pool, _pool(rng, pool.shape[0], used_units, dh, jnp.float32)], axis=1)
     layer = jnp.int32(1)
     n_pre = batch * t
@@ -315,37 +311,24 @@ def test_attention_mixed_launch_equals_each_batch_apart(decode_tunables, given_o
     pre_t = PrefillTunables(block_queries=16, mixed_launch=True)
     monkeypatch.setitem(prefill_kernel.TUNED, (page_size, dh, hq // hkv), pre_t)
     rng = np.random.default_rng(11)
-    dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
-    pre, new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
-    pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
-    dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
-    pre = (*pre[:3], pool, *pre[4:])
-    want_dec = paged_attention(*dec, page_size=page_size, implementation="reference")
-    want_pre = paged_attention(*pre, page_size=page_size, implementation="reference")
-    n_pre = b_pre * t
-    n_all = b_dec + n_pre + 3
-    flat = [
-        jnp.concatenate([d.reshape(b_dec, *d.shape[2:]), p.reshape(n_pre, *p.shape[2:])])
-        for d, p in zip(dec[:3], pre[:3])
-    ]
-    q, k, v = (_embed(rng, x, n_all, 0) for x in flat)
+    case = _MixedAttentionCase(rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype)
+    q, k, v, pool, layer = case.q, case.k, case.v, case.dec[3], case.dec[4]
     out = jnp.asarray(rng.standard_normal(q.shape), dtype) if given_out else None
 
     def mixed(q, k, v, out):
         return paged_attention_mixed_rows(
-            q, k, v, pool, dec[4], dec[5:], pre[5:], out, decode_row_start=0, prefill_row_start=b_dec,
+            q, k, v, pool, layer, case.dec[5:], case.pre[5:], out, decode_row_start=0, prefill_row_start=b_dec,
             page_size=page_size, implementation=_impl(),
         )  # fmt: skip
 
     one_launch = not decode_tunables.work_list
     assert ("paged_attention_mixed" in str(jax.make_jaxpr(mixed)(q, k, v, out))) == one_launch
-    got = np.asarray(mixed(q, k, v, out), np.float32)
-    want_dec = np.asarray(want_dec, np.float32).reshape(b_dec, hq, dh)
-    assert np.abs(got[:b_dec] - want_dec).max() / np.abs(want_dec).max() < TOL[dtype]
-    real = (np.arange(t)[None, :] < new[:, None]).reshape(-1)
-    got_pre = got[b_dec : b_dec + n_pre][real]
-    want_pre = np.asarray(want_pre, np.float32).reshape(n_pre, hq, dh)[real]
-    assert np.isfinite(got_pre).all()
-    assert np.abs(got_pre - want_pre).max() / np.abs(want_pre).max() < TOL[dtype]
+    got = case.check(mixed(q, k, v, out))
+    with pytest.raises(ValueError, match="not within"):  # the chunks' rows run 1 past the step's
+        paged_attention_mixed_rows(
+            q, k, v, pool, layer, case.dec[5:], case.pre[5:], out, decode_row_start=0, prefill_row_start=b_dec + 4,
+            page_size=page_size, implementation=_impl(),
+        )  # fmt: skip
     if given_out:
-        np.testing.assert_array_equal(got[b_dec + n_pre :], np.asarray(out, np.float32)[b_dec + n_pre :])
+        kept = b_dec + b_pre * t
+        np.testing.assert_array_equal(got[kept:], np.asarray(out, np.float32)[kept:])

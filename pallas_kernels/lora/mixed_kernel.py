@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.grids import grid_index, grid_programs
+from pallas_kernels.grids import either_program, grid_index, grid_programs
 from pallas_kernels.lora.kernel import (
     bgmv_expand_launch,
     bgmv_expand_program,
@@ -47,37 +47,27 @@ def _mixed_shrink_kernel(
     pre_kw,
     dec_kw,
 ):
-    p = pl.program_id(0)
     layer = layer_ref[0]
-    pre_programs = grid_programs(pre_grid)
-
-    @pl.when(p < pre_programs)
-    def _():
-        ids = grid_index(p, pre_grid)
-        sgmv_shrink_program(*ids, layer, a_pre_ref, x_ref, pool_ref, s_pre_ref, **pre_kw)
-
-    @pl.when(p >= pre_programs)
-    def _():
-        bgmv_shrink_program(p - pre_programs, layer, tok_ref, a_dec_ref, x_ref, pool_ref, s_dec_ref, **dec_kw)
+    either_program(
+        pre_grid,
+        lambda *ids: sgmv_shrink_program(*ids, layer, a_pre_ref, x_ref, pool_ref, s_pre_ref, **pre_kw),
+        lambda q: bgmv_shrink_program(q, layer, tok_ref, a_dec_ref, x_ref, pool_ref, s_dec_ref, **dec_kw),
+    )
 
 
 def _mixed_expand_kernel(
     layer_ref, off_ref, b_dec_ref, s_dec_ref, b_pre_ref, s_pre_ref, pool_ref, y_ref, o_ref, *, pre_grid, pre_kw,
     dec_grid, dec_kw,
 ):  # fmt: skip
-    p = pl.program_id(0)
     layer = layer_ref[0]
-    pre_programs = grid_programs(pre_grid)
-
-    @pl.when(p < pre_programs)
-    def _():
-        ids = grid_index(p, pre_grid)
-        sgmv_expand_program(*ids, layer, b_pre_ref, s_pre_ref, pool_ref, y_ref, o_ref, **pre_kw)
-
-    @pl.when(p >= pre_programs)
-    def _():
-        ids = grid_index(p - pre_programs, dec_grid)
-        bgmv_expand_program(*ids, layer, off_ref, b_dec_ref, s_dec_ref, pool_ref, y_ref, o_ref, **dec_kw)
+    refs = (pool_ref, y_ref, o_ref)
+    either_program(
+        pre_grid,
+        lambda *ids: sgmv_expand_program(*ids, layer, b_pre_ref, s_pre_ref, *refs, **pre_kw),
+        lambda q: bgmv_expand_program(
+            *grid_index(q, dec_grid), layer, off_ref, b_dec_ref, s_dec_ref, *refs, **dec_kw
+        ),
+    )
 
 
 def mixed_num_warps(prefill_tunables: LoraTunables) -> int:

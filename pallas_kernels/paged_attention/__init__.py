@@ -155,6 +155,15 @@ def paged_attention(
     return out[:, None]
 
 
+def _check_rows(q, out, *batches: tuple[int, tuple[int, int]]) -> None:
+    """Each batch (row_start, (B, T)) within q's rows; out, if given, q's shape."""
+    for row_start, (b, t) in batches:
+        if row_start < 0 or row_start + b * t > q.shape[0]:
+            raise ValueError(f"rows [{row_start}, {row_start + b * t}) are not within q's {q.shape[0]} rows")
+    if out is not None and out.shape != q.shape:
+        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+
+
 def paged_attention_rows(
     q,
     k_new,
@@ -181,10 +190,7 @@ def paged_attention_rows(
     if q.ndim != 3 or k_new.ndim != 3 or k_new.shape != v_new.shape or q.shape[0] != k_new.shape[0]:
         raise ValueError(f"q {q.shape}, k {k_new.shape}, v {v_new.shape} must be [N, H, Dh] with one N")
     b, t = positions.shape
-    if row_start < 0 or row_start + b * t > q.shape[0]:
-        raise ValueError(f"rows [{row_start}, {row_start + b * t}) are not within q's {q.shape[0]} rows")
-    if out is not None and out.shape != q.shape:
-        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+    _check_rows(q, out, (row_start, positions.shape))
     path = resolve(implementation)
     window = dict(page_size=page_size, sliding_window=sliding_window)
     group = q.shape[1] // k_new.shape[1]
@@ -290,12 +296,7 @@ def paged_attention_mixed_rows(
         return paged_attention_rows(
             q, k_new, v_new, pool, layer, *prefill, out, row_start=prefill_row_start, **rows
         )
-    for batch, start in ((decode, decode_row_start), (prefill, prefill_row_start)):
-        b, tb = batch[1].shape
-        if start < 0 or start + b * tb > q.shape[0]:
-            raise ValueError(f"rows [{start}, {start + b * tb}) are not within q's {q.shape[0]} rows")
-    if out is not None and out.shape != q.shape:
-        raise ValueError(f"out {out.shape} must be q's shape {q.shape}")
+    _check_rows(q, out, (decode_row_start, decode[1].shape), (prefill_row_start, prefill[1].shape))
     return paged_attention_mixed_kernel(
         q,
         k_new,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.grids import grid_index, grid_programs
+from pallas_kernels.grids import either_program, grid_index, grid_programs
 from pallas_kernels.paged_attention.kernel import (
     AttentionTunables,
     combine_splits,
@@ -37,18 +37,9 @@ def _mixed_attention_kernel(*refs, ordered, splits, pre_grid, pre_kw, dec_grid, 
     layer, q, kn, vn, pool, pt_d, pos_d, clen_d, pt_p, pos_p, clen_p, nlen_p = refs[:12]
     o_ref = refs[-4] if splits else refs[-1]
     dec_refs = (layer, pt_d, pos_d, clen_d, q, kn, vn, pool)
-    p = pl.program_id(0)
-    pre_programs = grid_programs(pre_grid)
 
-    @pl.when(p < pre_programs)
-    def _():
-        prefill_program(
-            *grid_index(p, pre_grid), layer, pt_p, pos_p, clen_p, nlen_p, q, kn, vn, pool, o_ref, **pre_kw
-        )
-
-    @pl.when(p >= pre_programs)
-    def _():
-        ids = grid_index(p - pre_programs, dec_grid)
+    def decode(q_index):
+        ids = grid_index(q_index, dec_grid)
         if ordered:  # (KV head[, split], rank): the rank-th longest sequence
             b, others = refs[12][ids[-1]], ids[:-1]
         else:  # (sequence, KV head[, split])
@@ -57,6 +48,14 @@ def _mixed_attention_kernel(*refs, ordered, splits, pre_grid, pre_kw, dec_grid, 
             write_split((*dec_refs, *refs[-3:]), b, *others, **dec_kw)
         else:
             decode_mma_program(dec_refs, o_ref, b, *others, **dec_kw)
+
+    either_program(
+        pre_grid,
+        lambda *ids: prefill_program(
+            *ids, layer, pt_p, pos_p, clen_p, nlen_p, q, kn, vn, pool, o_ref, **pre_kw
+        ),
+        decode,
+    )
 
 
 def mixed_attention_supported(decode: AttentionTunables, prefill: PrefillTunables) -> bool:
