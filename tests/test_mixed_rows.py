@@ -135,14 +135,15 @@ class _MixedAttentionCase:
     """A mixed step's attention inputs: b_dec decode rows first, then b_pre chunks of t tokens, then 3 rows
     of neither, in one pool; and each batch's reference output."""
 
-    def __init__(self, rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype):
+    def __init__(self, rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype, window=None):
         dec = _case(rng, b_dec, hq, hkv, dh, page_size, 6, dtype)
         pre, self.new = _prefill_case(rng, b_pre, t, hq, hkv, dh, page_size, 8, dtype)
         pool, dec_tables = _shared_pool(dec, pre, page_size * 2 * hkv)
         self.dec = (*dec[:3], pool, dec[4], dec_tables, *dec[6:])
         self.pre = (*pre[:3], pool, *pre[4:])
-        self.want_dec = paged_attention(*self.dec, page_size=page_size, implementation="reference")
-        self.want_pre = paged_attention(*self.pre, page_size=page_size, implementation="reference")
+        ref = dict(page_size=page_size, sliding_window=window, implementation="reference")
+        self.want_dec = paged_attention(*self.dec, **ref)
+        self.want_pre = paged_attention(*self.pre, **ref)
         self.b_dec, self.n_pre, self.t, self.hq, self.dh, self.dtype = b_dec, b_pre * t, t, hq, dh, dtype
         self.n_all = b_dec + self.n_pre + 3
         flat = [
@@ -301,24 +302,24 @@ def test_mixed_launch_only_where_both_batches_run_their_plain_kernels():
         AttentionTunables(work_list=True, split_keys=32),  # not joined: each batch's own launch
     ],
 )
-@pytest.mark.parametrize("given_out", [False, True])
-def test_attention_mixed_launch_equals_each_batch_apart(decode_tunables, given_out, monkeypatch):
+@pytest.mark.parametrize("given_out,window", [(False, None), (True, None), (True, 20)])
+def test_attention_mixed_launch_equals_each_batch_apart(decode_tunables, given_out, window, monkeypatch):
     """A mixed step's decode rows and prompt chunks (GQA 4: 8/2 heads, 2 chunks of 32) in one attention
     launch (PrefillTunables.mixed_launch, paged_attention_mixed_rows) against each batch's reference;
-    with an out given, the 3 rows of neither batch keep its values."""
+    with an out given, the 3 rows of neither batch keep its values; window: a sliding window of 20 keys."""
     b_dec, b_pre, t, hq, hkv, dh, page_size, dtype = 5, 2, 32, 8, 2, 16, 8, jnp.float32
     monkeypatch.setitem(attention_kernel.TUNED, (page_size, dh), decode_tunables)
     pre_t = PrefillTunables(block_queries=16, mixed_launch=True)
     monkeypatch.setitem(prefill_kernel.TUNED, (page_size, dh, hq // hkv), pre_t)
     rng = np.random.default_rng(11)
-    case = _MixedAttentionCase(rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype)
+    case = _MixedAttentionCase(rng, b_dec, b_pre, t, hq, hkv, dh, page_size, dtype, window)
     q, k, v, pool, layer = case.q, case.k, case.v, case.dec[3], case.dec[4]
     out = jnp.asarray(rng.standard_normal(q.shape), dtype) if given_out else None
 
     def mixed(q, k, v, out):
         return paged_attention_mixed_rows(
             q, k, v, pool, layer, case.dec[5:], case.pre[5:], out, decode_row_start=0, prefill_row_start=b_dec,
-            page_size=page_size, implementation=_impl(),
+            page_size=page_size, sliding_window=window, implementation=_impl(),
         )  # fmt: skip
 
     one_launch = not decode_tunables.work_list
