@@ -366,8 +366,8 @@ def test_mixed_lora_launches_lower(dtype, tunables):
     ],
 )
 @pytest.mark.parametrize("hq,hkv,block_queries", [(8, 8, 64), (8, 2, 32)])
-@pytest.mark.parametrize("given_out", [False, True])
-def test_mixed_attention_launch_lowers(decode_tunables, hq, hkv, block_queries, given_out):
+@pytest.mark.parametrize("given_out,window", [(False, None), (True, None), (True, 24)])
+def test_mixed_attention_launch_lowers(decode_tunables, hq, hkv, block_queries, given_out, window):
     """A mixed step's 17 decode rows and one 128-token chunk in one attention launch (bf16, page 16)."""
     b_dec, t, p = 17, 128, 8
     n = b_dec + t
@@ -380,7 +380,7 @@ def test_mixed_attention_launch_lowers(decode_tunables, hq, hkv, block_queries, 
 
     def fn(q, k, v, pool, layer, decode, prefill, out):
         return paged_attention_mixed_kernel(
-            q, k, v, pool, layer, decode, prefill, out, page_size=16, sliding_window=None,
+            q, k, v, pool, layer, decode, prefill, out, page_size=16, sliding_window=window,
             decode_tunables=decode_tunables, prefill_tunables=pre_t, decode_row_start=0, prefill_row_start=b_dec,
         )  # fmt: skip
 
