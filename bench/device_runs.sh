@@ -22,7 +22,7 @@
 #   JLORA_COMMIT=<sha> FLAGSETS='--a;--b --c' bash bench/device_runs.sh xla-ab  # trace-shaped steps under each XLA_FLAGS set, then none
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh fused          # LoRA in one launch: kernel sweep, then decode-7b
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh lora           # LoRA launch shapes by batch (traced), then decode-7b on them
-#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, CBUF=concurrent CUDA-graph scheduling, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps, SMI=1: the GPU's clocks sampled to $OUT/smi.csv)
+#   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora          # slora-trace at n = 5..2000, stopped at 540 s (RATE=8, ROWS=mixed, SEQS=1 prompt a step, BUCKETS=64,128,192 chunk lengths below CHUNK, ATTN='{"split_keys": 0}' decode attention fields, NORMS=off: no materialize_norms, LORA='{"chunk_units":32}' LoRA kernel fields, PREFILL='{"mixed_launch":true}' prefill attention fields, CBUF=concurrent CUDA-graph scheduling, PROFILE=6,7.5: each n's trace replayed again to 7.5 s, profiled over 6-7.5 s, DECODE_BUCKETS=16,32 / MIXED_BUCKETS=16,32: decode rows' buckets in decode-only / mixed steps, SMI=1: the GPU's clocks sampled to $OUT/smi.csv, REPEATS=3: each n's trace replayed 3 times)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-rates    # slora-trace at n = 100 over offered rates (RATE, SWEEP)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh slora-cublas   # the same with XLA's cuBLAS GEMMs (no Triton GEMM fusions)
 #   JLORA_COMMIT=<sha> bash bench/device_runs.sh mixed          # LoRA kernel tests, chunk steps: one mixed call vs two calls
@@ -57,7 +57,7 @@ slora_trace() {
     --cold-warm "${COLD:-4}" --rows-in-place "${ROWS:-mixed}" --prefill-seqs "${SEQS:-1}" \
     --chunk-buckets "${BUCKETS-$below}" ${ATTN:+--attention-tunables "$ATTN"} ${NORMS:+--materialize-norms "$NORMS"} \
     ${LORA:+--lora-fields "$LORA"} ${PREFILL:+--prefill-tunables "$PREFILL"} ${CBUF:+--command-buffer-scheduling "$CBUF"} \
-    ${PROFILE:+--profile-window "$PROFILE"} \
+    ${PROFILE:+--profile-window "$PROFILE"} ${REPEATS:+--repeats "$REPEATS"} \
     ${DECODE_BUCKETS:+--decode-buckets "$DECODE_BUCKETS"} ${MIXED_BUCKETS:+--mixed-decode-buckets "$MIXED_BUCKETS"}
 }
 

@@ -255,3 +255,29 @@ def test_step_summary_sums_the_lora_launches():
     without = summary_row({"name": "n", "decode": {"median_ms": 1.0}})
     assert without["decode_lora_ms"] is None and without["chunk_ms"] is None
     assert "0.300" in table([row]) and " - " in table([without])
+
+
+def test_slora_repeats_give_t4_by_mean_and_in_every_replay():
+    """bench.slora --repeats: each replay's figures (its decode outliers counted from its steps), and T4 by
+    the mean of each n's replays and in every replay; nothing without repeats."""
+    from bench.slora import repeat_summary, repeats_record
+
+    def replay(fraction, walls):
+        return {
+            "roofline_fraction": fraction,
+            "slo_attainment": 1.0,
+            "throughput_tok_s": 1600.0,
+            "step_wall_s": 22.0,
+            "per_step": {"kind": "ddmd", "wall_ms": walls, "floor_ms": [5.5] * 4},
+        }
+
+    one = repeat_summary(replay(0.91, [5.8, 7.0, 9.0, 5.6]))
+    assert one["decode_outliers"] == 1 and one["roofline_fraction"] == 0.91  # the chunk step is not counted
+    runs = [
+        {"n": 5, "repeats": [repeat_summary(replay(f, [5.8] * 4)) for f in (0.91, 0.895, 0.905)]},
+        {"n": 100, "repeats": [repeat_summary(replay(f, [5.8] * 4)) for f in (0.92, 0.91, 0.93)]},
+    ]
+    rec = repeats_record(runs)
+    assert rec["roofline_fraction_repeats"] == {"5": [0.91, 0.895, 0.905], "100": [0.92, 0.91, 0.93]}
+    assert rec["met_by_mean_of_repeats"] and not rec["met_in_every_repeat"]
+    assert repeats_record([{"n": 5}]) == {} and repeats_record([]) == {}
