@@ -148,9 +148,10 @@ case "${1:-}" in
     BASE="${LORABASE:---adapters 5 --ranks 16,32,64}" trace_ab args "$sets"  # LORABASE: another shape
     ;;
   mixed-ab)  # a mixed step's LoRA and attention each in one launch, and XLA's concurrent CUDA-graph
-    # scheduling: the one-launch kernels' tests compiled, then trace-shaped steps (n = 5's adapters) with
+    # scheduling: the one-launch kernels' tests compiled and the engine against the reference under both
+    # (test_gpu_kernels_engine_equals_reference), then trace-shaped steps (n = 5's adapters) with
     # both one-launch kernels, with concurrent scheduling, and with neither (~3 min a run: 3 fit a call)
-    run python3 -m pytest -q -x tests/test_mixed_rows.py -k "mixed_launch or attention_mixed"
+    run python3 -m pytest -q -x tests/test_mixed_rows.py tests/test_paged_engine.py -k "mixed_launch or attention_mixed or gpu_kernels"
     lora='--lora-fields {"mixed_launch":true}' attn='--prefill-tunables {"mixed_launch":true}'
     BASE="${BASE:---adapters 5 --ranks 16,32,64}" trace_ab args "${MIXEDSETS:-$lora $attn;--command-buffer-scheduling concurrent}"
     ;;

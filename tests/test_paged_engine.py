@@ -252,6 +252,40 @@ def test_paged_equals_reference(tiny, variant, monkeypatch):
     memory.check_invariants()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheduling,one_launch", [("auto", False), ("concurrent", True)])
+def test_gpu_kernels_engine_equals_reference(tiny, monkeypatch, scheduling, one_launch):
+    """The GPU's own step: compiled Pallas kernels, unrolled layers, fused projections, mixed steps on their
+    rows; with concurrent CUDA-graph scheduling and a mixed step's LoRA and attention in one launch each, or
+    neither. Tokens and log-probs as the reference engine's (float32 matmuls at full precision in both)."""
+    loaded, paths, reference = tiny
+    if one_launch:
+        monkeypatch.setitem(
+            lora_shapes.TUNED, loaded.config.head_dim, ((1 << 30, LoraTunables(mixed_launch=True)),)
+        )
+        cfg = loaded.config
+        key = (8, cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
+        monkeypatch.setitem(prefill_kernel.TUNED, key, PrefillTunables(mixed_launch=True))
+    config = small_config(
+        implementation="pallas",
+        layer_loop="unrolled",
+        fuse_projections="on",
+        mixed_steps="on",
+        prefill_chunk_buckets=(16,),
+        command_buffer_scheduling=scheduling,
+    )
+    with jax.default_matmul_precision("highest"):
+        engine = jlora.Engine(loaded, config)
+        for name, path in paths.items():
+            engine.load_adapter(name, path)
+        reqs = requests(14, seed=3, long_decodes=True)
+        got = run_staggered(engine, reqs)
+        for (prompt, p, adapter), state in zip(reqs, got):
+            want = reference.generate([prompt], p, adapters=[adapter])[0]
+            assert state.generated == want.token_ids, (adapter, len(prompt))
+            assert np.abs(np.array(state.logprobs) - np.array(want.logprobs)).max() < 1e-3
+
+
 def test_decode_steps_take_finer_buckets_than_mixed_steps(tiny, monkeypatch):
     """mixed_decode_batch_buckets: decode-only steps pad their rows to the fine decode buckets, mixed
     steps' decode rows to their own coarser ones (fewer mixed executables); tokens and log-probs as the
