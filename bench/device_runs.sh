@@ -69,6 +69,9 @@ trace_ab() {
   local kind=$1 sets i base
   IFS=';' read -ra sets <<< "$2"
   read -ra base <<< "${BASE:-}"  # mixed_step flags every run takes, e.g. --adapters 5 --ranks 16,32,64
+  if [ "${NONE:-1}" = first ]; then  # NONE=first: the baseline before the sets (a cut call keeps it)
+    TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
+  fi
   for i in "${!sets[@]}"; do
     if [ "$kind" = xla ]; then
       XLA_FLAGS="${XLA_FLAGS:-} ${sets[$i]}" TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" \
@@ -77,7 +80,7 @@ trace_ab() {
       TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" ${sets[$i]} --tag="-args-$i"
     fi
   done
-  if [ "${NONE:-1}" != 0 ]; then  # NONE=0: no baseline run (compare with an earlier call's)
+  if [ "${NONE:-1}" != 0 ] && [ "${NONE:-1}" != first ]; then  # NONE=0: no baseline (compare with an earlier call's)
     TAIL=4 run timeout 300 python3 -m bench.mixed_step "${trace_shape[@]}" "${base[@]}" --tag="-$kind-none"
   fi
   # the runs side by side (WITH: earlier result files to list with them); shellcheck disable=SC2046,SC2086
@@ -151,9 +154,12 @@ case "${1:-}" in
     # scheduling: the one-launch kernels' tests compiled and the engine against the reference under both
     # (test_gpu_kernels_engine_equals_reference), then trace-shaped steps (n = 5's adapters) with
     # both one-launch kernels, with concurrent scheduling, and with neither (~3 min a run: 3 fit a call)
-    run python3 -m pytest -q -x tests/test_mixed_rows.py tests/test_paged_engine.py -k "mixed_launch or attention_mixed or gpu_kernels"
+    run timeout 180 python3 -m pytest -q -x tests/test_mixed_rows.py tests/test_paged_engine.py \
+      -k "mixed_launch or attention_mixed or gpu_kernels"
     lora='--lora-fields {"mixed_launch":true}' attn='--prefill-tunables {"mixed_launch":true}'
-    BASE="${BASE:---adapters 5 --ranks 16,32,64}" trace_ab args "${MIXEDSETS:-$lora $attn;--command-buffer-scheduling concurrent}"
+    # the baseline first, then concurrent scheduling: a call cut at its limit loses the last set only
+    NONE="${NONE:-first}" BASE="${BASE:---adapters 5 --ranks 16,32,64}" \
+      trace_ab args "${MIXEDSETS:---command-buffer-scheduling concurrent;$lora $attn}"
     ;;
   lora-trace)  # one layer's LoRA kernels at slora-trace's n = 5 decode shape: launch-shape sweep, then variants
     TAIL=16 run timeout "${SWEEP_S:-420}" python3 -m bench.kernels.lora_trace_sweep ${QUICK:+--quick}
