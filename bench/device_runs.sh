@@ -226,11 +226,12 @@ case "${1:-}" in
       fields=$(python3 -c 'import bench.clocks as c; print(c.SMI_FIELDS)')
       # newer drivers name the reasons clocks_event_reasons
       nvidia-smi --help-query-gpu | grep -q clocks_event_reasons.active && fields=${fields/throttle/event}
-      TZ=UTC nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>&1 &
+      # line-buffered, and stopped with SIGINT, so that no sample is left in a buffer
+      TZ=UTC stdbuf -oL nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>&1 &
       smi_pid=$!
     fi
     slora_trace
-    [ -n "${SMI:-}" ] && kill "$smi_pid"
+    if [ -n "${SMI:-}" ]; then kill -INT "$smi_pid"; wait "$smi_pid"; fi
     ;;
   slora-rates)  # latency against offered rate at n = 100 (ranks 8..64): RATE first, then SWEEP
     TAIL=60 run timeout 560 python3 -m bench.slora "${slora_common[@]}" --n 100 --rate "${RATE:-12}" \
