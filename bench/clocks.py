@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.trace_steps import outlier_steps, step_columns
+
 # nvidia-smi's query, with TZ=UTC so that its timestamps read as UTC
 SMI_FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 # clocks_throttle_reasons.active bits (nvidia-smi --help-query-gpu)
@@ -86,14 +88,12 @@ def _summary(idx: np.ndarray, smi: dict[str, np.ndarray]) -> dict:
 def compare(run: dict, smi: dict[str, np.ndarray], threshold_ms: float = 1.0) -> dict:
     """A run's decode steps, outliers (over their floor by more than threshold_ms) and the others: the
     clocks at their end."""
-    cols = run["per_step"]
-    if "end_s" not in cols:
+    if "end_s" not in run["per_step"]:
         raise ValueError("the result's steps have no end times (end_s): run on a newer bench.serving")
-    kind = np.asarray(list(cols["kind"]))
-    excess = np.asarray(cols["wall_ms"]) - np.asarray(cols["floor_ms"])
-    idx = sample_at(np.asarray(cols["end_s"], float), smi)
-    decode = kind == "d"
-    outlier = decode & (excess > threshold_ms)
+    cols = step_columns(run["per_step"])
+    idx = sample_at(cols["end_s"], smi)
+    decode = cols["kind"] == "d"
+    outlier = outlier_steps(cols, threshold_ms)
     return {
         "n": run.get("n"),
         "matched_steps": int((idx >= 0).sum()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -142,14 +143,14 @@ def make_payload(
 def repeat_summary(result: dict) -> dict:
     """One replay's figures, for a run's repeats: roofline, SLO, throughput, wall of the steps and its decode
     steps more than 1 ms over their floor."""
-    cols = result["per_step"]
-    excess = [w - f for k, w, f in zip(cols["kind"], cols["wall_ms"], cols["floor_ms"]) if k == "d"]
+    from bench.trace_steps import outlier_steps, step_columns
+
     return {
         "roofline_fraction": result["roofline_fraction"],
         "slo_attainment": result["slo_attainment"],
         "throughput_tok_s": result["throughput_tok_s"],
         "step_wall_s": result["step_wall_s"],
-        "decode_outliers": sum(e > 1.0 for e in excess),
+        "decode_outliers": int(outlier_steps(step_columns(result["per_step"])).sum()),
     }
 
 
@@ -309,39 +310,22 @@ def main() -> None:
             load_s = time.perf_counter() - start
             trace = slora_trace(n, args.alpha, rate, args.cv, args.duration, args.input, args.output)
             print(f"n={n}: {len(names)} adapters loaded in {load_s:.1f}s; {len(trace)} requests", flush=True)
-            result = replay(
+            run_trace = functools.partial(
+                replay,
                 engine,
-                trace,
-                names,
+                adapter_names=names,
                 vocab=c.vocab_size,
                 bandwidth_Bps=roofline_TBps(bw) * 1e12,
                 weight_bytes=weight_bytes,
             )
+            result = run_trace(trace)
             if args.repeats > 1:  # the same trace again on the same engine: the run-to-run spread
-                again = [
-                    replay(
-                        engine,
-                        trace,
-                        names,
-                        vocab=c.vocab_size,
-                        bandwidth_Bps=roofline_TBps(bw) * 1e12,
-                        weight_bytes=weight_bytes,
-                    )
-                    for _ in range(args.repeats - 1)
-                ]
+                again = [run_trace(trace) for _ in range(args.repeats - 1)]
                 result["repeats"] = [repeat_summary(r) for r in (result, *again)]
             result.update({"n": n, "rate": rate, "ranks": sorted(set(ranks)), "adapter_load_s": load_s})
             if args.profile_window:
                 window = tuple(float(v) for v in args.profile_window.split(","))
-                profiled = replay(
-                    engine,
-                    [r for r in trace if r.arrival < window[1]],
-                    names,
-                    vocab=c.vocab_size,
-                    bandwidth_Bps=roofline_TBps(bw) * 1e12,
-                    weight_bytes=weight_bytes,
-                    profile_window=window,
-                )
+                profiled = run_trace([r for r in trace if r.arrival < window[1]], profile_window=window)
                 result["profiled_replay"] = profiled["profile"]
             if args.cold_warm:
                 cold = [i for i, nm in enumerate(names) if not engine.paged.memory.is_resident(nm)]

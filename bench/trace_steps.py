@@ -53,6 +53,11 @@ def decode_bands(cols: dict[str, np.ndarray], bands=BANDS) -> list[dict]:
     return step_bands(cols, "d", bands)
 
 
+def outlier_steps(cols: dict[str, np.ndarray], threshold_ms: float = 1.0) -> np.ndarray:
+    """Which steps are decode outliers: decode steps more than threshold_ms above their floor."""
+    return (cols["kind"] == "d") & (cols["wall_ms"] - cols["floor_ms"] > threshold_ms)
+
+
 def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: float = 2.0) -> dict:
     """Decode steps more than threshold_ms above their floor: how many, the seconds they spend above the
     decode steps' median excess, when they came (counts per bins_s of step time), and the run's roofline
@@ -61,7 +66,7 @@ def outliers(cols: dict[str, np.ndarray], threshold_ms: float = 1.0, bins_s: flo
     excess = wall - floor
     decode = cols["kind"] == "d"
     median = float(np.median(excess[decode])) if decode.any() else 0.0
-    mine = decode & (excess > threshold_ms)
+    mine = outlier_steps(cols, threshold_ms)
     capped = wall.copy()
     capped[mine] = floor[mine] + median
     at = np.cumsum(wall) / 1e3  # when each step ended, in seconds of step time
