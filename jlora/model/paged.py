@@ -202,21 +202,19 @@ def _lora_for(
     return _BatchLora(lora_fn, add_rows, direct)
 
 
-def _add_mixed_rows(fns, batches, starts, names, shapes, x, y, rows_pool, layer, impl) -> jax.Array | None:
+def _add_mixed_rows(fns, parts, names, shapes, x, y, rows_pool, layer, impl) -> jax.Array | None:
     """y with a mixed step's LoRA deltas added when its two batches are decode rows and prompt chunks
     whose metadata go to the kernels as they are (lora_mixed_group_add: one shrink and one expand launch
     for both where the tuned shapes say so); None otherwise."""
-    if len(fns) != 2 or any(fn is None for fn in fns):
+    pair = parts.decode_and_chunks
+    if pair is None or any(fn is None for fn in fns):
         return None
-    metas = [fn.direct(names) for fn in fns]
-    kinds = [isinstance(m, DecodeGroup | DecodeLora) for m in metas]
-    if not all(isinstance(m, DecodeGroup | DecodeLora | PrefillGroup | PrefillLora) for m in metas):
+    i_dec, i_pre = pair
+    dec, pre = fns[i_dec].direct(names), fns[i_pre].direct(names)
+    if not (isinstance(dec, DecodeGroup | DecodeLora) and isinstance(pre, PrefillGroup | PrefillLora)):
         return None
-    if kinds.count(True) != 1:
-        return None
-    i_dec, i_pre = (0, 1) if kinds[0] else (1, 0)
-    dec, pre = metas[i_dec], metas[i_pre]
-    n_dec = batches[i_dec].tokens.shape[0] * batches[i_dec].tokens.shape[1]
+    batches, starts = parts.batches, parts.starts
+    n_dec = batches[i_dec].tokens.shape[0]  # one token a row
     b, t = batches[i_pre].tokens.shape
     return lora_mixed_group_add(
         y,
@@ -248,6 +246,15 @@ class _Parts:
     @property
     def single(self) -> bool:
         return len(self.batches) == 1
+
+    @property
+    def decode_and_chunks(self) -> tuple[int, int] | None:
+        """(index of the decode batch, index of the prompt-chunk batch) of a mixed step of those two
+        batches (their kernels may share launches); None for any other step."""
+        lens = [b.tokens.shape[1] for b in self.batches]
+        if len(lens) != 2 or sorted(lens)[0] != 1 or max(lens) == 1:
+            return None
+        return lens.index(1), 1 - lens.index(1)
 
     def join(self, xs: list[jax.Array]) -> jax.Array:
         """Per-batch [B_i, T_i, ...] -> the step's layout ([B, T, ...] or [1, N, ...])."""
@@ -346,10 +353,9 @@ def forward_paged(
             if rows_mode:  # every batch's kernels on its rows of the step's q/k/v, into one output
                 n = q.shape[0] * q.shape[1]
                 qf, kf, vf = (x.reshape(n, *x.shape[2:]) for x in (q, k, v))
-                lens = [b.tokens.shape[1] for b in batches]
-                if len(batches) == 2 and sorted(lens)[0] == 1 < sorted(lens)[1]:  # decode rows and chunks
-                    i_dec = lens.index(1)
-                    dec, pre = batches[i_dec], batches[1 - i_dec]
+                if parts.decode_and_chunks is not None:  # both batches' attention in one call
+                    i_dec, i_pre = parts.decode_and_chunks
+                    dec, pre = batches[i_dec], batches[i_pre]
                     out = paged_attention_mixed_rows(
                         qf,
                         kf,
@@ -359,7 +365,7 @@ def forward_paged(
                         (dec.page_tables, dec.positions, dec.cached_lens, dec.new_lens),
                         (pre.page_tables, pre.positions, pre.cached_lens, pre.new_lens),
                         decode_row_start=parts.starts[i_dec],
-                        prefill_row_start=parts.starts[1 - i_dec],
+                        prefill_row_start=parts.starts[i_pre],
                         prefill_kernel=prefill_kernel,
                         **window,
                     )
@@ -413,9 +419,7 @@ def forward_paged(
                     if last_split[0] is not x:  # the same flat array, so a group's slice is made once
                         last_split[:] = [x, x.reshape(n, -1)]
                     xf, yf = last_split[1], y.reshape(n, -1)
-                    mixed = _add_mixed_rows(
-                        fns, batches, parts.starts, names, shapes, xf, yf, rows_pool, layer, impl
-                    )
+                    mixed = _add_mixed_rows(fns, parts, names, shapes, xf, yf, rows_pool, layer, impl)
                     if mixed is not None:
                         return mixed.reshape(y.shape)
                     for fn, b, start in zip(fns, batches, parts.starts):
